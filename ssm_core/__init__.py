@@ -1,0 +1,20 @@
+"""ssm_core: selective state space models (Mamba) and their pure-PyTorch reference ops.
+
+Public API:
+    selective_scan_ref, selective_scan          the scan (reference / dispatched to the fastest backend)
+    causal_conv1d, selective_state_update       the other dispatched ops (see ssm_core.ops)
+    Mamba, MambaState                           the mixer, mamba_ssm-compatible, streamable
+    MambaConfig, MambaModel, MambaLM            the residual backbone and language model
+    save_pretrained, from_pretrained            config.json + model.safetensors
+"""
+from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
+from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
+from .mamba import Mamba, MambaState
+from .model import (MIXERS, MambaConfig, MambaLM, MambaModel, RMSNorm, from_pretrained, register_mixer,
+                    save_pretrained)
+
+__all__ = [
+    "selective_scan_ref", "selective_scan", "causal_conv1d_ref", "causal_conv1d", "selective_state_update_ref",
+    "selective_state_update", "backend_for", "Mamba", "MambaState", "MambaConfig", "MambaModel", "MambaLM",
+    "RMSNorm", "MIXERS", "register_mixer", "save_pretrained", "from_pretrained",
+]

@@ -1,0 +1,162 @@
+"""The Mamba (selective SSM) mixer, parameter-for-parameter compatible with mamba_ssm's
+`mamba_ssm.modules.mamba_simple.Mamba`: a mamba_ssm block's `state_dict` loads with `strict=True` and
+gives the same outputs.
+
+Besides `forward` over a whole sequence it streams: `init_state` makes the recurrent state (the conv
+tail and the SSM state, the latter in float32) and `stream` consumes chunks of any length >= 1, with
+outputs equal to `forward` over the concatenated sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import causal_conv1d, selective_scan, selective_state_update
+
+
+@dataclass
+class MambaState:
+    """Recurrent state of one Mamba mixer. Tensors are updated in place by `Mamba.stream`."""
+    conv: torch.Tensor  # (batch, d_inner, d_conv - 1): the last inputs of the causal conv
+    ssm: torch.Tensor   # (batch, d_inner, d_state), float32
+
+
+class Mamba(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank="auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 selective: bool = True, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.selective = selective
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **fk)
+        if selective:
+            # Delta, B and C are functions of the input: the "selection" mechanism.
+            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **fk)
+        else:
+            # Time-invariant ablation (S4D-like): Delta = softplus(dt_proj.bias) per channel, B and C are
+            # learned constants shared by the channels. Same scan, no dependence on the input.
+            self.B_lti = nn.Parameter(torch.randn(d_state, **fk) / math.sqrt(d_state))
+            self.C_lti = nn.Parameter(torch.randn(d_state, **fk) / math.sqrt(d_state))
+
+        # Initialisation exactly as mamba_ssm: dt_proj keeps the variance of its input, and its bias is the
+        # inverse softplus of dt ~ LogUniform(dt_min, dt_max), so softplus(bias) starts in that range.
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(torch.rand(self.d_inner, **fk) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True
+        # S4D-Real initialisation A = -(1..N), stored as log for positivity.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    # --- pieces shared by forward and stream -------------------------------------------------------
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x (batch, d_inner, L) after the conv -> (delta before bias, B, C) as the scan wants them."""
+        b, _, L = x.shape
+        if self.selective:
+            x_dbl = self.x_proj(x.transpose(1, 2))                      # (b, L, r + 2N)
+            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)     # bias is added inside the scan
+            return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        delta = x.new_zeros(b, self.d_inner, L)
+        B = self.B_lti.to(x.dtype)[None, :, None].expand(b, -1, L)
+        C = self.C_lti.to(x.dtype)[None, :, None].expand(b, -1, L)
+        return delta, B, C
+
+    def _check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name}: expected shape (batch, L, d_model={self.d_model}), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError(f"{name}: sequence length must be >= 1")
+
+    # --- full sequence --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model)."""
+        self._check_input(x)
+        xz = self.in_proj(x).transpose(1, 2)                           # (b, 2*d_inner, L)
+        u, z = xz.chunk(2, dim=1)
+        u = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, activation="silu")
+        delta, B, C = self._ssm_inputs(u)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    # --- streaming --------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        p = self.in_proj.weight
+        device = device if device is not None else p.device
+        dtype = dtype if dtype is not None else p.dtype
+        return MambaState(conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+                          ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                          dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+
+    def stream(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """Consume a chunk x (batch, T, d_model), T >= 1, continuing from `state` (updated in place).
+        Returns (y, state) with y equal to the matching slice of `forward` over the whole stream."""
+        self._check_input(x)
+        if state.ssm.shape[0] != x.shape[0]:
+            raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
+        xz = self.in_proj(x).transpose(1, 2)
+        u, z = xz.chunk(2, dim=1)
+        A = -torch.exp(self.A_log.float())
+        if x.shape[1] == 1 and self.selective:
+            y = self._step(u[..., 0], z[..., 0], A, state).unsqueeze(-1)
+        else:
+            u, tail = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, initial_states=state.conv,
+                                    return_final_states=True, activation="silu")
+            state.conv.copy_(tail)
+            delta, B, C = self._ssm_inputs(u)
+            y, h = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                  delta_softplus=True, h0=state.ssm, return_final_state=True)
+            state.ssm.copy_(h)
+        return self.out_proj(y.transpose(1, 2)), state
+
+    def _step(self, u: torch.Tensor, z: torch.Tensor, A: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token: u, z (batch, d_inner). The conv is a dot product with the rolled tail."""
+        w = self._conv_weight()
+        window = torch.cat([state.conv, u.unsqueeze(-1).to(state.conv.dtype)], dim=-1)   # (b, d_inner, K)
+        state.conv.copy_(window[:, :, 1:])
+        uc = (window * w.to(window.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            uc = uc + self.conv1d.bias.to(uc.dtype)
+        uc = F.silu(uc).to(u.dtype)
+        x_dbl = self.x_proj(uc)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()
+        return selective_state_update(state.ssm, uc, dt, A, B, C, D=self.D.float(), z=z,
+                                      dt_bias=self.dt_proj.bias.float(), dt_softplus=True)

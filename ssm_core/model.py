@@ -1,0 +1,363 @@
+"""The residual backbone and language model built from mixers (Mamba by default).
+
+    MambaConfig  -> MambaModel: embedding -> n_layer x (RMSNorm -> mixer -> + residual) -> RMSNorm
+                 -> MambaLM:    MambaModel + LM head (optionally tied to the embedding)
+
+The residual stream is kept in float32 whatever the compute dtype. Two non-causal variants:
+`bidirectional` (a forward and a reversed mixer, summed) and `rc_equivariant` (Caduceus-PS parameter
+sharing: half the channels see the sequence, the other half its reverse complement through the same
+weights, so the model commutes with reverse-complementing DNA). Neither can stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .mamba import Mamba
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 256
+    n_layer: int = 4
+    vocab_size: int | None = None      # token input (ids) when set ...
+    d_input: int | None = None         # ... else continuous features (batch, L, d_input)
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+    # The mixer of every layer, or one name per layer (e.g. ["mamba"] * 7 + ["attention"]).
+    mixer: str | list[str] = "mamba"
+    mixer_options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the mixers
+    selective: bool = True             # False: time-invariant SSM (the LTI ablation)
+    bidirectional: bool = False
+    rc_equivariant: bool = False
+    complement_map: list[int] | None = None  # token id -> id of its complement (rc_equivariant)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.mixer, tuple):
+            self.mixer = list(self.mixer)
+        if self.vocab_size is None and self.d_input is None:
+            raise ValueError("MambaConfig: set vocab_size (token input) or d_input (continuous input)")
+        if self.n_layer < 1 or self.d_model < 1:
+            raise ValueError("MambaConfig: n_layer and d_model must be >= 1")
+        if isinstance(self.mixer, list) and len(self.mixer) != self.n_layer:
+            raise ValueError(f"MambaConfig.mixer: got {len(self.mixer)} names for n_layer={self.n_layer}")
+        for name in self.layer_mixers():
+            if name not in MIXERS:
+                raise ValueError(f"MambaConfig.mixer: unknown mixer {name!r}; known: {sorted(MIXERS)}")
+        if self.rc_equivariant:
+            if self.vocab_size is None or self.complement_map is None:
+                raise ValueError("MambaConfig.rc_equivariant needs token input (vocab_size) and complement_map")
+            if len(self.complement_map) != self.vocab_size:
+                raise ValueError("MambaConfig.complement_map: expected one entry per token of vocab_size")
+            if self.d_model % 2:
+                raise ValueError("MambaConfig.rc_equivariant: d_model must be even (half per strand)")
+
+    def layer_mixers(self) -> list[str]:
+        return list(self.mixer) if isinstance(self.mixer, list) else [self.mixer] * self.n_layer
+
+    @property
+    def streamable(self) -> bool:
+        return not (self.bidirectional or self.rc_equivariant)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"MambaConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# --- mixer registry ------------------------------------------------------------------------------------
+# name -> factory(config, d_model, layer_idx) -> nn.Module with forward(x), init_state(b, device, dtype) and
+# stream(x, state) -> (y, state). Other mixers (Mamba-2, S4D, attention) register themselves here.
+MIXERS: dict[str, Callable[[MambaConfig, int, int], nn.Module]] = {}
+
+
+def register_mixer(name: str):
+    def deco(factory):
+        MIXERS[name] = factory
+        return factory
+    return deco
+
+
+@register_mixer("mamba")
+def _mamba_mixer(cfg: MambaConfig, d_model: int, layer_idx: int) -> nn.Module:
+    return Mamba(d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank,
+                 selective=cfg.selective, layer_idx=layer_idx, **cfg.mixer_options.get("mamba", {}))
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float32 for half types, else the tensor's own (float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _acc(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self._weight().to(xf.dtype)).to(x.dtype)
+
+    def _weight(self) -> torch.Tensor:
+        return self.weight
+
+
+class RCRMSNorm(RMSNorm):
+    """RMSNorm whose per-channel weight is RC-symmetric: the second half is the first, channel-reversed."""
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__(d // 2, eps)
+
+    def _weight(self) -> torch.Tensor:
+        return torch.cat([self.weight, self.weight.flip(0)])
+
+
+def rc_hidden(h: torch.Tensor) -> torch.Tensor:
+    """Reverse complement of a hidden sequence (batch, L, d): reverse time and channels."""
+    return h.flip(1).flip(-1)
+
+
+class Bidirectional(nn.Module):
+    """A forward mixer plus a mixer over the reversed sequence, summed (Caduceus' BiMamba, untied)."""
+    def __init__(self, fwd: nn.Module, rev: nn.Module):
+        super().__init__()
+        self.fwd, self.rev = fwd, rev
+
+    def forward(self, x):
+        return self.fwd(x) + self.rev(x.flip(1)).flip(1)
+
+
+class RCEquivariant(nn.Module):
+    """Caduceus-PS: channels [0, d/2) go through the mixer, channels [d/2, d) go through the same mixer on
+    the reverse complement. Then mixer(RC(x)) == RC(mixer(x)) exactly."""
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        h = x.shape[-1] // 2
+        return torch.cat([self.inner(x[..., :h]), rc_hidden(self.inner(rc_hidden(x[..., h:])))], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MambaConfig, layer_idx: int):
+        super().__init__()
+        name = cfg.layer_mixers()[layer_idx]
+        d_mix = cfg.d_model // 2 if cfg.rc_equivariant else cfg.d_model
+        mixer = MIXERS[name](cfg, d_mix, layer_idx)
+        if cfg.bidirectional:
+            mixer = Bidirectional(mixer, MIXERS[name](cfg, d_mix, layer_idx))
+        if cfg.rc_equivariant:
+            mixer = RCEquivariant(mixer)
+        self.mixer = mixer
+        self.norm = (RCRMSNorm if cfg.rc_equivariant else RMSNorm)(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        # residual is float32; the mixer runs in the parameters' (or autocast's) dtype.
+        x = self.norm(residual.to(self.norm.weight.dtype))
+        return residual + _acc(self.mixer(x))
+
+    def stream(self, residual: torch.Tensor, state):
+        x = self.norm(residual.to(self.norm.weight.dtype))
+        y, state = self.mixer.stream(x, state)
+        return residual + _acc(y), state
+
+
+class MambaModel(nn.Module):
+    """Backbone: input (token ids (batch, L) or features (batch, L, d_input)) -> hidden (batch, L, d_model)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = cfg = config
+        if cfg.vocab_size is not None:
+            d_emb = cfg.d_model // 2 if cfg.rc_equivariant else cfg.d_model
+            self.embedding = nn.Embedding(cfg.vocab_size, d_emb)
+            if cfg.rc_equivariant:
+                self.register_buffer("complement", torch.tensor(cfg.complement_map, dtype=torch.long),
+                                     persistent=False)
+        else:
+            self.embedding = nn.Linear(cfg.d_input, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = (RCRMSNorm if cfg.rc_equivariant else RMSNorm)(cfg.d_model, cfg.norm_eps)
+        self.apply(self._init_weights)
+        if cfg.rescale_prenorm_residual:
+            self._rescale_out_proj()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As mamba_ssm's mixer_seq_simple: zero linear biases (but dt_proj's), N(0, 0.02) embeddings.
+        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    def _rescale_out_proj(self) -> None:
+        # Output projections scaled by 1/sqrt(n_layer) so the residual stream's variance does not grow
+        # with depth (GPT-2 / mamba_ssm "rescale_prenorm_residual").
+        for name, module in self.named_modules():
+            if name.endswith("out_proj") and isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    module.weight /= math.sqrt(self.config.n_layer)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.vocab_size is not None:
+            if x.dim() != 2 or x.dtype not in (torch.long, torch.int32, torch.int64, torch.uint8, torch.int16):
+                raise ValueError(f"input_ids: expected integer tensor (batch, L), got {x.dtype} {tuple(x.shape)}")
+            if cfg.rc_equivariant:
+                # [E(t), channel-reversed E(complement(t))]: reverse-complementing the input then equals
+                # reversing time and channels of the embedding.
+                return torch.cat([self.embedding(x), self.embedding(self.complement[x]).flip(-1)], dim=-1)
+            return self.embedding(x)
+        if x.dim() != 3 or x.shape[-1] != cfg.d_input or not x.is_floating_point():
+            raise ValueError(f"inputs: expected float tensor (batch, L, d_input={cfg.d_input}), got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        return self.embedding(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < 1:
+            raise ValueError("inputs: sequence length must be >= 1")
+        residual = _acc(self.embed(x))
+        for layer in self.layers:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                residual = checkpoint(layer, residual, use_reentrant=False)
+            else:
+                residual = layer(residual)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    # --- streaming --------------------------------------------------------------------------------------
+    def _check_streamable(self) -> None:
+        if not self.config.streamable:
+            what = "bidirectional" if self.config.bidirectional else "rc_equivariant"
+            raise ValueError(f"a {what} model sees the future of the sequence and cannot stream; "
+                             "use a causal model (bidirectional=False, rc_equivariant=False)")
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        self._check_streamable()
+        return [layer.mixer.init_state(batch_size, device=device, dtype=dtype) for layer in self.layers]
+
+    def stream(self, x: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """Consume a chunk (any length >= 1) continuing from `state`; equal to `forward` on the whole stream."""
+        self._check_streamable()
+        residual = _acc(self.embed(x))
+        for i, layer in enumerate(self.layers):
+            residual, state[i] = layer.stream(residual, state[i])
+        return self.norm_f(residual.to(self.norm_f.weight.dtype)), state
+
+
+class MambaLM(nn.Module):
+    """Language model: MambaModel + a head over the vocabulary (tied to the embedding by default)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("MambaLM: config.vocab_size must be set")
+        self.config = config
+        self.backbone = MambaModel(config)
+        if not config.tie_embeddings:
+            d_head = config.d_model // 2 if config.rc_equivariant else config.d_model
+            self.lm_head = nn.Linear(d_head, config.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.backbone.embedding.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        W = self.head_weight()
+        if self.config.rc_equivariant:
+            # logit(t) = <h_fwd, W_t> + <reversed h_rc, W_comp(t)>: RC-equivariant in (position, token).
+            half = h.shape[-1] // 2
+            return h[..., :half] @ W.t() + h[..., half:].flip(-1) @ W[self.backbone.complement].t()
+        return h @ W.t()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.backbone(input_ids))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        return self.backbone.init_state(batch_size, device=device, dtype=dtype)
+
+    def stream(self, input_ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        h, state = self.backbone.stream(input_ids, state)
+        return self.logits(h), state
+
+
+# --- persistence ------------------------------------------------------------------------------------------
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors into `directory` atomically: both files are staged in a
+    temporary folder beside it that then takes its place, so a reader never sees a half-written model."""
+    from safetensors.torch import save_model
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        meta = {"class": type(model).__name__, "config": model.config.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / "model")
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def from_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by `save_pretrained` (safetensors: no pickle, nothing executed)."""
+    from safetensors.torch import load_model
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved model (no config.json)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+    cls = {"MambaModel": MambaModel, "MambaLM": MambaLM}.get(meta.get("class"))
+    if cls is None:
+        raise ValueError(f"{cfg_path}: unknown model class {meta.get('class')!r}")
+    model = cls(MambaConfig.from_dict(meta["config"]))
+    load_model(model, str(directory / "model.safetensors"), strict=True, device=str(map_location))
+    return model
+
+
+def _load_as(cls):
+    def load(directory, map_location="cpu"):
+        model = from_pretrained(directory, map_location)
+        if not isinstance(model, cls):
+            raise ValueError(f"{directory}: holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+    return staticmethod(load)
+
+
+for _cls in (MambaModel, MambaLM):
+    _cls.save_pretrained = save_pretrained
+    _cls.from_pretrained = _load_as(_cls)

@@ -1,0 +1,82 @@
+"""The single dispatch point between `ssm_core` and its op implementations.
+
+CUDA tensors go to the fused Triton kernels of the `kernels` package; CPU tensors go to the fast CPU
+path when one is registered, else to the pure-PyTorch reference. `SSM_CORE_BACKEND` forces a choice:
+
+    SSM_CORE_BACKEND=auto       (default) as above
+    SSM_CORE_BACKEND=reference  always the pure-PyTorch reference (ssm_core.reference)
+    SSM_CORE_BACKEND=triton     always the Triton kernels (on CPU only under TRITON_INTERPRET=1)
+
+`backend_for(tensor)` tells which one a call would use.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import reference
+
+_BACKENDS = ("auto", "reference", "triton")
+
+
+def _forced() -> str:
+    b = os.environ.get("SSM_CORE_BACKEND", "auto").strip().lower() or "auto"
+    if b not in _BACKENDS:
+        raise ValueError(f"SSM_CORE_BACKEND: expected one of {_BACKENDS}, got {b!r}")
+    return b
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton', 'cpu' or 'reference': where an op on tensor `x` runs."""
+    forced = _forced()
+    if forced != "auto":
+        return forced
+    if x.is_cuda:
+        return "triton" if _module("kernels") is not None else "reference"
+    return "cpu" if _module("ssm_core.cpu") is not None else "reference"
+
+
+def _impl(x: torch.Tensor, op: str):
+    backend = backend_for(x)
+    if backend == "triton":
+        mod = _module("kernels")
+        if mod is None:
+            raise RuntimeError("SSM_CORE_BACKEND=triton but the kernels package cannot be imported")
+        return getattr(mod, op)
+    if backend == "cpu":
+        fn = getattr(_module("ssm_core.cpu"), op, None)
+        if fn is not None:
+            return fn
+    return getattr(reference, op + "_ref")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   h0=None, return_final_state=False):
+    """Selective scan with the signature and semantics of `selective_scan_ref`, on the fastest backend."""
+    if not isinstance(u, torch.Tensor):
+        raise ValueError("u: expected a torch.Tensor of shape (batch, dim, L)")
+    return _impl(u, "selective_scan")(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                      delta_softplus=delta_softplus, h0=h0, return_final_state=return_final_state)
+
+
+def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
+    """Depthwise causal conv1d with carried tail; semantics of `causal_conv1d_ref`."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("x: expected a torch.Tensor of shape (batch, dim, L)")
+    return _impl(x, "causal_conv1d")(x, weight, bias, initial_states=initial_states,
+                                     return_final_states=return_final_states, activation=activation)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step, updating `state` in place; semantics of `selective_state_update_ref`."""
+    return _impl(x, "selective_state_update")(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                              dt_softplus=dt_softplus)

@@ -1,0 +1,38 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before anything
+imports triton). Tests that use ../shared (the mamba_ssm oracle, real data) skip cleanly without it.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent (development data and the mamba_ssm oracle live there)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def mamba_ssm_cpu(shared_dir):
+    """mamba_ssm's own pure-PyTorch selective_scan_ref and Mamba block: an independent oracle."""
+    bench = shared_dir / "bench"
+    if not (bench / "mamba_reference.py").is_file():
+        pytest.skip("../shared/bench/mamba_reference.py is absent")
+    sys.path.insert(0, str(bench))
+    try:
+        import mamba_reference
+        return mamba_reference.load_cpu()
+    finally:
+        sys.path.remove(str(bench))
