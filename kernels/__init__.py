@@ -1,1 +1,11 @@
-"""placeholder"""
+"""Fused Triton kernels for the selective SSM: the ops `ssm_core.ops` dispatches CUDA tensors to.
+
+    selective_scan          Mamba-1 scan, fused forward + backward (ssm_core.selective_scan_ref semantics)
+    causal_conv1d           depthwise causal conv with carried tail, forward + backward
+    selective_state_update  one decoding step, state updated in place
+
+No nn.Modules here and no dependency on the task packages; tests compare against ssm_core.reference.
+"""
+from .scan import ScanConfig, default_config, selective_scan
+
+__all__ = ["selective_scan", "ScanConfig", "default_config"]
