@@ -1,0 +1,136 @@
+"""Causal multi-head attention as a mixer, for hybrid stacks (Jamba-style: one attention layer per several
+Mamba layers, for recall and in-context tasks). Parameter names as mamba_ssm's MHA (`in_proj`, `out_proj`).
+
+Attention goes through `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels
+on GPU). Positions: rotary embeddings (RoPE) by default; a hybrid can set `rotary=False` and rely on the
+Mamba layers for order, as Jamba does.
+
+Streaming keeps a KV cache. Its memory is what makes attention different from the SSM mixers, whose state is
+a constant size: per attention layer the cache holds keys and values for every past token,
+
+    2 * batch * cached_tokens * num_heads * head_dim * bytes_per_element
+
+where cached_tokens = tokens seen so far (grows without bound), or min(tokens seen, window) with a sliding
+`window`. E.g. d_model 768 (12 heads x 64), bf16, batch 1: 3 KiB per token per layer, 3 GiB at 1M tokens.
+A window W bounds it at 3 KiB * W and makes `forward` and `stream` attend to the last W tokens only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import MambaConfig, register_mixer
+
+
+@dataclass
+class KVCache:
+    """Streaming state of one attention mixer. Not updated in place: `stream` returns the new cache."""
+    k: torch.Tensor  # (batch, num_heads, cached_tokens, head_dim), rotary already applied
+    v: torch.Tensor  # (batch, num_heads, cached_tokens, head_dim)
+    pos: int = 0     # tokens consumed so far (the absolute position of the next token)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on x (b, h, T, d) at absolute positions pos (T,): rotate pairs (x_i, x_{i+d/2})."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]                      # (T, half)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([out, x[..., 2 * half:]], dim=-1) if x.shape[-1] % 2 else out
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int | None = None, head_dim: int | None = None,
+                 window: int | None = None, rotary: bool = True, rotary_base: float = 10000.0,
+                 bias: bool = False, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        num_heads = num_heads if num_heads is not None else max(1, d_model // 64)
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"Attention num_heads: expected a positive integer, got {num_heads!r}")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"Attention num_heads: {num_heads} must divide d_model={d_model} "
+                                 "(or set head_dim)")
+            head_dim = d_model // num_heads
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"Attention window: expected a positive integer or None, got {window!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+        self.window, self.use_rotary, self.rotary_base, self.layer_idx = window, rotary, rotary_base, layer_idx
+        self.in_proj = nn.Linear(d_model, 3 * num_heads * head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **fk)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (batch, L, d_model={self.d_model}), got {got}")
+        if not x.is_floating_point() or x.shape[1] < 1:
+            raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
+
+    def _qkv(self, x: torch.Tensor, start: int):
+        b, T, _ = x.shape
+        q, k, v = self.in_proj(x).view(b, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.use_rotary:
+            pos = torch.arange(start, start + T, device=x.device)
+            q, k = rotary(q, pos, self.rotary_base), rotary(k, pos, self.rotary_base)
+        return q, k, v
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean (T, S) mask, True = may attend: causal, and within the window when one is set."""
+        diff = q_pos[:, None] - k_pos[None, :]
+        keep = diff >= 0
+        if self.window is not None:
+            keep &= diff < self.window
+        return keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model)."""
+        self._check_input(x)
+        L = x.shape[1]
+        q, k, v = self._qkv(x, 0)
+        if self.window is None or self.window >= L:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            pos = torch.arange(L, device=x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(pos, pos))
+        return self.out_proj(o.transpose(1, 2).reshape(x.shape[0], L, -1))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        p = self.in_proj.weight
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim,
+                            device=device if device is not None else p.device,
+                            dtype=dtype if dtype is not None else p.dtype)
+        return KVCache(k=empty, v=empty.clone(), pos=0)
+
+    def stream(self, x: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Consume a chunk x (batch, T, d_model): its queries attend to the cache plus the chunk (causally);
+        the cache then keeps every token, or the last `window` ones. Returns (y, new cache)."""
+        self._check_input(x)
+        if state.k.shape[0] != x.shape[0]:
+            raise ValueError(f"state: built for batch {state.k.shape[0]}, got x with batch {x.shape[0]}")
+        b, T, _ = x.shape
+        q, k, v = self._qkv(x, state.pos)
+        k = torch.cat([state.k, k.to(state.k.dtype)], dim=2)
+        v = torch.cat([state.v, v.to(state.v.dtype)], dim=2)
+        S = k.shape[2]
+        q_pos = torch.arange(state.pos, state.pos + T, device=x.device)
+        k_pos = torch.arange(state.pos + T - S, state.pos + T, device=x.device)
+        mask = None if T == 1 and (self.window is None or S <= self.window) else self._mask(q_pos, k_pos)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        if self.window is not None and S > self.window:
+            k, v = k[:, :, S - self.window:], v[:, :, S - self.window:]
+        y = self.out_proj(o.transpose(1, 2).reshape(b, T, -1))
+        return y, KVCache(k=k, v=v, pos=state.pos + T)
+
+
+@register_mixer("attention")
+def _attention_mixer(cfg: MambaConfig, d_model: int, layer_idx: int) -> nn.Module:
+    return Attention(d_model, layer_idx=layer_idx, **cfg.mixer_options.get("attention", {}))

@@ -1,0 +1,265 @@
+"""Mamba-2: the SSD (state space duality) mixer, parameter-compatible with mamba_ssm's
+`mamba_ssm.modules.mamba2.Mamba2` (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm`, `out_proj`).
+
+The SSM of Mamba-2 is Mamba's with a scalar decay per head: for head h with state (headdim P, d_state N)
+
+    dt_t = softplus(dt_raw_t + dt_bias)         a_t = exp(dt_t * A_h)      (A_h < 0, one number per head)
+    H_t  = a_t * H_{t-1} + dt_t * x_t B_t^T      y_t = H_t C_t + D_h * x_t
+
+Because the decay is a scalar, the map x -> y within a chunk of Q steps is a masked matrix product,
+y = (L o C B^T) (dt x) with L_ij = exp(cs_i - cs_j) for j <= i (cs the cumulative sum of dt*A). The chunked
+algorithm ("quadratic within a chunk, linear across chunks") computes each chunk's output with matmuls,
+each chunk's state contribution with a matmul, and passes only the (P, N) states from chunk to chunk.
+
+`ssd_chunk_scan_ref` is that algorithm in plain PyTorch (the ground truth); `ssd_chunk_scan` dispatches
+CUDA tensors to the Triton fast path `kernels.ssd_chunk_scan` when it exists. Both take the arguments of
+mamba_ssm's `mamba_chunk_scan_combined`, so they are drop-in comparable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import MambaConfig, register_mixer
+from .ops import _module, backend_for, causal_conv1d
+
+
+# --- the SSD op ----------------------------------------------------------------------------------------
+def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None):
+    """Validate SSD arguments (mamba_chunk_scan_combined layout); returns (batch, L, heads, headdim, groups, N)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError("x: expected shape (batch, L, nheads, headdim)")
+    b, L, h, p = x.shape
+    if L < 1:
+        raise ValueError("x: sequence length L must be >= 1")
+    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (b, L):
+        raise ValueError(f"B: expected shape (batch={b}, L={L}, ngroups, d_state)")
+    g, n = B.shape[2:]
+    if h % g:
+        raise ValueError(f"B: ngroups={g} must divide nheads={h}")
+    shapes = {"dt": (dt, (b, L, h)), "A": (A, (h,)), "C": (C, (b, L, g, n)), "z": (z, (b, L, h, p)),
+              "dt_bias": (dt_bias, (h,)), "initial_states": (initial_states, (b, h, p, n))}
+    for name, (t, shape) in shapes.items():
+        if t is None and name in ("dt", "A", "C"):
+            raise ValueError(f"{name}: expected a tensor of shape {shape}, got None")
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        raise ValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    return b, L, h, p, g, n
+
+
+def _segsum_exp(cs: torch.Tensor) -> torch.Tensor:
+    """cs (..., Q) cumulative log-decays -> (..., Q, Q) with [i, j] = exp(cs_i - cs_j) for j <= i, else 0."""
+    Q = cs.shape[-1]
+    diff = cs[..., :, None] - cs[..., None, :]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=cs.device).tril()
+    return torch.exp(diff.masked_fill(~causal, -math.inf))
+
+
+def ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
+                       dt_softplus: bool = False, initial_states=None, return_final_states: bool = False):
+    """Chunked SSD in plain PyTorch, computed in float32 (float64 for float64 input).
+
+        x (batch, L, nheads, headdim)   dt (batch, L, nheads)   A (nheads,)
+        B, C (batch, L, ngroups, d_state)   D (nheads,) or (nheads, headdim)   z like x (y *= silu(z))
+        dt_bias (nheads,)   initial_states / final state (batch, nheads, headdim, d_state)
+
+    Returns y like x (in x's dtype), and the final state in float32 (float64) when `return_final_states`.
+    The result does not depend on `chunk_size` (up to rounding); L need not be a multiple of it.
+    """
+    b, L, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = dt.to(ct)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(ct)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Q = max(1, min(int(chunk_size), L))
+    pad = (-L) % Q
+    # Padding steps get dt = 0: decay exp(0) = 1 and no input, so the final state is unchanged.
+    xf, Bf, Cf = (F.pad(t.to(ct), (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+    dt = F.pad(dt, (0, 0, 0, pad))
+    nc = (L + pad) // Q
+    xc = xf.view(b, nc, Q, h, p)
+    Bc = Bf.view(b, nc, Q, g, n).repeat_interleave(h // g, dim=3)      # (b, c, Q, h, n)
+    Cc = Cf.view(b, nc, Q, g, n).repeat_interleave(h // g, dim=3)
+    dtc = dt.view(b, nc, Q, h)
+    cs = torch.cumsum((dtc * A.to(ct)).permute(0, 3, 1, 2), dim=-1)    # (b, h, c, Q)
+
+    # 1. within each chunk: the masked "attention" form (quadratic in Q).
+    Lmat = _segsum_exp(cs)                                               # (b, h, c, Q, Q)
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * Lmat
+    y = torch.einsum("bhcls,bcsh,bcshp->bclhp", scores, dtc, xc)
+    # 2. each chunk's own contribution to the state at its end.
+    decay_to_end = torch.exp(cs[..., -1:] - cs)                          # (b, h, c, Q)
+    chunk_states = torch.einsum("bclhn,bhcl,bclh,bclhp->bchpn", Bc, decay_to_end, dtc, xc)
+    # 3. across chunks: a linear recurrence over the (P, N) states only.
+    state = (initial_states.to(ct) if initial_states is not None else xf.new_zeros(b, h, p, n))
+    chunk_decay = torch.exp(cs[..., -1])                                 # (b, h, c)
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    starts = torch.stack(starts, dim=1)                                  # (b, c, h, p, n)
+    # 4. the incoming state's contribution to each output.
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, starts, torch.exp(cs))
+    y = y.reshape(b, nc * Q, h, p)[:, :L]
+    if D is not None:
+        Dd = D.to(ct)
+        y = y + xf[:, :L] * (Dd[:, None] if Dd.dim() == 1 else Dd)
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(x.dtype)
+    return (y, state) if return_final_states else y
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
+                   dt_softplus: bool = False, initial_states=None, return_final_states: bool = False):
+    """`ssd_chunk_scan_ref` on the fastest backend: the Triton kernel for CUDA tensors (or under
+    SSM_CORE_BACKEND=triton), else the reference."""
+    fn = ssd_chunk_scan_ref
+    if backend_for(x) == "triton":
+        fn = getattr(_module("kernels"), "ssd_chunk_scan", None) or ssd_chunk_scan_ref
+    return fn(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+              initial_states=initial_states, return_final_states=return_final_states)
+
+
+# --- the block -----------------------------------------------------------------------------------------
+class GatedRMSNorm(nn.Module):
+    """mamba_ssm's RMSNormGated with norm_before_gate=False: RMSNorm(x * silu(z)) per group of channels."""
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(ct) * F.silu(z.to(ct))
+        xg = xf.unflatten(-1, (-1, self.group_size))
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xg.flatten(-2) * self.weight.to(ct)).to(x.dtype)
+
+
+@dataclass
+class Mamba2State:
+    """Recurrent state of one Mamba2 mixer (updated in place by `Mamba2.stream`)."""
+    conv: torch.Tensor  # (batch, conv_dim, d_conv - 1): the last inputs of the causal conv over [x, B, C]
+    ssm: torch.Tensor   # (batch, nheads, headdim, d_state), float32 (float64 for float64 models)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
+                 expand: int = 2, headdim: int = 64, ngroups: int = 1, A_init_range=(1, 16),
+                 D_has_hdim: bool = False, rmsnorm: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, bias: bool = False, conv_bias: bool = True, chunk_size: int = 256,
+                 layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                        ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Mamba2 {name}: expected a positive integer, got {v!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"Mamba2 headdim: {headdim} must divide d_inner = expand * d_model = {self.d_inner}")
+        self.headdim, self.nheads = headdim, self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2 ngroups: {ngroups} must divide the number of heads {self.nheads}")
+        self.ngroups, self.D_has_hdim, self.rmsnorm = ngroups, D_has_hdim, rmsnorm
+        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+
+        # in_proj output order as mamba_ssm: [z, x, B, C, dt].
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias, **fk)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **fk)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        # dt_bias = softplus^-1(dt), dt ~ LogUniform(dt_min, dt_max); A = -U(A_init_range) per head.
+        dt = torch.exp(torch.rand(self.nheads, **fk) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // ngroups, **fk)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (batch, L, d_model={self.d_model}), got {got}")
+        if not x.is_floating_point() or x.shape[1] < 1:
+            raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
+
+    def _D(self) -> torch.Tensor:
+        return self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()
+
+    def _mix(self, x: torch.Tensor, state: Mamba2State | None):
+        """The whole block on a chunk; continues from (and updates) `state` when given."""
+        b, L, _ = x.shape
+        z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv_w = self.conv1d.weight.squeeze(1)
+        xBC = xBC.transpose(1, 2).contiguous()  # (b, conv_dim, L); strided input is far slower on CPU
+        if state is None:
+            xBC = causal_conv1d(xBC, conv_w, self.conv1d.bias, activation="silu")
+        else:
+            xBC, tail = causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_states=state.conv,
+                                      return_final_states=True, activation="silu")
+            state.conv.copy_(tail)
+        xs, B, C = torch.split(xBC.transpose(1, 2), [self.d_inner, self.ngroups * self.d_state,
+                                                      self.ngroups * self.d_state], dim=-1)
+        gs = (b, L, self.ngroups, self.d_state)
+        out = ssd_chunk_scan(xs.reshape(b, L, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
+                             B.reshape(gs), C.reshape(gs), chunk_size=self.chunk_size, D=self._D(),
+                             z=None if self.rmsnorm else z.reshape(b, L, self.nheads, self.headdim),
+                             dt_bias=self.dt_bias.float(), dt_softplus=True,
+                             initial_states=None if state is None else state.ssm,
+                             return_final_states=state is not None)
+        if state is not None:
+            out, final = out
+            state.ssm.copy_(final)
+        y = out.reshape(b, L, self.d_inner)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model)."""
+        self._check_input(x)
+        return self._mix(x, None)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
+        p = self.in_proj.weight
+        device = device if device is not None else p.device
+        dtype = dtype if dtype is not None else p.dtype
+        return Mamba2State(
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                            dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+
+    def stream(self, x: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
+        """Consume a chunk x (batch, T, d_model), T >= 1, continuing from `state` (updated in place); the
+        output equals the matching slice of `forward` over the whole stream."""
+        self._check_input(x)
+        if state.ssm.shape[0] != x.shape[0]:
+            raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
+        return self._mix(x, state), state
+
+
+@register_mixer("mamba2")
+def _mamba2_mixer(cfg: MambaConfig, d_model: int, layer_idx: int) -> nn.Module:
+    opts = dict(cfg.mixer_options.get("mamba2", {}))
+    opts.setdefault("d_state", cfg.d_state)
+    return Mamba2(d_model, d_conv=cfg.d_conv, expand=cfg.expand, layer_idx=layer_idx, **opts)
