@@ -6,6 +6,8 @@
 
 No nn.Modules here and no dependency on the task packages; tests compare against ssm_core.reference.
 """
+from .conv import causal_conv1d
 from .scan import ScanConfig, default_config, selective_scan
+from .state_update import selective_state_update
 
-__all__ = ["selective_scan", "ScanConfig", "default_config"]
+__all__ = ["selective_scan", "causal_conv1d", "selective_state_update", "ScanConfig", "default_config"]
