@@ -16,6 +16,7 @@ dB and dC are sums over channels: each program adds its partial tile with fp32 a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -423,6 +424,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     b, dim, L = u.shape
     G = 1 if B.dim() == 3 else B.shape[1]
     cfg = config or default_config(dim, L, A.shape[1], G)
+    if G > 1:  # a program's channels must share one B/C group
+        cfg = dataclasses.replace(cfg, block_d_fwd=_pow2_divisor(dim // G, cfg.block_d_fwd),
+                                  block_d_bwd=_pow2_divisor(dim // G, cfg.block_d_bwd))
     u, delta, z, B, C = (_last_contig(t) for t in (u, delta, z, B, C))
     A = A.float().contiguous() if A.dtype != torch.float32 or not A.is_contiguous() else A
     D = D.float().contiguous() if D is not None else None

@@ -1,0 +1,402 @@
+"""Triton fast path for Mamba-2's chunked SSD, forward and backward, with initial and final states.
+
+Semantics and arguments of `ssm_core.mamba2.ssd_chunk_scan_ref` (= mamba_ssm's mamba_chunk_scan_combined):
+x (b, L, h, p), dt (b, L, h), A (h,), B, C (b, L, g, n), D (h,) or (h, p), z like x, dt_bias (h,),
+initial_states / final state (b, h, p, n) float32.
+
+Forward, four launches (Q = chunk_size):
+  _dt_cumsum      dt = softplus(dt + bias) and cs = cumsum(dt * A) within each chunk  -> (b, h, L) fp32
+  _chunk_outer    each chunk's own state  S_c = sum_t exp(cs_end - cs_t) dt_t x_t B_t^T   (p, n) per head
+  _state_pass     S_c -> the state at each chunk's start (sequential over chunks, elementwise)
+  _chunk_scan     y_i = sum_{j<=i} (C_i.B_j) exp(cs_i - cs_j) dt_j x_j + exp(cs_i) C_i s_start + D x_i
+                  in tiles of BLOCK_M rows: the quadratic (attention-like) form within a chunk.
+Backward, four launches, the same structure transposed:
+  _chunk_outer    (mode 1) each chunk's local state gradient  sum_i exp(cs_i) dy_i^T C_i
+  _dstate_pass    reverse pass: the gradient at each chunk's end, d(initial_states), d(chunk decay)
+  _bwd_keys       per key tile j (looping over the heads of a group, so dB sums in registers): dx, dB, ddt
+  _bwd_queries    per query tile i: dC and the query part of d(cs)
+and a few (b, h, L)-sized PyTorch ops to turn d(cs) into d(dt), d(A), d(dt_bias).
+Matmul operands are cast to the input dtype (bf16 inputs -> bf16 tensor-core matmuls, fp32 accumulate).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dt_cumsum(dt_ptr, bias_ptr, A_ptr, DT_ptr, CS_ptr, L, H, Lp,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t = c * Q + tl.arange(0, Q)
+    m = t < L
+    d = tl.load(dt_ptr + (b * L + t).to(tl.int64) * H + h, mask=m, other=0.).to(tl.float32)
+    if HAS_BIAS:
+        d += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        d = tl.where(d > 20., d, tl.log(1. + tl.exp(d)))
+    d = tl.where(m, d, 0.)  # padded steps: no input and no decay
+    cs = tl.cumsum(d * tl.load(A_ptr + h).to(tl.float32), axis=0)
+    base = bh.to(tl.int64) * Lp + t
+    tl.store(DT_ptr + base, d)
+    tl.store(CS_ptr + base, cs)
+
+
+@triton.jit
+def _chunk_outer(X_ptr, Y_ptr, DT_ptr, CS_ptr, OUT_ptr, L, H, G, Lp, nc, P, N,
+                 MODE: tl.constexpr, Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """OUT[b, h, c] (p, n) = sum_t w_t X_t^T Y_t over chunk c. MODE 0: w = exp(cs_end - cs_t) dt_t (the chunk's
+    state, X = x, Y = B); MODE 1: w = exp(cs_t) (the local state gradient, X = dy, Y = C)."""
+    c, bh, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    offs_p, offs_n = tl.arange(0, BP), nb * BN + tl.arange(0, BN)
+    mp, mn = offs_p < P, offs_n < N
+    cs_end = tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for k0 in range(0, Q, BK):
+        t = c * Q + k0 + tl.arange(0, BK)
+        mt = t < L
+        row = (b * L + t).to(tl.int64)
+        xk = tl.load(X_ptr + (row * H + h)[:, None] * P + offs_p[None, :], mask=mt[:, None] & mp[None, :], other=0.)
+        yk = tl.load(Y_ptr + (row * G + g)[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :], other=0.)
+        cs = tl.load(CS_ptr + bh.to(tl.int64) * Lp + t)
+        if MODE == 0:
+            w = tl.exp(cs_end - cs) * tl.load(DT_ptr + bh.to(tl.int64) * Lp + t)
+        else:
+            w = tl.exp(cs)
+        xw = (xk.to(tl.float32) * w[:, None]).to(yk.dtype)
+        acc += tl.dot(tl.trans(xw), yk)
+    out = OUT_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=mp[:, None] & mn[None, :])
+
+
+@triton.jit
+def _state_pass(S_ptr, CS_ptr, H0_ptr, FIN_ptr, Lp, nc, PN, Q: tl.constexpr, HAS_H0: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """In place: S[b, h, c] <- the state at the start of chunk c; FIN <- the state after the last chunk."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_H0:
+        s = tl.load(H0_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
+    for c in range(nc):
+        ptr = S_ptr + (bh.to(tl.int64) * nc + c) * PN + offs
+        local = tl.load(ptr, mask=m, other=0.)
+        tl.store(ptr, s, mask=m)
+        s = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1)) * s + local
+    tl.store(FIN_ptr + bh.to(tl.int64) * PN + offs, s, mask=m)
+
+
+@triton.jit
+def _chunk_scan(X_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, D_ptr, Z_ptr, Y_ptr, YPRE_ptr,
+                L, H, G, Lp, nc, P, N,
+                HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
+                Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    mblk, bh = tl.program_id(0), tl.program_id(1)
+    mpc = Q // BM
+    c, m0 = mblk // mpc, (mblk % mpc) * BM
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    mp, mn = offs_p < P, offs_n < N
+    ti = c * Q + m0 + tl.arange(0, BM)
+    mi = ti < L
+    rowi = (b * L + ti).to(tl.int64)
+    cbase = bh.to(tl.int64) * Lp
+    cs_i = tl.load(CS_ptr + cbase + ti)
+    Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
+    # The incoming state's part: exp(cs_i) * C_i s_start^T.
+    st = tl.load(S_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[None, :]) * N + offs_n[:, None],
+                 mask=mn[:, None] & mp[None, :], other=0.)
+    acc = tl.dot(Ci, st.to(Ci.dtype)) * tl.exp(cs_i)[:, None]
+    # Within the chunk: causal tiles j <= i.
+    for k0 in range(0, m0 + BM, BM):
+        tj = c * Q + k0 + tl.arange(0, BM)
+        mj = tj < L
+        rowj = (b * L + tj).to(tl.int64)
+        Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
+        xj = tl.load(X_ptr + (rowj * H + h)[:, None] * P + offs_p[None, :], mask=mj[:, None] & mp[None, :], other=0.)
+        cs_j = tl.load(CS_ptr + cbase + tj)
+        dt_j = tl.load(DT_ptr + cbase + tj)
+        causal = (m0 + tl.arange(0, BM))[:, None] >= (k0 + tl.arange(0, BM))[None, :]
+        decay = tl.exp(tl.where(causal, cs_i[:, None] - cs_j[None, :], float("-inf")))
+        cb = tl.dot(Ci, tl.trans(Bj)) * decay * dt_j[None, :]
+        acc += tl.dot(cb.to(xj.dtype), xj)
+    mask = mi[:, None] & mp[None, :]
+    xoff = (rowi * H + h)[:, None] * P + offs_p[None, :]
+    if HAS_D:
+        xi = tl.load(X_ptr + xoff, mask=mask, other=0.).to(tl.float32)
+        if D_HDIM:
+            acc += xi * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
+        else:
+            acc += xi * tl.load(D_ptr + h)
+    if HAS_Z:
+        tl.store(YPRE_ptr + xoff, acc.to(YPRE_ptr.dtype.element_ty), mask=mask)
+        zi = tl.load(Z_ptr + xoff, mask=mask, other=0.).to(tl.float32)
+        acc = acc * zi * tl.sigmoid(zi)
+    tl.store(Y_ptr + xoff, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp, nc, PN,
+                 Q: tl.constexpr, HAS_DFIN: tl.constexpr, BLOCK: tl.constexpr):
+    """Reverse over chunks. In: DS[c] = the chunk's local gradient (from _chunk_outer mode 1), S[c] = the state
+    at chunk c's start. Out, in place: DS[c] <- the gradient w.r.t. the state at chunk c's END; DH0; and
+    DDEC[b, h, c] += <dS_end_c, s_end_c>, the gradient w.r.t. cs at the chunk's last step (its decay)."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    ds = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_DFIN:
+        ds = tl.load(DFIN_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
+    s_end = tl.load(FIN_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
+    for i in range(nc):
+        c = nc - 1 - i
+        ptr = (bh.to(tl.int64) * nc + c) * PN + offs
+        local = tl.load(DS_ptr + ptr, mask=m, other=0.)
+        s_start = tl.load(S_ptr + ptr, mask=m, other=0.)
+        tl.store(DS_ptr + ptr, ds, mask=m)
+        tl.atomic_add(DDEC_ptr + bh.to(tl.int64) * nc + c, tl.sum(ds * s_end, axis=0))
+        ds = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1)) * ds + local
+        s_end = s_start
+    tl.store(DH0_ptr + bh.to(tl.int64) * PN + offs, ds, mask=m)
+
+
+@triton.jit
+def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr,
+              L, H, G, Lp, nc, P, N,
+              HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
+              Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Key tile j of a chunk, for every head of group g: dx_j, ddt_j (direct part), d(cs_j) (key part) per head,
+    and dB_j summed over the group's heads in registers."""
+    jblk, bg = tl.program_id(0), tl.program_id(1)
+    mpc = Q // BM
+    c, j0 = jblk // mpc, (jblk % mpc) * BM
+    b, g = bg // G, bg % G
+    hpg = H // G
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    mp, mn = offs_p < P, offs_n < N
+    tj = c * Q + j0 + tl.arange(0, BM)
+    mj = tj < L
+    rowj = (b * L + tj).to(tl.int64)
+    Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
+    dB = tl.zeros((BM, BN), dtype=tl.float32)
+    for hh in range(hpg):
+        h = g * hpg + hh
+        bh = b * H + h
+        cbase = bh.to(tl.int64) * Lp
+        cs_j = tl.load(CS_ptr + cbase + tj)
+        dt_j = tl.load(DT_ptr + cbase + tj)
+        cs_end = tl.load(CS_ptr + cbase + c * Q + Q - 1)
+        xoff = (rowj * H + h)[:, None] * P + offs_p[None, :]
+        xj = tl.load(X_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.)
+        acc_dx = tl.zeros((BM, BP), dtype=tl.float32)
+        acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
+        colsum = tl.zeros((BM,), dtype=tl.float32)
+        for i0 in range(j0, Q, BM):
+            ti = c * Q + i0 + tl.arange(0, BM)
+            mi = ti < L
+            rowi = (b * L + ti).to(tl.int64)
+            Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :],
+                         other=0.)
+            dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
+                          other=0.)
+            cs_i = tl.load(CS_ptr + cbase + ti)
+            causal = (i0 + tl.arange(0, BM))[None, :] >= (j0 + tl.arange(0, BM))[:, None]   # [j, i]: i >= j
+            decay = tl.exp(tl.where(causal, cs_i[None, :] - cs_j[:, None], float("-inf")))
+            gT = tl.dot(Bj, tl.trans(Ci)) * decay                  # (C_i . B_j) L_ij, as [j, i]
+            mT = tl.dot(xj, tl.trans(dyi)) * decay                 # (dy_i . x_j) L_ij
+            acc_dx += tl.dot(gT.to(dyi.dtype), dyi)
+            acc_dB += tl.dot(mT.to(Ci.dtype), Ci)
+            colsum += tl.sum(gT * tl.dot(xj, tl.trans(dyi)), axis=1)
+        # The chunk-end state's part: s_end += exp(cs_end - cs_j) dt_j x_j B_j^T.
+        ds = tl.load(DS_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
+                     mask=mp[:, None] & mn[None, :], other=0.)
+        e = tl.exp(cs_end - cs_j)
+        BdS = tl.dot(Bj, tl.trans(ds.to(Bj.dtype)))              # (BM, P)
+        xdS = tl.dot(xj, ds.to(xj.dtype))                        # (BM, N)
+        dx = dt_j[:, None] * (acc_dx + e[:, None] * BdS)
+        dyj = tl.load(DY_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.).to(tl.float32)
+        if HAS_D:
+            if D_HDIM:
+                dx += dyj * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
+            else:
+                dx += dyj * tl.load(D_ptr + h)
+        tl.store(DX_ptr + xoff, dx.to(DX_ptr.dtype.element_ty), mask=mj[:, None] & mp[None, :])
+        dB += dt_j[:, None] * (acc_dB + e[:, None] * xdS)
+        ddt = colsum + e * tl.sum(xdS * Bj.to(tl.float32), axis=1)
+        tl.store(DDT_ptr + cbase + tj, ddt)
+        tl.store(DCS_ptr + cbase + tj, -dt_j * ddt)
+    tl.store(DB_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], dB, mask=mj[:, None] & mn[None, :])
+
+
+@triton.jit
+def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
+                 L, H, G, Lp, nc, P, N,
+                 Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Query tile i of a chunk, for every head of group g: dC_i summed over the heads, and the query part of
+    d(cs_i) added to DCS (which _bwd_keys wrote first)."""
+    iblk, bg = tl.program_id(0), tl.program_id(1)
+    mpc = Q // BM
+    c, i0 = iblk // mpc, (iblk % mpc) * BM
+    b, g = bg // G, bg % G
+    hpg = H // G
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    mp, mn = offs_p < P, offs_n < N
+    ti = c * Q + i0 + tl.arange(0, BM)
+    mi = ti < L
+    rowi = (b * L + ti).to(tl.int64)
+    Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
+    dC = tl.zeros((BM, BN), dtype=tl.float32)
+    for hh in range(hpg):
+        h = g * hpg + hh
+        bh = b * H + h
+        cbase = bh.to(tl.int64) * Lp
+        cs_i = tl.load(CS_ptr + cbase + ti)
+        dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
+                      other=0.)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rowsum = tl.zeros((BM,), dtype=tl.float32)
+        for j0 in range(0, i0 + BM, BM):
+            tj = c * Q + j0 + tl.arange(0, BM)
+            mj = tj < L
+            rowj = (b * L + tj).to(tl.int64)
+            Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :],
+                         other=0.)
+            xj = tl.load(X_ptr + (rowj * H + h)[:, None] * P + offs_p[None, :], mask=mj[:, None] & mp[None, :],
+                         other=0.)
+            cs_j = tl.load(CS_ptr + cbase + tj)
+            dt_j = tl.load(DT_ptr + cbase + tj)
+            causal = (i0 + tl.arange(0, BM))[:, None] >= (j0 + tl.arange(0, BM))[None, :]
+            w = tl.exp(tl.where(causal, cs_i[:, None] - cs_j[None, :], float("-inf"))) * dt_j[None, :]
+            mw = tl.dot(dyi, tl.trans(xj)) * w                     # (dy_i . x_j) L_ij dt_j
+            acc += tl.dot(mw.to(Bj.dtype), Bj)
+            rowsum += tl.sum(mw * tl.dot(Ci, tl.trans(Bj)), axis=1)
+        st = tl.load(S_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
+                     mask=mp[:, None] & mn[None, :], other=0.)
+        dyS = tl.dot(dyi, st.to(dyi.dtype)) * tl.exp(cs_i)[:, None]   # (BM, N): exp(cs_i) dy_i s_start
+        dC += acc + dyS
+        dcs = tl.load(DCS_ptr + cbase + ti)
+        tl.store(DCS_ptr + cbase + ti, dcs + rowsum + tl.sum(dyS * Ci.to(tl.float32), axis=1))
+    tl.store(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
+
+
+def _blocks(P: int, N: int, Q: int):
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"chunk_size: the Triton SSD needs a power of two >= 16, got {Q}")
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N)), min(Q, 64)
+
+
+def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
+    b, L, H, P = x.shape
+    G, N = B.shape[2:]
+    BP, BN, BM = _blocks(P, N, Q)
+    nc = triton.cdiv(L, Q)
+    Lp = nc * Q
+    dev = x.device
+    DT = torch.empty(b, H, Lp, device=dev, dtype=torch.float32)
+    CS = torch.empty_like(DT)
+    _dt_cumsum[(nc, b * H)](dt, dt_bias, A, DT, CS, L, H, Lp, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, Q=Q)
+    S = torch.empty(b, H, nc, P, N, device=dev, dtype=torch.float32)
+    BNo = min(BN, 64)
+    _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](x, B, DT, CS, S, L, H, G, Lp, nc, P, N, MODE=0, Q=Q, BK=BM,
+                                                   BP=BP, BN=BNo)
+    final = torch.empty(b, H, P, N, device=dev, dtype=torch.float32)
+    PN = P * N
+    SB = min(1024, triton.next_power_of_2(PN))
+    _state_pass[(b * H, triton.cdiv(PN, SB))](S, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB)
+    y = torch.empty_like(x)
+    y_pre = torch.empty_like(x) if z is not None else None
+    _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, S, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
+                                         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2,
+                                         HAS_Z=z is not None, Q=Q, BM=BM, BP=BP, BN=BN)
+    return y, final, y_pre, DT, CS, S
+
+
+def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre, DT, CS, S, final):
+    b, L, H, P = x.shape
+    G, N = B.shape[2:]
+    BP, BN, BM = _blocks(P, N, Q)
+    nc, Lp = CS.shape[-1] // Q, CS.shape[-1]
+    dz = None
+    if z is not None:
+        zf, sig = z.float(), torch.sigmoid(z.float())
+        dz = (dy.float() * y_pre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = (dy.float() * zf * sig).to(x.dtype)
+    dy = dy.contiguous()
+    dD = None
+    if D is not None:
+        prod = (dy.float() * x.float()).sum(dim=(0, 1))
+        dD = (prod if D.dim() == 2 else prod.sum(-1)).to(D.dtype)
+    DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
+    BNo = min(BN, 64)
+    _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q, BK=BM,
+                                                   BP=BP, BN=BNo)
+    PN = P * N
+    SB = min(1024, triton.next_power_of_2(PN))
+    dh0 = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
+    ddec = torch.zeros(b, H, nc, device=x.device, dtype=torch.float32)
+    _dstate_pass[(b * H, triton.cdiv(PN, SB))](DS, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q,
+                                               HAS_DFIN=dfinal is not None, BLOCK=SB)
+    dx = torch.empty_like(x)
+    dB = torch.empty(B.shape, device=x.device, dtype=torch.float32)
+    dC = torch.empty(C.shape, device=x.device, dtype=torch.float32)
+    DDT = torch.empty_like(DT)
+    DCS = torch.empty_like(DT)
+    grid = (nc * (Q // BM), b * G)
+    _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, L, H, G, Lp, nc, P, N,
+                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN)
+    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN)
+    # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
+    dcs = DCS.view(b, H, nc, Q)
+    dcs[..., -1] += ddec
+    ddA = dcs.flip(-1).cumsum(-1).flip(-1).reshape(b, H, Lp)
+    Af = A.float()
+    ddt = DDT + ddA * Af[None, :, None]
+    dA = (ddA * DT).sum(dim=(0, 2)).to(A.dtype)
+    ddt = ddt[..., :L]
+    if softplus or dt_bias is not None:
+        raw = dt.float().permute(0, 2, 1)
+        if dt_bias is not None:
+            raw = raw + dt_bias.float()[None, :, None]
+        if softplus:
+            ddt = ddt * torch.sigmoid(raw)
+    ddt_bias = ddt.sum(dim=(0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
+    ddt = ddt.permute(0, 2, 1).to(dt.dtype)
+    return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddt_bias, dh0 if h0 is not None else None
+
+
+class _SSDFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
+        y, final, y_pre, DT, CS, S = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, final)
+        ctx.Q, ctx.softplus = Q, softplus
+        ctx.mark_non_differentiable(DT)  # (unused output slot kept out of the graph)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, final = ctx.saved_tensors
+        grads = _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, ctx.Q, ctx.softplus, y_pre, DT, CS, S,
+                          final)
+        return (*grads, None, None)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
+                   initial_states=None, return_final_states: bool = False):
+    """Triton chunked SSD: `ssm_core.mamba2.ssd_chunk_scan_ref` semantics. chunk_size: a power of two >= 16."""
+    from ssm_core.mamba2 import check_ssd_inputs
+    check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    cont = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    h0 = initial_states.float().contiguous() if initial_states is not None else None
+    y, final = _SSDFn.apply(cont(x), cont(dt), cont(A.float()), cont(B), cont(C),
+                            cont(D.float()) if D is not None else None, cont(z),
+                            cont(dt_bias.float()) if dt_bias is not None else None, h0, int(chunk_size),
+                            bool(dt_softplus))
+    return (y, final) if return_final_states else y

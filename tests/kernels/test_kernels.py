@@ -1,0 +1,238 @@
+"""The Triton kernels against the float64 reference (ssm_core.reference), forward and every gradient.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py): tiny
+shapes, every code path (options on/off, grouped B/C, padded N, several checkpoint segments, L = 1).
+Tests marked `cuda` are the device sweep (L up to 65536, N up to 256, fp32/bf16/fp16, h0 on/off):
+    pytest tests/kernels -m cuda
+Tolerances (relative Frobenius error vs float64): fp32 1e-4, bf16/fp16 1e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+import ssm_core
+from kernels import ScanConfig
+from ssm_core.reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite values"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def scan_inputs(b, d, L, n, groups=None, dtype=torch.float32, full=True, h0=True, device="cpu", seed=0):
+    """Fresh random inputs (never zeros). u, delta, z, B, C in `dtype`; A, D, bias, h0 in float32."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    bc = (b, n, L) if groups is None else (b, groups, n, L)
+    t = dict(u=r(b, d, L), delta=r(b, d, L) * 0.5, A=-torch.rand(d, n, generator=g, device=device) * 2 - 0.1,
+             B=r(*bc), C=r(*bc))
+    if full:
+        t.update(D=r(d), z=r(b, d, L), delta_bias=r(d) * 0.3)
+    if h0:
+        t["h0"] = r(b, d, n)
+    return {k: v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in t.items()}
+
+
+def check_scan(t: dict, softplus: bool, tol: float, config: ScanConfig | None = None, seed: int = 1):
+    """Kernel vs float64 reference: y, final state, and the gradient of every input under random
+    upstream gradients of both y and the final state."""
+    t_k = {k: v.clone().requires_grad_() for k, v in t.items()}
+    t_r = {k: v.double().requires_grad_() for k, v in t.items()}
+    y, h = kernels.selective_scan(**t_k, delta_softplus=softplus, return_final_state=True, config=config)
+    y_r, h_r = selective_scan_ref(**t_r, delta_softplus=softplus, return_final_state=True)
+    assert y.dtype == t["u"].dtype and h.dtype == torch.float32 and y.shape == y_r.shape
+    assert rel(y, y_r) < tol and rel(h, h_r) < tol
+    g = torch.Generator(device=y.device).manual_seed(seed)
+    gy = torch.randn(y_r.shape, generator=g, device=y.device, dtype=torch.float64)
+    gh = torch.randn(h_r.shape, generator=g, device=y.device, dtype=torch.float64)
+    ((y.double() * gy).sum() + (h.double() * gh).sum()).backward()
+    ((y_r * gy).sum() + (h_r * gh).sum()).backward()
+    errs = {k: rel(t_k[k].grad, t_r[k].grad) for k in t}
+    assert all(t_k[k].grad.dtype == t[k].dtype for k in t)
+    assert max(errs.values()) < tol, errs
+
+
+# --------------------------------------------------------------------------------------------------------
+# CPU: Triton interpreter, tiny shapes
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    dict(b=2, d=4, L=7, n=3),                         # all options, padded N, one chunk
+    dict(b=1, d=4, L=9, n=4, groups=2),               # grouped B/C
+    dict(b=2, d=3, L=6, n=2, full=False, h0=False),   # bare scan, no softplus
+    dict(b=1, d=2, L=1, n=4),                         # L = 1
+])
+def test_scan_matches_reference_cpu(case):
+    full = case.get("full", True)
+    check_scan(scan_inputs(**case), softplus=full, tol=1e-4)
+
+
+def test_scan_checkpoint_segments_cpu():
+    # 4-step chunks, a checkpoint every 3 chunks: 23 steps = 6 chunks = 2 segments, the last one partial;
+    # backward recomputes each segment from its checkpoint.
+    cfg = ScanConfig(block_t=4, block_d_fwd=4, block_d_bwd=2, ckpt_chunks=3)
+    check_scan(scan_inputs(b=1, d=4, L=23, n=2, groups=2), softplus=True, tol=1e-4, config=cfg)
+
+
+def test_scan_bf16_cpu():
+    check_scan(scan_inputs(b=1, d=4, L=8, n=4, dtype=torch.bfloat16), softplus=True, tol=1e-2)
+
+
+def test_scan_in_segments_equals_whole_sequence_cpu():
+    """The final state is differentiable: training over two segments with the state carried gives the
+    same loss gradients as one pass over the whole sequence."""
+    t = scan_inputs(b=1, d=2, L=10, n=3, h0=False)
+    seq = ("u", "delta", "B", "C", "z")
+    whole = {k: v.clone().requires_grad_() for k, v in t.items()}
+    (kernels.selective_scan(**whole, delta_softplus=True) ** 2).sum().backward()
+    parts = {k: v.clone().requires_grad_() for k, v in t.items()}
+    first = {k: (v[..., :6] if k in seq else v) for k, v in parts.items()}
+    second = {k: (v[..., 6:] if k in seq else v) for k, v in parts.items()}
+    y1, h = kernels.selective_scan(**first, delta_softplus=True, return_final_state=True)
+    y2 = kernels.selective_scan(**second, delta_softplus=True, h0=h)
+    ((y1 ** 2).sum() + (y2 ** 2).sum()).backward()
+    for k in t:
+        assert rel(parts[k].grad, whole[k].grad) < 1e-5, k
+
+
+@pytest.mark.parametrize("K,init,act,bias", [(4, True, "silu", True), (4, False, None, False), (3, True, None, True)])
+def test_causal_conv1d_matches_reference_cpu(K, init, act, bias):
+    b, d, L = 2, 3, 9
+    g = torch.Generator().manual_seed(K)
+    args = [torch.randn(b, d, L, generator=g), torch.randn(d, K, generator=g),
+            torch.randn(d, generator=g) if bias else None, torch.randn(b, d, K - 1, generator=g) if init else None]
+    a_k = [x.clone().requires_grad_() if x is not None else None for x in args]
+    a_r = [x.double().requires_grad_() if x is not None else None for x in args]
+    out, tail = kernels.causal_conv1d(*a_k[:3], initial_states=a_k[3], return_final_states=True, activation=act)
+    out_r, tail_r = causal_conv1d_ref(*a_r[:3], initial_states=a_r[3], return_final_states=True, activation=act)
+    assert rel(out, out_r) < 1e-5 and torch.equal(tail.double(), tail_r)
+    go, gt = torch.randn_like(out_r), torch.randn_like(tail_r)
+    ((out.double() * go).sum() + (tail.double() * gt).sum()).backward()
+    ((out_r * go).sum() + (tail_r * gt).sum()).backward()
+    for x_k, x_r in zip(a_k, a_r):
+        if x_k is not None:
+            assert rel(x_k.grad, x_r.grad) < 1e-5
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_selective_state_update_matches_reference_cpu(groups):
+    b, d, n = 3, 6, 5
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bc = (b, n) if groups is None else (b, groups, n)
+    state, x, dt, A = r(b, d, n), r(b, d), r(b, d), -torch.rand(d, n, generator=g)
+    B, C, D, z, bias = r(*bc), r(*bc), r(d), r(b, d), r(d)
+    s_k, s_r = state.clone(), state.double()
+    y = kernels.selective_state_update(s_k, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    y_r = selective_state_update_ref(s_r, *(v.double() for v in (x, dt, A, B, C)), D=D.double(), z=z.double(),
+                                     dt_bias=bias.double(), dt_softplus=True)
+    assert rel(y, y_r) < 1e-5 and rel(s_k, s_r) < 1e-5  # state updated in place
+
+
+def test_mamba_streams_on_the_kernels_cpu(monkeypatch):
+    """With the Triton backend forced, Mamba's forward, chunked stream and one-token steps all run on the
+    kernels and agree with the reference backend."""
+    torch.manual_seed(0)
+    m = ssm_core.Mamba(d_model=4, d_state=4, expand=2)
+    x = torch.randn(1, 6, 4)
+    y_ref = m(x)
+    monkeypatch.setenv("SSM_CORE_BACKEND", "triton")
+    assert ssm_core.backend_for(x) == "triton"
+    calls = []
+    for op in ("selective_scan", "causal_conv1d", "selective_state_update"):
+        fn = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
+    assert rel(m(x), y_ref) < 1e-5
+    state = m.init_state(1)
+    outs = [m.stream(x[:, s:e], state)[0] for s, e in ((0, 3), (3, 4), (4, 6))]
+    assert rel(torch.cat(outs, 1), y_ref) < 1e-5
+    assert set(calls) == {"selective_scan", "causal_conv1d", "selective_state_update"}
+
+
+def test_bad_input_is_a_clear_error():
+    t = scan_inputs(b=1, d=2, L=3, n=2)
+    with pytest.raises(ValueError, match="h0"):
+        kernels.selective_scan(**{**t, "h0": torch.randn(1, 2, 3)})
+    with pytest.raises(ValueError, match="float64"):
+        kernels.selective_scan(**{k: v.double() for k, v in t.items()})
+
+
+# --------------------------------------------------------------------------------------------------------
+# CUDA: the device sweep
+# --------------------------------------------------------------------------------------------------------
+SWEEP = [(L, n, dtype, h0) for L in (1, 7, 128, 2048) for n in (1, 16, 64, 256)
+         for dtype, h0 in ((torch.float32, True), (torch.bfloat16, False))]
+SWEEP += [(L, 16, torch.float16, True) for L in (1, 7, 128, 2048)]
+SWEEP += [(L, 16, torch.bfloat16, True) for L in (7, 128, 2048)] + [(L, 16, torch.float32, False) for L in (7, 2048)]
+SWEEP += [(65536, 16, torch.bfloat16, True), (65536, 16, torch.float32, False), (65536, 64, torch.float32, True)]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("L,n,dtype,h0", SWEEP, ids=lambda v: str(v).replace("torch.", ""))
+def test_scan_sweep_cuda(L, n, dtype, h0):
+    d = 4 if L >= 65536 else 24
+    t = scan_inputs(b=2 if L < 65536 else 1, d=d, L=L, n=n, groups=None if L % 2 else 2, dtype=dtype, h0=h0,
+                    device="cuda", seed=L + n)
+    check_scan(t, softplus=True, tol=TOL[dtype], seed=L * 3 + n)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_and_state_update_cuda(dtype):
+    b, d, L, K, n = 2, 96, 1000, 4, 16
+    x = torch.randn(b, d, L, device="cuda", dtype=dtype)
+    w, bias, init = torch.randn(d, K, device="cuda"), torch.randn(d, device="cuda"), torch.randn(b, d, K - 1,
+                                                                                                  device="cuda")
+    args = [x, w, bias, init.to(dtype)]
+    a_k = [v.clone().requires_grad_() for v in args]
+    a_r = [v.double().requires_grad_() for v in args]
+    out = kernels.causal_conv1d(*a_k[:3], initial_states=a_k[3], activation="silu")
+    out_r = causal_conv1d_ref(*a_r[:3], initial_states=a_r[3], activation="silu")
+    assert rel(out, out_r) < TOL[dtype]
+    go = torch.randn_like(out_r)
+    (out.double() * go).sum().backward()
+    (out_r * go).sum().backward()
+    assert max(rel(p.grad, q.grad) for p, q in zip(a_k, a_r)) < TOL[dtype]
+    state = torch.randn(b, d, n, device="cuda")
+    xs, dt, z = (torch.randn(b, d, device="cuda", dtype=dtype) for _ in range(3))
+    A, B, C = -torch.rand(d, n, device="cuda"), torch.randn(b, n, device="cuda", dtype=dtype), torch.randn(
+        b, n, device="cuda", dtype=dtype)
+    s_k, s_r = state.clone(), state.double()
+    y = kernels.selective_state_update(s_k, xs, dt, A, B, C, D=w[:, 0], z=z, dt_bias=bias, dt_softplus=True)
+    y_r = selective_state_update_ref(s_r, *(v.double() for v in (xs, dt, A, B, C)), D=w[:, 0].double(),
+                                     z=z.double(), dt_bias=bias.double(), dt_softplus=True)
+    assert rel(y, y_r) < TOL[dtype] and rel(s_k, s_r) < 1e-4
+
+
+@cuda
+@pytest.mark.cuda
+def test_mamba_block_cuda_matches_reference_and_streams():
+    torch.manual_seed(0)
+    m = ssm_core.Mamba(d_model=64, d_state=16).cuda()
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    y = m(x)
+    y.square().sum().backward()
+    g_k = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
+    m.zero_grad()
+    x.grad = None
+    m64 = m.double()
+    x64 = x.detach().double().requires_grad_()
+    y_r = m64(x64)  # float64 routes to the reference
+    y_r.square().sum().backward()
+    g_r = [p.grad for p in m64.parameters()] + [x64.grad]
+    assert rel(y, y_r) < 1e-4
+    assert max(rel(a, b) for a, b in zip(g_k, g_r)) < 1e-4
+    m = m.float()
+    with torch.no_grad():
+        y = m(x)
+        state = m.init_state(2)
+        outs = [m.stream(x[:, s:e], state)[0] for s, e in ((0, 100), (100, 101), (101, 102), (102, 300))]
+    assert rel(torch.cat(outs, 1), y) < 1e-4
