@@ -210,10 +210,10 @@ def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr
             causal = (i0 + tl.arange(0, BM))[None, :] >= (j0 + tl.arange(0, BM))[:, None]   # [j, i]: i >= j
             decay = tl.exp(tl.where(causal, cs_i[None, :] - cs_j[:, None], float("-inf")))
             gT = tl.dot(Bj, tl.trans(Ci)) * decay                  # (C_i . B_j) L_ij, as [j, i]
-            mT = tl.dot(xj, tl.trans(dyi)) * decay                 # (dy_i . x_j) L_ij
+            raw = tl.dot(xj, tl.trans(dyi))                        # dy_i . x_j
             acc_dx += tl.dot(gT.to(dyi.dtype), dyi)
-            acc_dB += tl.dot(mT.to(Ci.dtype), Ci)
-            colsum += tl.sum(gT * tl.dot(xj, tl.trans(dyi)), axis=1)
+            acc_dB += tl.dot((raw * decay).to(Ci.dtype), Ci)
+            colsum += tl.sum(gT * raw, axis=1)
         # The chunk-end state's part: s_end += exp(cs_end - cs_j) dt_j x_j B_j^T.
         ds = tl.load(DS_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.)
@@ -286,10 +286,14 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
     tl.store(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
 
 
+# Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles).
+BLOCK_M = 64
+
+
 def _blocks(P: int, N: int, Q: int):
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"chunk_size: the Triton SSD needs a power of two >= 16, got {Q}")
-    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N)), min(Q, 64)
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N)), min(Q, BLOCK_M)
 
 
 def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
@@ -377,7 +381,6 @@ class _SSDFn(torch.autograd.Function):
         y, final, y_pre, DT, CS, S = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, final)
         ctx.Q, ctx.softplus = Q, softplus
-        ctx.mark_non_differentiable(DT)  # (unused output slot kept out of the graph)
         return y, final
 
     @staticmethod

@@ -262,4 +262,6 @@ class Mamba2(nn.Module):
 def _mamba2_mixer(cfg: MambaConfig, d_model: int, layer_idx: int) -> nn.Module:
     opts = dict(cfg.mixer_options.get("mamba2", {}))
     opts.setdefault("d_state", cfg.d_state)
+    # mamba_ssm's headdim 64 when it divides d_inner, else the largest power of two that does (small models).
+    opts.setdefault("headdim", math.gcd(cfg.expand * d_model, 64))
     return Mamba2(d_model, d_conv=cfg.d_conv, expand=cfg.expand, layer_idx=layer_idx, **opts)
