@@ -286,8 +286,12 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
     tl.store(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
 
 
-# Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles).
+# Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles), and
+# warps per program: the backward tiles hold dB/dC and their per-head accumulators (BLOCK_M x N fp32 each),
+# hence more warps there to keep them in registers.
 BLOCK_M = 64
+WARPS_FWD = 4
+WARPS_BWD = 8
 
 
 def _blocks(P: int, N: int, Q: int):
@@ -309,7 +313,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
     S = torch.empty(b, H, nc, P, N, device=dev, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](x, B, DT, CS, S, L, H, G, Lp, nc, P, N, MODE=0, Q=Q, BK=BM,
-                                                   BP=BP, BN=BNo)
+                                                   BP=BP, BN=BNo, num_warps=WARPS_FWD)
     final = torch.empty(b, H, P, N, device=dev, dtype=torch.float32)
     PN = P * N
     SB = min(1024, triton.next_power_of_2(PN))
@@ -318,7 +322,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
     y_pre = torch.empty_like(x) if z is not None else None
     _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, S, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
                                          HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2,
-                                         HAS_Z=z is not None, Q=Q, BM=BM, BP=BP, BN=BN)
+                                         HAS_Z=z is not None, Q=Q, BM=BM, BP=BP, BN=BN,
+                                         num_warps=WARPS_FWD)
     return y, final, y_pre, DT, CS, S
 
 
@@ -340,7 +345,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q, BK=BM,
-                                                   BP=BP, BN=BNo)
+                                                   BP=BP, BN=BNo, num_warps=WARPS_FWD)
     PN = P * N
     SB = min(1024, triton.next_power_of_2(PN))
     dh0 = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
@@ -354,8 +359,10 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DCS = torch.empty_like(DT)
     grid = (nc * (Q // BM), b * G)
     _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, L, H, G, Lp, nc, P, N,
-                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN)
-    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN)
+                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN,
+                    num_warps=WARPS_BWD)
+    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN,
+                       num_warps=WARPS_BWD)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
     dcs[..., -1] += ddec

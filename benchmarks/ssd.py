@@ -1,0 +1,181 @@
+"""Mamba-2 chunked SSD: the project's Triton kernel (kernels.ssd_chunk_scan) against the official Triton SSD
+(mamba_ssm's mamba_chunk_scan_combined), side by side in one process, plus a correctness sweep on the GPU.
+
+    # on the device, with the anchor copied into .bench/ (see ../shared/bench/README.md)
+    python -m benchmarks.ssd --out-dir $OUT
+
+1. Correctness: the Triton kernel (fp32 and bf16 inputs) and the anchor vs the PyTorch reference
+   (ssm_core.ssd_chunk_scan_ref in fp32 on the GPU): output, final state and every gradient, ragged L,
+   groups, D per head and per channel, z gating, initial state.
+2. Timing (issue 7's shapes): headdim 64, 24 heads (d_inner 1536), one group, d_state 64 and 128,
+   chunk 256, bf16 x/dt/B/C, fp32 A/D/dt_bias, dt_softplus; forward and forward+backward medians
+   (triton.testing.do_bench), ratio project / anchor, and the relative difference of the two outputs.
+Writes ssd.json and ssd.md under --out-dir.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+
+from benchmarks.scan import load_anchor
+
+# (batch, L) x d_state, as the issue asks.
+SHAPES = [f"{b},{L},{n}" for b, L in ((8, 8192), (8, 2048), (1, 65536), (1, 262144)) for n in (64, 128)]
+
+
+@dataclass
+class SSDBenchConfig:
+    out_dir: str = field(default="bench_out", metadata={"help": "where ssd.json / ssd.md go"})
+    anchor_dir: str = field(default=".bench", metadata={"help": "folder holding mamba_reference.py"})
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES), metadata={"help": "batch,L,d_state shapes"})
+    nheads: int = 24
+    headdim: int = 64
+    chunk_size: int = 256
+    rep_ms: int = 100
+    check: bool = field(default=True, metadata={"help": "run the correctness sweep first"})
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def sweep_inputs(b, L, h, p, g, n, dtype, D_hdim, gated, seed, device):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+    t = dict(x=r(b, L, h, p).to(dtype), dt=(r(b, L, h) - 1).to(dtype), A=-torch.rand(h, generator=gen, device=device) - 0.5,
+             B=r(b, L, g, n).to(dtype), C=r(b, L, g, n).to(dtype), D=r(h, p) if D_hdim else r(h),
+             dt_bias=r(h) * 0.3, initial_states=r(b, h, p, n))
+    if gated:
+        t["z"] = r(b, L, h, p).to(dtype)
+    return {k: v.requires_grad_() for k, v in t.items()}
+
+
+# b, L, h, p, g, n, chunk, D per channel, z gating, dtypes. Few cases: each is a fresh Triton compile.
+CHECK_CASES = [(2, 777, 8, 64, 2, 128, 256, True, True, (torch.float32, torch.bfloat16)),
+               (1, 300, 4, 32, 4, 16, 64, False, False, (torch.float32,)),
+               (1, 400, 2, 64, 1, 256, 128, False, True, (torch.bfloat16,))]
+
+
+def correctness(anchor=None, device="cuda", cases=CHECK_CASES) -> list[dict]:
+    """Every output and gradient of the kernel (and of the anchor, if given) vs the fp32 reference."""
+    from kernels import ssd_chunk_scan
+    from ssm_core import ssd_chunk_scan_ref
+    rows = []
+    for i, (b, L, h, p, g, n, Q, Dh, gated, dtypes) in enumerate(cases):
+        for dtype in dtypes:
+            t = sweep_inputs(b, L, h, p, g, n, dtype, Dh, gated, seed=i, device=device)
+            ref_t = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+            y0, H0 = ssd_chunk_scan_ref(**ref_t, chunk_size=Q, dt_softplus=True, return_final_states=True)
+            gy, gH = torch.randn_like(y0), torch.randn_like(H0)
+            g0 = torch.autograd.grad((y0 * gy).sum() + (H0 * gH).sum(), list(ref_t.values()))
+            impls = {"project": ssd_chunk_scan}
+            if anchor is not None:
+                impls["anchor"] = anchor.mamba_chunk_scan_combined
+            for name, fn in impls.items():
+                y, H = fn(**t, chunk_size=Q, dt_softplus=True, return_final_states=True)
+                grads = torch.autograd.grad((y.float() * gy).sum() + (H.float() * gH).sum(), list(t.values()))
+                errs = {"y": rel(y, y0), "final_state": rel(H, H0)}
+                errs.update({f"d{k}": rel(a, b_) for k, a, b_ in zip(t, grads, g0)})
+                nan = any(not torch.isfinite(v).all() for v in (y, H, *grads))
+                rows.append(dict(impl=name, case=[b, L, h, p, g, n, Q, Dh, gated], dtype=str(dtype).split(".")[-1],
+                                 max_rel_err=max(errs.values()), errs=errs, nonfinite=nan))
+                print(f"[check] {name:8s} {rows[-1]['case']} {rows[-1]['dtype']}: max rel err "
+                      f"{rows[-1]['max_rel_err']:.2e} (worst {max(errs, key=errs.get)}){' NONFINITE' if nan else ''}",
+                      flush=True)
+    return rows
+
+
+def bench_inputs(b, L, h, p, n):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
+    bf = torch.bfloat16
+    t = dict(x=r(b, L, h, p).to(bf), dt=(r(b, L, h) - 1).to(bf), A=-torch.rand(h, generator=gen, device="cuda") - 0.5,
+             B=r(b, L, 1, n).to(bf), C=r(b, L, 1, n).to(bf), D=r(h), dt_bias=r(h) * 0.3)
+    return {k: v.requires_grad_() for k, v in t.items()}
+
+
+def time_impl(fn, t: dict, rep_ms: int) -> dict:
+    leaves = list(t.values())
+    dy = torch.randn_like(t["x"])
+
+    def fwd():
+        with torch.no_grad():
+            return fn(**t)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(**t), leaves, dy)
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return dict(fwd_ms=triton.testing.do_bench(fwd, rep=rep_ms, return_mode="median"),
+                fwd_bwd_ms=triton.testing.do_bench(fwd_bwd, rep=rep_ms, return_mode="median"))
+
+
+def main(cfg: SSDBenchConfig) -> dict:
+    from ssm_core.cli import UserError
+    from ssm_core.io import write_json_atomic, write_text_atomic
+    if not torch.cuda.is_available():
+        raise UserError("benchmarks.ssd needs a CUDA GPU")
+    from kernels import ssd_chunk_scan
+    anchor = load_anchor(cfg.anchor_dir)
+    dev = torch.cuda.get_device_name(0)
+    result = dict(device=dev, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), config=vars(cfg))
+    out = Path(cfg.out_dir)
+    if cfg.check:
+        result["correctness"] = correctness()
+        write_json_atomic(out / "ssd.json", result)
+    rows = []
+    for spec in cfg.shapes:
+        b, L, n = (int(v) for v in spec.split(","))
+        t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
+        kw = dict(chunk_size=cfg.chunk_size, dt_softplus=True)
+        ours = lambda **a: ssd_chunk_scan(**a, **kw)  # noqa: E731
+        row = dict(batch=b, L=L, d_state=n, project=time_impl(ours, t, cfg.rep_ms))
+        if anchor is not None:
+            anc = lambda **a: anchor.mamba_chunk_scan_combined(**a, **kw)  # noqa: E731
+            row["anchor"] = time_impl(anc, t, cfg.rep_ms)
+            with torch.no_grad():
+                row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))
+        rows.append(row)
+        print(f"[bench] {row}", flush=True)
+        result["rows"] = rows
+        write_json_atomic(out / "ssd.json", result)
+        del t
+        torch.cuda.empty_cache()
+    table = markdown(result)
+    write_text_atomic(out / "ssd.md", table)
+    print(table, flush=True)
+    return result
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [f"device: {result['device']}, {result['date']}; {c['nheads']} heads x headdim {c['headdim']}, one group, "
+             f"chunk {c['chunk_size']}, bf16, dt_softplus, D on; medians (ms); ratio = project / anchor", "",
+             "| batch | L | d_state | fwd project | fwd anchor | fwd ratio | fwd+bwd project | fwd+bwd anchor | "
+             "fwd+bwd ratio | rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.get("rows", []):
+        p, a = r["project"], r.get("anchor")
+        if a:
+            lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | {p['fwd_ms']:.3f} | {a['fwd_ms']:.3f} | "
+                         f"{p['fwd_ms'] / a['fwd_ms']:.2f} | {p['fwd_bwd_ms']:.3f} | {a['fwd_bwd_ms']:.3f} | "
+                         f"{p['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} | {r['rel_diff_vs_anchor']:.1e} |")
+        else:
+            lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | {p['fwd_ms']:.3f} | – | – | "
+                         f"{p['fwd_bwd_ms']:.3f} | – | – | – |")
+    if result.get("correctness"):
+        lines += ["", "Correctness vs the fp32 PyTorch reference (max relative error over y, final state, all grads):",
+                  "", "| impl | b, L, h, p, g, N, chunk, D per channel, z | dtype | max rel err |", "|---|---|---|---|"]
+        for r in result["correctness"]:
+            lines.append(f"| {r['impl']} | {', '.join(map(str, r['case']))} | {r['dtype']} | {r['max_rel_err']:.1e}"
+                         f"{' (non-finite!)' if r['nonfinite'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from ssm_core.cli import main_entry
+    main_entry(main, SSDBenchConfig, prog="python -m benchmarks.ssd")
