@@ -62,18 +62,20 @@ def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, t0, L,
     else:
         dt = dr
     dt = tl.where(m2, dt, 0.)
-    mbc = mask_t[:, None] & mask_n[None, :]
-    Bt = tl.load(B_ptr + t[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mbc, other=0.).to(tl.float32)
-    Ct = tl.load(C_ptr + t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mbc, other=0.).to(tl.float32)
-    a = tl.exp2(dt[:, :, None] * A2[:, None, :])
-    bu = (dt * u)[:, :, None] * Bt[None, :, :]
+    mbc = mask_n[:, None] & mask_t[None, :]
+    Bt = tl.load(B_ptr + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mbc, other=0.).to(tl.float32)
+    Ct = tl.load(C_ptr + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mbc, other=0.).to(tl.float32)
+    # Tiles are (BLOCK_D, BLOCK_N, BLOCK_T), time last: the axis the loads are contiguous along, so each
+    # thread owns a run of consecutive steps and the scan is mostly sequential within a thread.
+    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    bu = (dt * u)[:, None, :] * Bt[None, :, :]
     return t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu
 
 
 @triton.jit
 def _last_step(x, offs_t, BLOCK_T: tl.constexpr):
-    """x[:, BLOCK_T - 1, :] of a (BLOCK_D, BLOCK_T, BLOCK_N) tile."""
-    return tl.sum(tl.where((offs_t == BLOCK_T - 1)[None, :, None], x, 0.), axis=1)
+    """x[:, :, BLOCK_T - 1] of a (BLOCK_D, BLOCK_N, BLOCK_T) tile."""
+    return tl.sum(tl.where((offs_t == BLOCK_T - 1)[None, None, :], x, 0.), axis=2)
 
 
 @triton.jit
@@ -118,10 +120,10 @@ def _scan_fwd_kernel(
         t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
             u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n, mask_n,
             s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-        P, H = tl.associative_scan((a, bu), 1, _fwd_combine)
-        hs = H + P * h[:, None, :]
+        P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
+        hs = H + P * h[:, :, None]
         h = _last_step(hs, offs_t, BLOCK_T)
-        y = tl.sum(hs * Ct[None, :, :], axis=2)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
@@ -197,8 +199,8 @@ def _scan_bwd_kernel(
                 t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
                     u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
                     mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-                P, H = tl.associative_scan((a, bu), 1, _fwd_combine)
-                h = _last_step(H + P * h[:, None, :], offs_t, BLOCK_T)
+                P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
+                h = _last_step(H + P * h[:, :, None], offs_t, BLOCK_T)
         tl.store(scr_ptr + (CKPT_CHUNKS - 1) * BLOCK_D * BLOCK_N + sdn, h)
         tl.debug_barrier()
 
@@ -210,33 +212,33 @@ def _scan_bwd_kernel(
                 t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
                     u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
                     mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-                P, H = tl.associative_scan((a, bu), 1, _fwd_combine)
-                hs = H + P * h_start[:, None, :]                        # h_t
+                P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
+                hs = H + P * h_start[:, :, None]                        # h_t
                 dy = tl.load(dy_ptr + d64 * L + t[None, :], mask=m2, other=0.).to(tl.float32)
                 if HAS_Z:
                     zt = tl.load(z_ptr + pid_b * s_zb + d64 * s_zd + t[None, :] * s_zl,
                                  mask=m2, other=0.).to(tl.float32)
                     sig = tl.sigmoid(zt)
-                    y = tl.sum(hs * Ct[None, :, :], axis=2) + Dv[:, None] * u
+                    y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
                     dz = dy * y * sig * (1. + zt * (1. - sig))
                     tl.store(dz_ptr + d64 * L + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
                     dy = dy * zt * sig
                 dD_acc += tl.sum(dy * u, axis=1)
-                dyC = dy[:, :, None] * Ct[None, :, :]
-                _, Pr, Gr = tl.associative_scan((a, tl.full([BLOCK_D, BLOCK_T, BLOCK_N], 1., tl.float32), dyC), 1, _rev_combine,
-                                                reverse=True)
-                g = Gr + Pr * carry[:, None, :]                         # dLoss/dh_t
-                carry = tl.sum(tl.where((offs_t == 0)[None, :, None], a * g, 0.), axis=1)
-                tl.atomic_add(dC_ptr + offs_n[None, :] * L + t[:, None], tl.sum(dy[:, :, None] * hs, axis=0),
-                              mask=mask_t[:, None] & mask_n[None, :], sem="relaxed")
+                dyC = dy[:, None, :] * Ct[None, :, :]
+                ones = tl.full([BLOCK_D, BLOCK_N, BLOCK_T], 1., tl.float32)
+                _, Pr, Gr = tl.associative_scan((a, ones, dyC), 2, _rev_combine, reverse=True)
+                g = Gr + Pr * carry[:, :, None]                         # dLoss/dh_t
+                carry = tl.sum(tl.where((offs_t == 0)[None, None, :], a * g, 0.), axis=2)
+                mnt = mask_n[:, None] & mask_t[None, :]
+                tl.atomic_add(dC_ptr + offs_n[:, None] * L + t[None, :], tl.sum(dy[:, None, :] * hs, axis=0),
+                              mask=mnt, sem="relaxed")
                 gd = g * (hs - bu)                                      # g_t * a_t * h_{t-1}
-                dA_acc += tl.sum(gd * dt[:, :, None], axis=1)
-                gB = tl.sum(g * Bt[None, :, :], axis=2)
-                tl.atomic_add(dB_ptr + offs_n[None, :] * L + t[:, None],
-                              tl.sum(g * (dt * u)[:, :, None], axis=0),
-                              mask=mask_t[:, None] & mask_n[None, :], sem="relaxed")
+                dA_acc += tl.sum(gd * dt[:, None, :], axis=2)
+                gB = tl.sum(g * Bt[None, :, :], axis=1)
+                tl.atomic_add(dB_ptr + offs_n[:, None] * L + t[None, :], tl.sum(g * (dt * u)[:, None, :], axis=0),
+                              mask=mnt, sem="relaxed")
                 du = dy * Dv[:, None] + dt * gB
-                ddt = tl.sum(gd * A[:, None, :], axis=2) + u * gB
+                ddt = tl.sum(gd * A[:, :, None], axis=1) + u * gB
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dr)
                 ddt = tl.where(m2, ddt, 0.)

@@ -403,10 +403,13 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
     """Triton chunked SSD: `ssm_core.mamba2.ssd_chunk_scan_ref` semantics. chunk_size: a power of two >= 16."""
     from ssm_core.mamba2 import check_ssd_inputs
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    _blocks(1, 1, int(chunk_size))  # validates chunk_size
     cont = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     h0 = initial_states.float().contiguous() if initial_states is not None else None
+    # The result does not depend on the chunk size: short inputs (streaming chunks) get a smaller one.
+    Q = min(int(chunk_size), max(16, triton.next_power_of_2(x.shape[1])))
     y, final = _SSDFn.apply(cont(x), cont(dt), cont(A.float()), cont(B), cont(C),
                             cont(D.float()) if D is not None else None, cont(z),
-                            cont(dt_bias.float()) if dt_bias is not None else None, h0, int(chunk_size),
+                            cont(dt_bias.float()) if dt_bias is not None else None, h0, Q,
                             bool(dt_softplus))
     return (y, final) if return_final_states else y

@@ -64,6 +64,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if tuple(A.shape) != (dim, N) or B.shape != C.shape or B.shape[-1] != N or dim % G:
         raise ValueError(f"A/B/C: expected A {(dim, N)} and B, C (batch, N) or (batch, G, N) with G | {dim}")
     A = A.float().contiguous()
+    D, dt_bias = (v.contiguous() if v is not None else None for v in (D, dt_bias))  # read as flat (dim,)
     y = torch.empty(b, dim, device=x.device, dtype=x.dtype)
     zz = z if z is not None else x
     block_n = triton.next_power_of_2(N)
