@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mamba2 import check_mixer_input
 from .model import MambaConfig, register_mixer
 
 
@@ -68,13 +69,6 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * num_heads * head_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **fk)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected shape (batch, L, d_model={self.d_model}), got {got}")
-        if not x.is_floating_point() or x.shape[1] < 1:
-            raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
-
     def _qkv(self, x: torch.Tensor, start: int):
         b, T, _ = x.shape
         q, k, v = self.in_proj(x).view(b, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -93,7 +87,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         L = x.shape[1]
         q, k, v = self._qkv(x, 0)
         if self.window is None or self.window >= L:
@@ -113,7 +107,7 @@ class Attention(nn.Module):
     def stream(self, x: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """Consume a chunk x (batch, T, d_model): its queries attend to the cache plus the chunk (causally);
         the cache then keeps every token, or the last `window` ones. Returns (y, new cache)."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         if state.k.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.k.shape[0]}, got x with batch {x.shape[0]}")
         b, T, _ = x.shape
@@ -129,6 +123,14 @@ class Attention(nn.Module):
             k, v = k[:, :, S - self.window:], v[:, :, S - self.window:]
         y = self.out_proj(o.transpose(1, 2).reshape(b, T, -1))
         return y, KVCache(k=k, v=v, pos=state.pos + T)
+
+
+def hybrid_mixers(n_layer: int, every: int = 8, base: str = "mamba", other: str = "attention") -> list[str]:
+    """A per-layer mixer list for MambaConfig.mixer: `other` at every `every`-th layer (the last of each group
+    of `every`), `base` elsewhere. hybrid_mixers(8) == ["mamba"] * 7 + ["attention"] (Jamba's 1:7 ratio)."""
+    if n_layer < 1 or every < 1:
+        raise ValueError(f"hybrid_mixers: n_layer and every must be >= 1, got {n_layer}, {every}")
+    return [other if i % every == every - 1 else base for i in range(n_layer)]
 
 
 @register_mixer("attention")

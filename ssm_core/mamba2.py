@@ -130,6 +130,15 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
 
 
 # --- the block -----------------------------------------------------------------------------------------
+def check_mixer_input(x: torch.Tensor, d_model: int) -> None:
+    """The input check every mixer shares: x (batch, L >= 1, d_model), floating point."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected shape (batch, L, d_model={d_model}), got {got}")
+    if not x.is_floating_point() or x.shape[1] < 1:
+        raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
+
+
 class GatedRMSNorm(nn.Module):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: RMSNorm(x * silu(z)) per group of channels."""
 
@@ -196,13 +205,6 @@ class Mamba2(nn.Module):
             self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // ngroups, **fk)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected shape (batch, L, d_model={self.d_model}), got {got}")
-        if not x.is_floating_point() or x.shape[1] < 1:
-            raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
-
     def _D(self) -> torch.Tensor:
         return self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()
 
@@ -237,7 +239,7 @@ class Mamba2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         return self._mix(x, None)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Mamba2State:
@@ -252,7 +254,7 @@ class Mamba2(nn.Module):
     def stream(self, x: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
         """Consume a chunk x (batch, T, d_model), T >= 1, continuing from `state` (updated in place); the
         output equals the matching slice of `forward` over the whole stream."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         if state.ssm.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
         return self._mix(x, state), state

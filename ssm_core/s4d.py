@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mamba2 import check_mixer_input
 from .model import MambaConfig, register_mixer
 
 # Steps of the Vandermonde matrix exp(dt A l) materialised at once when building the kernel: bounds memory
@@ -87,13 +88,6 @@ class S4D(nn.Module):
         n = 2 * L
         return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)[..., :L]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected shape (batch, L, d_model={self.d_model}), got {got}")
-        if not x.is_floating_point() or x.shape[1] < 1:
-            raise ValueError(f"x: expected a floating-point tensor with L >= 1, got {x.dtype} {tuple(x.shape)}")
-
     def _output(self, y: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = y + u * self.D.to(u.dtype)[:, None]
         y = F.gelu(y).transpose(1, 2).to(x.dtype)
@@ -101,7 +95,7 @@ class S4D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         rd = torch.float64 if x.dtype == torch.float64 else torch.float32
         u = x.transpose(1, 2).to(rd)
         return self._output(self._fft_conv(u, self.kernel(u.shape[-1], rd)), u, x)
@@ -116,7 +110,7 @@ class S4D(nn.Module):
     def stream(self, x: torch.Tensor, state: S4DState) -> tuple[torch.Tensor, S4DState]:
         """Consume a chunk x (batch, T, d_model) from `state` (updated in place); equal to `forward` over
         the whole stream. Within the chunk: the convolution; across chunks: the state s (O(N) per channel)."""
-        self._check_input(x)
+        check_mixer_input(x, self.d_model)
         if state.ssm.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
         rd = torch.float64 if state.ssm.dtype == torch.complex128 else torch.float32

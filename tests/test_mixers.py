@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssm_core import (Attention, Mamba2, MambaConfig, MambaLM, MambaModel, S4D, ssd_chunk_scan_ref)
+from ssm_core import (Attention, Mamba2, MambaConfig, MambaLM, MambaModel, S4D, hybrid_mixers, ssd_chunk_scan_ref)
 from ssm_core.attention import KVCache
 
 
@@ -284,7 +284,9 @@ def test_hybrid_lm_streams_and_trains(tmp_path):
 
 
 def test_every_8th_layer_attention_with_continuous_input():
-    cfg = MambaConfig(d_model=16, n_layer=8, d_input=3, d_state=4, mixer=["mamba2"] * 7 + ["attention"],
+    assert hybrid_mixers(8, base="mamba2") == ["mamba2"] * 7 + ["attention"]
+    assert hybrid_mixers(6, every=3) == ["mamba", "mamba", "attention"] * 2
+    cfg = MambaConfig(d_model=16, n_layer=8, d_input=3, d_state=4, mixer=hybrid_mixers(8, base="mamba2"),
                       mixer_options={"mamba2": {"headdim": 8}})
     model = MambaModel(cfg)
     assert [type(layer.mixer).__name__ for layer in model.layers].count("Attention") == 1
