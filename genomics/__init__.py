@@ -1,1 +1,13 @@
-"""placeholder"""
+"""genomics: DNA language models on ssm_core (Mamba), from FASTA to embeddings and probes.
+
+    python -m genomics.pretrain     pretrain (embedded demo genome by default, or --fasta hg38.fa)
+    python -m genomics.embed        embeddings of FASTA records or BED regions (.npy / parquet)
+    python -m genomics.evaluate     held-out bits per base at several context lengths
+    python -m genomics.probe        logistic-regression probes (FASTA-per-class, CSV, species, planted motif)
+"""
+from . import tokenizer
+from .data import Genome, WindowBatches, WindowSampler, causal_batch, make_splits, mlm_batch
+from .demo import demo_genome, known_entropy
+
+__all__ = ["tokenizer", "Genome", "WindowSampler", "WindowBatches", "causal_batch", "mlm_batch", "make_splits",
+           "demo_genome", "known_entropy"]

@@ -1,0 +1,248 @@
+"""The embedded demo genome: a deterministic, hg38-shaped FASTA generated on first use, whose per-base
+entropy is known, so a pretraining run can be judged against the best achievable bits per base.
+
+What it holds (all from one seed, numpy only, about a second to generate):
+  * background: an order-3 Markov chain (transition rows ~ Dirichlet(3), about 1.8 bits/base) whose
+    G+C weight drifts slowly along each contig (isochore-like GC-content drift);
+  * dispersed repeats: copies of three Alu-like family consensus sequences (some reverse-complemented),
+    6% substitutions, soft-masked (lower case) as RepeatMasker would;
+  * tandem repeats: a 2-8 base unit repeated, 3% substitutions, soft-masked;
+  * motifs: four position weight matrices (0.9 on the consensus base) planted at random;
+  * runs of N (assembly gaps), at contig ends and inside.
+Contigs are chr1, chr2, chr3 (training), chr20 (validation) and chr21 (test), as hg38's hold-out defaults.
+
+The "known entropy" is that of the distribution each base was drawn from, given the generator's hidden
+state (which family, which offset, the local GC weight), averaged over the non-N bases of a contig. No model
+can beat it on average; a model that learns the chain, the motifs and the repeats gets close to it. It is
+written next to the FASTA as `demo.entropy.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ssm_core.io import atomic_path, write_json_atomic
+
+VERSION = 1
+SEED = 20261123
+CONTIGS = {"chr1": 1_200_000, "chr2": 900_000, "chr3": 600_000, "chr20": 250_000, "chr21": 250_000}
+MOTIF_PWM_TOP = 0.9
+LINE_WIDTH = 60
+_COMP = bytes.maketrans(b"ACGTacgtN", b"TGCAtgcaN")
+
+
+def cache_root() -> Path:
+    """Where generated data lives: $GENOMICS_CACHE, else $XDG_CACHE_HOME/long-ssm/genomics."""
+    if os.environ.get("GENOMICS_CACHE"):
+        return Path(os.environ["GENOMICS_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "long-ssm" / "genomics"
+
+
+def _h(p: np.ndarray) -> np.ndarray:
+    """Entropy in bits along the last axis."""
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log2(p)).sum(-1)
+
+
+def _mutation_entropy(rate: float) -> float:
+    return float(_h(np.array([1 - rate] + [rate / 3] * 3)))
+
+
+def markov_table(rng: np.random.Generator, alpha: float = 3.0) -> np.ndarray:
+    """Order-3 transition table (64 contexts x 4 bases)."""
+    return rng.dirichlet([alpha] * 4, size=64)
+
+
+def sample_background(rng: np.random.Generator, table: np.ndarray, gc: np.ndarray, lane: int = 4096):
+    """Sample bases 0..3 (ACGT) from the GC-weighted order-3 chain, and each base's entropy in bits.
+
+    Vectorised over independent lanes of `lane` bases (each lane restarts the chain), so a megabase takes
+    a few thousand numpy steps instead of a million Python ones."""
+    n = gc.shape[0]
+    n_lanes = -(-n // lane)
+    gc_l = np.resize(gc, n_lanes * lane).reshape(n_lanes, lane)
+    u = rng.random((n_lanes, lane))
+    out = np.zeros((n_lanes, lane), dtype=np.uint8)
+    ent = np.zeros((n_lanes, lane), dtype=np.float32)
+    ctx = rng.integers(0, 64, n_lanes)
+    for t in range(lane):
+        g = gc_l[:, t:t + 1]
+        p = table[ctx] * np.concatenate([1 - g, g, g, 1 - g], axis=1)
+        p /= p.sum(1, keepdims=True)
+        b = (u[:, t:t + 1] > np.cumsum(p, 1)).sum(1).clip(0, 3)
+        out[:, t] = b
+        ent[:, t] = _h(p)
+        ctx = (ctx * 4 + b) % 64
+    return out.reshape(-1)[:n], ent.reshape(-1)[:n]
+
+
+def _mutate(rng, seq: np.ndarray, rate: float) -> np.ndarray:
+    hit = rng.random(seq.shape[0]) < rate
+    shift = rng.integers(1, 4, seq.shape[0])
+    return np.where(hit, (seq + shift) % 4, seq).astype(np.uint8)
+
+
+def make_motifs(rng: np.random.Generator, n: int = 4) -> list[np.ndarray]:
+    """PWMs (length x 4) with MOTIF_PWM_TOP on a random consensus base per column."""
+    motifs = []
+    for _ in range(n):
+        length = int(rng.integers(8, 13))
+        cons = rng.integers(0, 4, length)
+        pwm = np.full((length, 4), (1 - MOTIF_PWM_TOP) / 3)
+        pwm[np.arange(length), cons] = MOTIF_PWM_TOP
+        motifs.append(pwm)
+    return motifs
+
+
+def sample_pwm(rng: np.random.Generator, pwm: np.ndarray) -> np.ndarray:
+    u = rng.random((pwm.shape[0], 1))
+    return (u > np.cumsum(pwm, 1)).sum(1).clip(0, 3).astype(np.uint8)
+
+
+def generate_contig(rng, length: int, table, families, motifs, repeat_frac=0.01, tandem_frac=0.008,
+                    motif_frac=0.006, n_runs: int = 3):
+    """One contig: (ASCII bytes with soft-masking, per-base entropy in bits, motif placements)."""
+    x = np.arange(length)
+    period, phase = rng.uniform(20_000, 60_000), rng.uniform(0, 2 * np.pi)
+    gc = 0.45 + 0.1 * np.sin(2 * np.pi * x / period + phase)
+    seq, ent = sample_background(rng, table, gc)
+    soft = np.zeros(length, dtype=bool)
+    placed = []
+
+    def spans(frac, mean_len):
+        count = max(1, int(frac * length / mean_len))
+        return rng.integers(0, length - 400, count)
+
+    h_rep, h_tan = _mutation_entropy(0.06), _mutation_entropy(0.03)
+    for start in spans(repeat_frac, 220):
+        fam = families[int(rng.integers(len(families)))]
+        copy = _mutate(rng, fam, 0.06)
+        if rng.random() < 0.5:
+            copy = (3 - copy)[::-1]          # reverse complement in 0..3 coding (A<->T, C<->G)
+        end = min(length, start + copy.shape[0])
+        seq[start:end], ent[start:end], soft[start:end] = copy[:end - start], h_rep, True
+    for start in spans(tandem_frac, 60):
+        unit = rng.integers(0, 4, int(rng.integers(2, 9))).astype(np.uint8)
+        total = int(rng.integers(20, 100))
+        rep = _mutate(rng, np.resize(unit, total), 0.03)
+        seq[start:start + total], soft[start:start + total] = rep, True
+        ent[start:start + total] = h_tan
+        ent[start:start + unit.shape[0]] = 2.0                     # the first unit is a uniform draw
+    for start in spans(motif_frac, 10):
+        m = int(rng.integers(len(motifs)))
+        pwm = motifs[m]
+        seq[start:start + pwm.shape[0]] = sample_pwm(rng, pwm)
+        ent[start:start + pwm.shape[0]] = _h(pwm)
+        placed.append((int(start), m))
+
+    chars = np.frombuffer(b"ACGT", dtype=np.uint8)[seq]
+    chars = np.where(soft, chars + 32, chars).astype(np.uint8)     # lower case = soft-masked
+    n_mask = np.zeros(length, dtype=bool)
+    n_mask[:int(rng.integers(500, 3000))] = True                  # telomere-like gaps at both ends
+    n_mask[length - int(rng.integers(500, 3000)):] = True
+    for _ in range(n_runs):
+        s = int(rng.integers(0, length - 5000))
+        n_mask[s:s + int(rng.integers(100, 5000))] = True
+    chars[n_mask] = ord("N")
+    ent[n_mask] = np.nan
+    return chars.tobytes(), ent, placed
+
+
+def write_fasta(path: str | os.PathLike, records: list[tuple[str, bytes]], line_width: int = LINE_WIDTH) -> Path:
+    """Write FASTA and its samtools-style .fai index atomically (so no indexer is needed to read it)."""
+    path = Path(path)
+    fai_lines, offset, chunks = [], 0, []
+    for name, seq in records:
+        header = f">{name}\n".encode()
+        offset += len(header)
+        body = b"".join(seq[i:i + line_width] + b"\n" for i in range(0, len(seq), line_width))
+        fai_lines.append(f"{name}\t{len(seq)}\t{offset}\t{line_width}\t{line_width + 1}\n")
+        chunks += [header, body]
+        offset += len(body)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+    with atomic_path(str(path) + ".fai") as tmp:
+        tmp.write_text("".join(fai_lines))
+    return path
+
+
+def demo_genome(root: str | os.PathLike | None = None, contigs: dict[str, int] | None = None) -> Path:
+    """Path of the demo genome FASTA, generating it (and demo.entropy.json) on first use."""
+    contigs = contigs or CONTIGS
+    tag = "" if contigs == CONTIGS else "-" + hashlib.sha1(json.dumps(contigs).encode()).hexdigest()[:8]
+    folder = Path(root) if root else cache_root() / f"demo-v{VERSION}{tag}"
+    fasta = folder / "demo.fa"
+    if fasta.is_file() and (folder / "demo.entropy.json").is_file() and Path(str(fasta) + ".fai").is_file():
+        return fasta
+    rng = np.random.default_rng(SEED)
+    table = markov_table(rng)
+    families = [sample_background(rng, table, np.full(int(n), 0.45))[0] for n in rng.integers(150, 300, 3)]
+    motifs = make_motifs(rng)
+    records, entropy, counted = [], {}, {}
+    for name, length in contigs.items():
+        seq, ent, _ = generate_contig(rng, length, table, families, motifs)
+        records.append((name, seq))
+        entropy[name] = float(np.nanmean(ent))
+        counted[name] = int(np.isfinite(ent).sum())
+    write_fasta(fasta, records)
+    write_json_atomic(folder / "demo.entropy.json", {
+        "bits_per_base": entropy, "non_n_bases": counted, "seed": SEED, "version": VERSION,
+        "definition": "mean over non-N bases of the entropy of the distribution each base was drawn from, "
+                      "given the generator's hidden state"})
+    return fasta
+
+
+def known_entropy(fasta: str | os.PathLike, contigs: list[str]) -> float | None:
+    """The generator's bits per base over `contigs` (length-weighted), if `fasta` is a demo genome."""
+    p = Path(fasta).with_name("demo.entropy.json")
+    if not p.is_file():
+        return None
+    meta = json.loads(p.read_text())
+    bits = meta["bits_per_base"]
+    if not contigs or any(c not in bits for c in contigs):
+        return None
+    w = np.array([meta["non_n_bases"][c] for c in contigs], dtype=float)
+    return float(np.dot([bits[c] for c in contigs], w) / w.sum())
+
+
+# --- downstream tasks built from the same generator ----------------------------------------------------
+def motif_task(n: int = 400, length: int = 200, seed: int = 1) -> tuple[list[str], np.ndarray]:
+    """Planted-motif classification: background windows of the demo chain; label 1 = motif 0 planted."""
+    rng = np.random.default_rng(SEED)
+    table = markov_table(rng)
+    [sample_background(rng, table, np.full(int(k), 0.45)) for k in rng.integers(150, 300, 3)]
+    motif = make_motifs(rng)[0]
+    rng = np.random.default_rng(seed)
+    seqs, labels = [], np.arange(n) % 2
+    bg, _ = sample_background(rng, table, np.full(n * length, 0.45), lane=length)
+    for i in range(n):
+        s = bg[i * length:(i + 1) * length].copy()
+        if labels[i]:
+            at = int(rng.integers(0, length - motif.shape[0]))
+            s[at:at + motif.shape[0]] = sample_pwm(rng, motif)
+        seqs.append(bytes(np.frombuffer(b"ACGT", dtype=np.uint8)[s]).decode())
+    return seqs, labels
+
+
+def species_fastas(folder: str | os.PathLike, n_species: int = 3, contig_len: int = 60_000) -> list[Path]:
+    """Several 'species' FASTAs (the Great Apes setting in miniature): each has its own perturbation of the
+    demo chain's transition table, so windows can be told apart by composition and context."""
+    folder = Path(folder)
+    rng = np.random.default_rng(SEED + 1)
+    base = markov_table(rng)
+    out = []
+    for k in range(n_species):
+        table = 0.7 * base + 0.3 * markov_table(rng)
+        recs = []
+        for c in range(2):
+            seq, _ = sample_background(rng, table, np.full(contig_len, 0.45))
+            recs.append((f"sp{k}_chr{c + 1}", bytes(np.frombuffer(b"ACGT", dtype=np.uint8)[seq])))
+        out.append(write_fasta(folder / f"species{k}.fa", recs))
+    return out

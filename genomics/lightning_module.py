@@ -1,0 +1,194 @@
+"""Lightning pieces of DNA pretraining: the LightningModule (MambaLM + objective + AdamW/warmup-cosine +
+torchmetrics) and the DataModule (WindowBatches behind DataLoaders whose position is the global step)."""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from ssm_core import MambaConfig, MambaLM
+
+from . import tokenizer as tok
+from .data import Genome, Interval, StepRange, WindowBatches, WindowSampler
+
+LN2 = math.log(2.0)
+
+
+def build_model_config(d_model: int, n_layer: int, d_state: int, expand: int, keep_softmask: bool,
+                       rc_equivariant: bool, bidirectional: bool, gradient_checkpointing: bool) -> MambaConfig:
+    vocab = tok.SOFTMASK_VOCAB_SIZE if keep_softmask else tok.VOCAB_SIZE
+    return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, expand=expand,
+                       rc_equivariant=rc_equivariant, bidirectional=bidirectional,
+                       complement_map=tok.complement_map(vocab) if rc_equivariant else None,
+                       gradient_checkpointing=gradient_checkpointing)
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy in nats, number of scored targets, number predicted right); N/pad ignored."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1).long()
+    nll = F.cross_entropy(logits, targets, ignore_index=tok.IGNORE_INDEX, reduction="sum")
+    scored = targets != tok.IGNORE_INDEX
+    correct = ((logits.argmax(-1) == targets) & scored).sum()
+    return nll, scored.sum(), correct
+
+
+class DNALightningModule(L.LightningModule):
+    def __init__(self, model_config: dict, lr: float = 3e-3, weight_decay: float = 0.1, warmup_steps: int = 50,
+                 total_steps: int = 1000, min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MambaLM(MambaConfig.from_dict(model_config))
+        self.val_nll, self.val_count, self.val_correct = (torchmetrics.SumMetric() for _ in range(3))
+        self.train_tokens = torchmetrics.SumMetric()
+        self.history: dict[str, list] = {"train": [], "valid": []}   # (step, bits/base) for the loss curve
+        self.last_val: dict[str, float] = {}
+        self._timed_tokens, self._timed_seconds, self._t0 = 0, 0.0, None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids.long())
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        nll, count, correct = token_stats(logits, batch["targets"])
+        loss = nll / count.clamp(min=1)
+        n_tokens = batch["input_ids"].numel()
+        self.train_tokens.update(torch.tensor(float(n_tokens), device=self.device))
+        self._timed_tokens += n_tokens
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_bits_per_base", loss / LN2)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        if self.global_step % 10 == 0:
+            self.history["train"].append((int(self.global_step), float(loss.detach()) / LN2))
+        return loss
+
+    # Throughput: wall-clock of training only (data loading included, validation excluded), from the third
+    # batch on so one-off start-up (worker spawn, kernel compilation) stays out of tokens_per_second.
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._t0 is None and batch_idx >= 2:
+            self._t0, self._timed_tokens = time.perf_counter(), 0
+
+    def on_validation_start(self):
+        if self._t0 is not None:
+            self._timed_seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_validation_end(self):
+        if self.trainer.training:
+            self._t0 = time.perf_counter()
+
+    def on_train_end(self):
+        if self._t0 is not None:
+            self._timed_seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def tokens_per_second(self) -> float:
+        return self._timed_tokens / self._timed_seconds if self._timed_seconds > 0 else float("nan")
+
+    def validation_step(self, batch, batch_idx):
+        nll, count, correct = token_stats(self(batch["input_ids"]), batch["targets"])
+        self.val_nll.update(nll)
+        self.val_count.update(count.float())
+        self.val_correct.update(correct.float())
+
+    def on_validation_epoch_end(self):
+        nll, count, correct = self.val_nll.compute(), self.val_count.compute(), self.val_correct.compute()
+        for m in (self.val_nll, self.val_count, self.val_correct):
+            m.reset()
+        loss = nll / count.clamp(min=1)
+        self.log_dict({"val_loss": loss, "val_bits_per_base": loss / LN2, "val_accuracy": correct / count.clamp(min=1)},
+                      prog_bar=True, sync_dist=False)   # SumMetric already reduced across ranks
+        self.last_val = {"val_loss": float(loss), "val_bits_per_base": float(loss) / LN2,
+                         "val_accuracy": float(correct / count.clamp(min=1)), "val_tokens": int(count)}
+        if not self.trainer.sanity_checking:
+            self.history["valid"].append((int(self.global_step), float(loss) / LN2))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # No weight decay on norms, biases, A_log and D (mamba_ssm marks the latter _no_weight_decay).
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
+
+        def schedule(step: int) -> float:   # linear warmup, then cosine down to min_lr_ratio
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            frac = min(1.0, (step - hp.warmup_steps) / max(1, hp.total_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["genomics_history"] = self.history
+        checkpoint["genomics_throughput"] = (self._timed_tokens, self._timed_seconds)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.history = checkpoint.get("genomics_history", self.history)
+
+
+class SyntheticBatches(torch.utils.data.Dataset):
+    """Random-token batches with the shape of the real ones: the 'data costs nothing' baseline."""
+
+    def __init__(self, batch_size: int, seq_len: int, seed: int, rank: int):
+        self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(hash((self.seed, index, self.rank)) % 2**63)
+        ids = torch.randint(tok.A, tok.N, (self.batch_size, self.seq_len + 1), generator=g, dtype=torch.uint8)
+        return {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].long()}
+
+
+class DNADataModule(L.LightningDataModule):
+    def __init__(self, genome: Genome, splits: dict[str, list[Interval]], batch_size: int, seq_len: int,
+                 objective: str, seed: int, max_n_frac: float, keep_softmask: bool, rc_augment: bool,
+                 num_workers: int, max_steps: int, val_batches: int, seq_len_warmup_steps: int = 0,
+                 seq_len_warmup_start: int = 1024, synthetic: bool = False):
+        super().__init__()
+        self.genome, self.splits = genome, splits
+        self.batch_size, self.seq_len, self.objective, self.seed = batch_size, seq_len, objective, seed
+        self.max_n_frac, self.keep_softmask, self.rc_augment = max_n_frac, keep_softmask, rc_augment
+        self.num_workers, self.max_steps, self.val_batches = num_workers, max_steps, val_batches
+        self.warmup_steps, self.warmup_start, self.synthetic = seq_len_warmup_steps, seq_len_warmup_start, synthetic
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _loader(self, dataset, start: int, stop: int):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=StepRange(start, stop), num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None)
+
+    def train_dataloader(self):
+        # The loader starts at the restored global step: a resumed run sees the batches an uninterrupted
+        # run would have seen (Lightning restores global_step before asking for the loader).
+        start = self.trainer.global_step if self.trainer is not None else 0
+        stop = self.max_steps if self.max_steps > 0 else 2**62
+        if self.synthetic:
+            ds = SyntheticBatches(self.batch_size, self.seq_len, self.seed, self._rank())
+        else:
+            sampler = WindowSampler(self.genome, self.splits["train"], "train", self.seed, self.max_n_frac,
+                                    self.keep_softmask)
+            ds = WindowBatches(sampler, self.batch_size, self.seq_len, self.objective, rank=self._rank(),
+                               rc_augment=self.rc_augment, seq_len_warmup_steps=self.warmup_steps,
+                               seq_len_warmup_start=self.warmup_start)
+        return self._loader(ds, start, stop)
+
+    def eval_dataset(self, split: str, rank: int | None = None) -> WindowBatches:
+        sampler = WindowSampler(self.genome, self.splits[split], split, self.seed, self.max_n_frac, self.keep_softmask)
+        return WindowBatches(sampler, self.batch_size, self.seq_len, self.objective,
+                             rank=self._rank() if rank is None else rank)
+
+    def val_dataloader(self):
+        # The same fixed validation windows every time (seeded by batch index), split across ranks.
+        return self._loader(self.eval_dataset("valid"), 0, self.val_batches)
