@@ -13,7 +13,7 @@ Forward, four launches (Q = chunk_size):
 Backward, four launches, the same structure transposed:
   _chunk_outer    (mode 1) each chunk's local state gradient  sum_i exp(cs_i) dy_i^T C_i
   _dstate_pass    reverse pass: the gradient at each chunk's end, d(initial_states), d(chunk decay)
-  _bwd_keys       per key tile j (looping over the heads of a group, so dB sums in registers): dx, dB, ddt
+  _bwd_keys       per key tile j (looping over a few heads of a group, summing dB in registers): dx, dB, ddt
   _bwd_queries    per query tile i: dC and the query part of d(cs)
 and a few (b, h, L)-sized PyTorch ops to turn d(cs) into d(dt), d(A), d(dt_bias).
 Matmul operands are cast to the input dtype (bf16 inputs -> bf16 tensor-core matmuls, fp32 accumulate).
@@ -171,14 +171,16 @@ def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp
 def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr,
               L, H, G, Lp, nc, P, N,
               HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
-              Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    """Key tile j of a chunk, for every head of group g: dx_j, ddt_j (direct part), d(cs_j) (key part) per head,
-    and dB_j summed over the group's heads in registers."""
-    jblk, bg = tl.program_id(0), tl.program_id(1)
+              Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
+    """Key tile j of a chunk, for HPP heads of group g: dx_j, ddt_j (direct part), d(cs_j) (key part) per head,
+    and dB_j summed over those heads in registers, then added to DB."""
+    jblk, pid = tl.program_id(0), tl.program_id(1)
     mpc = Q // BM
     c, j0 = jblk // mpc, (jblk % mpc) * BM
-    b, g = bg // G, bg % G
     hpg = H // G
+    nsplit = tl.cdiv(hpg, HPP)
+    bg, split = pid // nsplit, pid % nsplit
+    b, g = bg // G, bg % G
     offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
     mp, mn = offs_p < P, offs_n < N
     tj = c * Q + j0 + tl.arange(0, BM)
@@ -186,7 +188,7 @@ def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr
     rowj = (b * L + tj).to(tl.int64)
     Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
     dB = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(hpg):
+    for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
         h = g * hpg + hh
         bh = b * H + h
         cbase = bh.to(tl.int64) * Lp
@@ -232,20 +234,22 @@ def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr
         ddt = colsum + e * tl.sum(xdS * Bj.to(tl.float32), axis=1)
         tl.store(DDT_ptr + cbase + tj, ddt)
         tl.store(DCS_ptr + cbase + tj, -dt_j * ddt)
-    tl.store(DB_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], dB, mask=mj[:, None] & mn[None, :])
+    tl.atomic_add(DB_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], dB, mask=mj[:, None] & mn[None, :])
 
 
 @triton.jit
 def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
                  L, H, G, Lp, nc, P, N,
-                 Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    """Query tile i of a chunk, for every head of group g: dC_i summed over the heads, and the query part of
-    d(cs_i) added to DCS (which _bwd_keys wrote first)."""
-    iblk, bg = tl.program_id(0), tl.program_id(1)
+                 Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
+    """Query tile i of a chunk, for HPP heads of group g: dC_i summed over those heads (added to DC), and the
+    query part of d(cs_i) added to DCS (which _bwd_keys wrote first)."""
+    iblk, pid = tl.program_id(0), tl.program_id(1)
     mpc = Q // BM
     c, i0 = iblk // mpc, (iblk % mpc) * BM
-    b, g = bg // G, bg % G
     hpg = H // G
+    nsplit = tl.cdiv(hpg, HPP)
+    bg, split = pid // nsplit, pid % nsplit
+    b, g = bg // G, bg % G
     offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
     mp, mn = offs_p < P, offs_n < N
     ti = c * Q + i0 + tl.arange(0, BM)
@@ -253,7 +257,7 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
     rowi = (b * L + ti).to(tl.int64)
     Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(hpg):
+    for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
         h = g * hpg + hh
         bh = b * H + h
         cbase = bh.to(tl.int64) * Lp
@@ -283,7 +287,7 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
         dC += acc + dyS
         dcs = tl.load(DCS_ptr + cbase + ti)
         tl.store(DCS_ptr + cbase + ti, dcs + rowsum + tl.sum(dyS * Ci.to(tl.float32), axis=1))
-    tl.store(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
+    tl.atomic_add(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
 
 
 # Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles), and
@@ -292,6 +296,9 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
 BLOCK_M = 64
 WARPS_FWD = 4
 WARPS_BWD = 8
+# Heads of a group one backward program walks (summing their dB / dC in registers); the splits of a group
+# add their partial sums with fp32 atomics. Fewer heads per program: more programs in flight.
+HEADS_PER_PROGRAM = 4
 
 
 def _blocks(P: int, N: int, Q: int):
@@ -353,15 +360,16 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     _dstate_pass[(b * H, triton.cdiv(PN, SB))](DS, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q,
                                                HAS_DFIN=dfinal is not None, BLOCK=SB)
     dx = torch.empty_like(x)
-    dB = torch.empty(B.shape, device=x.device, dtype=torch.float32)
-    dC = torch.empty(C.shape, device=x.device, dtype=torch.float32)
+    dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)  # accumulated by atomics over head splits
+    dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
     DDT = torch.empty_like(DT)
     DCS = torch.empty_like(DT)
-    grid = (nc * (Q // BM), b * G)
+    hpp = min(HEADS_PER_PROGRAM, H // G)
+    grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
     _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, L, H, G, Lp, nc, P, N,
-                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN,
+                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
                     num_warps=WARPS_BWD)
-    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN,
+    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
                        num_warps=WARPS_BWD)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
