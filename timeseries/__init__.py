@@ -1,1 +1,16 @@
-"""placeholder"""
+"""timeseries: long-horizon forecasting on CSV files with Mamba forecasters (ssm_core).
+
+    python -m timeseries.fit --csv data.csv --horizon 96 --lookback 96 --output-dir runs/mine
+    python -m timeseries.predict --model runs/mine --csv new.csv
+    python -m timeseries.backtest --model runs/mine --csv data.csv --folds 8
+
+Library use: `read_table` / `prepare` (data.py), `MambaForecaster`, `DLinear` (models.py), `FitConfig`,
+`train_model`, `load_forecaster` (train.py).
+"""
+from .data import Prepared, Table, prepare, read_table, split_borders, synthetic_frame, table_from_frame
+from .models import DLinear, ForecasterConfig, MambaForecaster, RevIN, build_model, pinball_loss
+from .train import FitConfig, load_forecaster, save_forecaster, train_model
+
+__all__ = ["Prepared", "Table", "prepare", "read_table", "split_borders", "synthetic_frame", "table_from_frame",
+           "DLinear", "ForecasterConfig", "MambaForecaster", "RevIN", "build_model", "pinball_loss", "FitConfig",
+           "load_forecaster", "save_forecaster", "train_model"]

@@ -1,0 +1,203 @@
+"""Forecasters: (batch, lookback, n_inputs) scaled history -> (batch, horizon, n_inputs[, n_quantiles]).
+
+* `MambaForecaster`: RevIN (per-window normalisation) around a Mamba backbone from `ssm_core`, with one of
+  two token schemes, and a direct multi-horizon head (all H steps at once, no autoregression):
+    - `variate` (S-Mamba / iTransformer): each series' whole lookback is one token; a bidirectional Mamba
+      mixes the series (the order of series is arbitrary, so the scan runs both ways).
+    - `patch` (PatchTST-style, channel-independent): each series is cut into overlapping patches over time,
+      every series goes through the same causal Mamba on its own.
+  A linear map lookback -> horizon on the normalised history (RLinear) is added to the Mamba head: the
+  backbone only has to learn what a linear forecaster misses, which keeps small data sets such as ETT from
+  overfitting while the Mamba path captures the cross-series / nonlinear structure.
+* `DLinear` (Zeng et al. 2023): moving-average trend + remainder, one linear map each. A trained baseline.
+* `repeat_last`, `seasonal_naive`: the untrained baselines.
+
+Every model predicts all its input series; the caller picks the output columns (M/S/MS modes).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssm_core import MambaConfig, MambaModel
+
+
+@dataclass
+class ForecasterConfig:
+    n_series: int
+    lookback: int
+    horizon: int
+    kind: Literal["mamba", "dlinear"] = "mamba"
+    token: Literal["variate", "patch"] = "variate"
+    d_model: int = 128
+    n_layer: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    patch_len: int = 16
+    patch_stride: int = 8
+    bidirectional: bool | None = None   # None: True for variate tokens, False for patches
+    dropout: float = 0.1
+    revin: bool = True
+    linear_skip: bool = True
+    moving_avg: int = 25                # DLinear's trend window
+    quantiles: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("n_series", "lookback", "horizon", "d_model", "n_layer", "d_state", "patch_len",
+                     "patch_stride", "moving_avg"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.bidirectional is None:
+            self.bidirectional = self.token == "variate"
+        if self.token == "patch" and self.patch_len > self.lookback:
+            raise ValueError(f"--patch-len {self.patch_len}: longer than --lookback {self.lookback}")
+        if any(not 0 < q < 1 for q in self.quantiles):
+            raise ValueError(f"--quantiles: each must be in (0, 1), got {self.quantiles}")
+        if self.quantiles and 0.5 not in self.quantiles:
+            raise ValueError("--quantiles: include 0.5 (the median is the point forecast)")
+        self.quantiles = sorted(self.quantiles)
+
+    @property
+    def n_outputs(self) -> int:
+        return max(1, len(self.quantiles))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation (Kim et al. 2022): each window is standardised by its own
+    per-series mean/std, and forecasts are mapped back, so level shifts between train and test (regime
+    changes, ETT's drift) do not have to be learned."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        mean = x.mean(1, keepdim=True).detach()
+        std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + self.eps).detach()
+        return (x - mean) / std, (mean, std)
+
+    @staticmethod
+    def denormalise(y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mean, std = stats                                   # (b, 1, C)
+        if y.dim() == 4:                                    # (b, H, C, Q)
+            mean, std = mean.unsqueeze(-1), std.unsqueeze(-1)
+        return y * std + mean
+
+
+class MambaForecaster(nn.Module):
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, Q = cfg.horizon, cfg.n_outputs
+        if cfg.token == "variate":
+            d_input, n_tokens = cfg.lookback, cfg.n_series
+        else:
+            d_input, n_tokens = cfg.patch_len, self.n_patches
+        self.backbone = MambaModel(MambaConfig(
+            d_model=cfg.d_model, n_layer=cfg.n_layer, d_input=d_input, d_state=cfg.d_state, d_conv=cfg.d_conv,
+            expand=cfg.expand, bidirectional=bool(cfg.bidirectional)))
+        self.dropout = nn.Dropout(cfg.dropout)
+        head_in = cfg.d_model if cfg.token == "variate" else cfg.d_model * n_tokens
+        self.head = nn.Linear(head_in, H * Q)
+        self.skip = nn.Linear(cfg.lookback, H * Q) if cfg.linear_skip else None
+        self.revin = RevIN() if cfg.revin else None
+
+    @property
+    def n_patches(self) -> int:
+        c = self.cfg
+        # PatchTST pads the end with `stride` copies of the last value so the newest step starts a patch.
+        return (c.lookback + c.patch_stride - c.patch_len) // c.patch_stride + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, L, C) -> (b, H, C) point forecasts, or (b, H, C, Q) quantiles."""
+        cfg = self.cfg
+        b, L, C = x.shape
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalise(x)
+        series = x.transpose(1, 2)                                         # (b, C, L)
+        if cfg.token == "variate":
+            h = self.backbone(series)                                      # (b, C, d): tokens are series
+            y = self.head(self.dropout(h))                                 # (b, C, H*Q)
+        else:
+            flat = series.reshape(b * C, L)
+            flat = torch.cat([flat, flat[:, -1:].expand(-1, cfg.patch_stride)], dim=1)
+            patches = flat.unfold(1, cfg.patch_len, cfg.patch_stride)    # (b*C, P, patch_len)
+            h = self.backbone(patches)                                     # (b*C, P, d)
+            y = self.head(self.dropout(h.flatten(1))).reshape(b, C, -1)
+        if self.skip is not None:
+            y = y + self.skip(series)
+        y = y.reshape(b, C, cfg.horizon, cfg.n_outputs).permute(0, 2, 1, 3)  # (b, H, C, Q)
+        if not cfg.quantiles:
+            y = y.squeeze(-1)
+        if stats is not None:
+            y = RevIN.denormalise(y, stats)
+        return y
+
+
+class DLinear(nn.Module):
+    """Series decomposition (moving average trend + remainder), a shared linear map lookback -> horizon for
+    each part; `individual=False` as in the DLinear paper's main table."""
+
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        k = cfg.moving_avg
+        self.pad_front, self.pad_back = (k - 1) // 2, k // 2
+        Q = cfg.n_outputs
+        self.trend = nn.Linear(cfg.lookback, cfg.horizon * Q)
+        self.seasonal = nn.Linear(cfg.lookback, cfg.horizon * Q)
+        # DLinear starts both maps at the mean of the history: a sane forecast before any training.
+        for lin in (self.trend, self.seasonal):
+            nn.init.constant_(lin.weight, 1.0 / cfg.lookback)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, L, C = x.shape
+        series = x.transpose(1, 2)                                         # (b, C, L)
+        padded = torch.cat([series[..., :1].expand(-1, -1, self.pad_front), series,
+                            series[..., -1:].expand(-1, -1, self.pad_back)], dim=-1)
+        trend = F.avg_pool1d(padded, self.cfg.moving_avg, stride=1)
+        y = self.trend(trend) + self.seasonal(series - trend)
+        y = y.reshape(b, C, self.cfg.horizon, self.cfg.n_outputs).permute(0, 2, 1, 3)
+        return y.squeeze(-1) if not self.cfg.quantiles else y
+
+
+def build_model(cfg: ForecasterConfig) -> nn.Module:
+    return MambaForecaster(cfg) if cfg.kind == "mamba" else DLinear(cfg)
+
+
+def point_forecast(pred: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
+    """The median of a quantile forecast (b, H, C, Q), or the forecast itself."""
+    return pred[..., quantiles.index(0.5)] if quantiles else pred
+
+
+def pinball_loss(pred: torch.Tensor, target: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
+    """Mean quantile (pinball) loss; pred (..., Q), target (...)."""
+    q = torch.tensor(quantiles, dtype=pred.dtype, device=pred.device)
+    err = target.unsqueeze(-1) - pred
+    return torch.maximum(q * err, (q - 1) * err).mean()
+
+
+# --- untrained baselines ----------------------------------------------------------------------------
+def repeat_last(x: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(b, L, C) -> (b, H, C): the last observed value, held."""
+    return x[:, -1:].expand(-1, horizon, -1)
+
+
+def seasonal_naive(x: torch.Tensor, horizon: int, season: int) -> torch.Tensor:
+    """(b, L, C) -> (b, H, C): the last full season, repeated. Falls back to repeat-last if L < season."""
+    if season > x.shape[1]:
+        return repeat_last(x, horizon)
+    last = x[:, -season:]
+    reps = -(-horizon // season)
+    return last.repeat(1, reps, 1)[:, :horizon]
