@@ -24,7 +24,7 @@ import triton
 from benchmarks.scan import load_anchor
 
 # (batch, L) x d_state, as the issue asks.
-SHAPES = [f"{b},{L},{n}" for b, L in ((8, 8192), (8, 2048), (1, 65536), (1, 262144)) for n in (64, 128)]
+SHAPES = [f"{b},{L},{n}" for n in (64, 128) for b, L in ((8, 8192), (8, 2048), (1, 65536), (1, 262144))]
 
 
 @dataclass
@@ -37,6 +37,13 @@ class SSDBenchConfig:
     chunk_size: int = 256
     rep_ms: int = 100
     check: bool = field(default=True, metadata={"help": "run the correctness sweep first"})
+    variants: bool = field(default=False, metadata={"help": "last, time alternative kernel settings at the "
+                                                              "first shape (tuning information)"})
+
+
+# Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
+VARIANTS = {"BLOCK_M=32": {"BLOCK_M": 32}, "WARPS_BWD=4": {"WARPS_BWD": 4}, "HEADS_PER_PROGRAM=8": {"HEADS_PER_PROGRAM": 8},
+            "WARPS_FWD=8": {"WARPS_FWD": 8}}
 
 
 def rel(a, b) -> float:
@@ -56,7 +63,7 @@ def sweep_inputs(b, L, h, p, g, n, dtype, D_hdim, gated, seed, device):
 
 # b, L, h, p, g, n, chunk, D per channel, z gating, dtypes. Few cases: each is a fresh Triton compile.
 CHECK_CASES = [(2, 777, 8, 64, 2, 128, 256, True, True, (torch.float32, torch.bfloat16)),
-               (1, 300, 4, 32, 4, 16, 64, False, False, (torch.float32,)),
+               (1, 300, 4, 32, 4, 16, 64, False, False, (torch.bfloat16,)),
                (1, 400, 2, 64, 1, 256, 128, False, True, (torch.bfloat16,))]
 
 
@@ -76,8 +83,14 @@ def correctness(anchor=None, device="cuda", cases=CHECK_CASES) -> list[dict]:
             if anchor is not None:
                 impls["anchor"] = anchor.mamba_chunk_scan_combined
             for name, fn in impls.items():
-                y, H = fn(**t, chunk_size=Q, dt_softplus=True, return_final_states=True)
-                grads = torch.autograd.grad((y.float() * gy).sum() + (H.float() * gH).sum(), list(t.values()))
+                try:
+                    y, H = fn(**t, chunk_size=Q, dt_softplus=True, return_final_states=True)
+                    grads = torch.autograd.grad((y.float() * gy).sum() + (H.float() * gH).sum(), list(t.values()))
+                except Exception as e:  # e.g. a tile that does not fit: record it, go on with the others
+                    rows.append(dict(impl=name, case=[b, L, h, p, g, n, Q, Dh, gated], dtype=str(dtype).split(".")[-1],
+                                     error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    print(f"[check] {name} {rows[-1]['case']} FAILED: {rows[-1]['error']}", flush=True)
+                    continue
                 errs = {"y": rel(y, y0), "final_state": rel(H, H0)}
                 errs.update({f"d{k}": rel(a, b_) for k, a, b_ in zip(t, grads, g0)})
                 nan = any(not torch.isfinite(v).all() for v in (y, H, *grads))
@@ -134,12 +147,16 @@ def main(cfg: SSDBenchConfig) -> dict:
         t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
         kw = dict(chunk_size=cfg.chunk_size, dt_softplus=True)
         ours = lambda **a: ssd_chunk_scan(**a, **kw)  # noqa: E731
-        row = dict(batch=b, L=L, d_state=n, project=time_impl(ours, t, cfg.rep_ms))
-        if anchor is not None:
-            anc = lambda **a: anchor.mamba_chunk_scan_combined(**a, **kw)  # noqa: E731
-            row["anchor"] = time_impl(anc, t, cfg.rep_ms)
-            with torch.no_grad():
-                row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))
+        row = dict(batch=b, L=L, d_state=n)
+        try:
+            row["project"] = time_impl(ours, t, cfg.rep_ms)
+            if anchor is not None:
+                anc = lambda **a: anchor.mamba_chunk_scan_combined(**a, **kw)  # noqa: E731
+                row["anchor"] = time_impl(anc, t, cfg.rep_ms)
+                with torch.no_grad():
+                    row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(f"[bench] {row}", flush=True)
         result["rows"] = rows
@@ -149,7 +166,30 @@ def main(cfg: SSDBenchConfig) -> dict:
     table = markdown(result)
     write_text_atomic(out / "ssd.md", table)
     print(table, flush=True)
+    if cfg.variants:
+        result["variants"] = time_variants(cfg)
+        write_json_atomic(out / "ssd.json", result)
     return result
+
+
+def time_variants(cfg: SSDBenchConfig) -> dict:
+    import kernels.ssd as K
+    b, L, n = (int(v) for v in cfg.shapes[0].split(","))
+    t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
+    fn = lambda **a: K.ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True)  # noqa: E731
+    res = {"shape": [b, L, n], "default": time_impl(fn, t, cfg.rep_ms)}
+    print(f"[variant] default: {res['default']}", flush=True)
+    for name, settings in VARIANTS.items():
+        saved = {k: getattr(K, k) for k in settings}
+        for k, v in settings.items():
+            setattr(K, k, v)
+        try:
+            res[name] = time_impl(fn, t, cfg.rep_ms)
+        finally:
+            for k, v in saved.items():
+                setattr(K, k, v)
+        print(f"[variant] {name}: {res[name]}", flush=True)
+    return res
 
 
 def markdown(result: dict) -> str:
@@ -159,8 +199,10 @@ def markdown(result: dict) -> str:
              "| batch | L | d_state | fwd project | fwd anchor | fwd ratio | fwd+bwd project | fwd+bwd anchor | "
              "fwd+bwd ratio | rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("rows", []):
-        p, a = r["project"], r.get("anchor")
-        if a:
+        p, a = r.get("project"), r.get("anchor")
+        if "error" in r or p is None:
+            lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | failed: {r.get('error', '')[:120]} |")
+        elif a:
             lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | {p['fwd_ms']:.3f} | {a['fwd_ms']:.3f} | "
                          f"{p['fwd_ms'] / a['fwd_ms']:.2f} | {p['fwd_bwd_ms']:.3f} | {a['fwd_bwd_ms']:.3f} | "
                          f"{p['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} | {r['rel_diff_vs_anchor']:.1e} |")
@@ -171,6 +213,9 @@ def markdown(result: dict) -> str:
         lines += ["", "Correctness vs the fp32 PyTorch reference (max relative error over y, final state, all grads):",
                   "", "| impl | b, L, h, p, g, N, chunk, D per channel, z | dtype | max rel err |", "|---|---|---|---|"]
         for r in result["correctness"]:
+            if "error" in r:
+                lines.append(f"| {r['impl']} | {', '.join(map(str, r['case']))} | {r['dtype']} | failed: {r['error'][:120]} |")
+                continue
             lines.append(f"| {r['impl']} | {', '.join(map(str, r['case']))} | {r['dtype']} | {r['max_rel_err']:.1e}"
                          f"{' (non-finite!)' if r['nonfinite'] else ''} |")
     return "\n".join(lines) + "\n"
