@@ -15,7 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import causal_conv1d, selective_scan, selective_state_update
+from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
+
+# Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
+# through the chunked scan. Both give forward's results; this only picks the faster.
+STREAM_STEPS = 16
 
 
 @dataclass
@@ -116,6 +120,18 @@ class Mamba(nn.Module):
                            delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
+    def _A(self) -> torch.Tensor:
+        """A = -exp(A_log) in float32. Without autograd (inference streaming) it is cached until A_log
+        changes (its version counter or storage), saving two ops on every streamed chunk."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device)
+        cache = self.__dict__.get("_A_cache")
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False):   # a normal tensor: usable outside inference mode too
+                cache = self.__dict__["_A_cache"] = (key, -torch.exp(self.A_log.detach().float()))
+        return cache[1]
+
     # --- streaming --------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
         p = self.in_proj.weight
@@ -131,12 +147,16 @@ class Mamba(nn.Module):
         self._check_input(x)
         if state.ssm.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
-        xz = self.in_proj(x).transpose(1, 2)
-        u, z = xz.chunk(2, dim=1)
-        A = -torch.exp(self.A_log.float())
-        if x.shape[1] == 1 and self.selective:
-            y = self._step(u[..., 0], z[..., 0], A, state).unsqueeze(-1)
+        xz = self.in_proj(x)                                            # (b, T, 2*d_inner)
+        A = self._A()
+        T = x.shape[1]
+        if self.selective and T <= STREAM_STEPS and backend_for(x) == "cpu":
+            y = self._stream_steps(xz, A, state)
+        elif T == 1 and self.selective:
+            u, z = xz[:, 0].chunk(2, dim=-1)
+            y = self._step(u, z, A, state).unsqueeze(1)
         else:
+            u, z = xz.transpose(1, 2).chunk(2, dim=1)
             u, tail = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, initial_states=state.conv,
                                     return_final_states=True, activation="silu")
             state.conv.copy_(tail)
@@ -144,7 +164,37 @@ class Mamba(nn.Module):
             y, h = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                   delta_softplus=True, h0=state.ssm, return_final_state=True)
             state.ssm.copy_(h)
-        return self.out_proj(y.transpose(1, 2)), state
+            y = y.transpose(1, 2)
+        return self.out_proj(y), state
+
+    def _stream_steps(self, xz: torch.Tensor, A: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """A short chunk on the CPU in ~20 ops whatever its length up to STREAM_STEPS: the streaming hot
+        path (e.g. a 20 ms audio chunk). At this size per-op dispatch, not FLOPs, is the cost, so the conv,
+        projections and discretisation are vectorised over the T steps and only the state recurrence (one
+        fused op a step) loops. Same arithmetic as `forward`. xz (b, T, 2*d_inner) -> y (b, T, d_inner)."""
+        b, T, _ = xz.shape
+        ct = state.ssm.dtype
+        u, z = xz.split(self.d_inner, dim=-1)
+        # Causal conv over [carried tail, chunk]: the K inputs of each step are a window of an unfold view.
+        window = torch.cat([state.conv, u.transpose(1, 2).to(state.conv.dtype)], dim=-1)   # (b, di, K-1+T)
+        state.conv.copy_(window[:, :, T:])
+        uc = torch.matmul(window.unfold(-1, self.d_conv, 1), self._conv_weight().to(window.dtype).unsqueeze(-1))
+        uc = uc.squeeze(-1).transpose(1, 2)                             # (b, T, di)
+        if self.conv1d.bias is not None:
+            uc = uc + self.conv1d.bias.to(uc.dtype)
+        uc = F.silu(uc).to(u.dtype)
+        dt, B, C = torch.split(self.x_proj(uc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ct))   # (b, T, di)
+        ucf = uc.to(ct)
+        dA = torch.exp(dt.unsqueeze(-1) * A)                            # (b, T, di, N)
+        H = (dt * ucf).unsqueeze(-1) * B.to(ct).unsqueeze(2)            # dt u B, then the states in place
+        H[:, 0].addcmul_(dA[:, 0], state.ssm)
+        for t in range(1, T):
+            H[:, t].addcmul_(dA[:, t], H[:, t - 1])
+        state.ssm.copy_(H[:, T - 1])
+        y = torch.matmul(C.to(ct).unsqueeze(2), H.transpose(-1, -2)).squeeze(2)    # <h_t, C_t>: (b, T, di)
+        y = torch.addcmul(y, ucf, self.D.to(ct)).mul_(F.silu(z.to(ct)))
+        return y.to(xz.dtype)
 
     def _step(self, u: torch.Tensor, z: torch.Tensor, A: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: u, z (batch, d_inner). The conv is a dot product with the rolled tail."""
