@@ -146,12 +146,12 @@ def main(cfg: SSDBenchConfig) -> dict:
         b, L, n = (int(v) for v in spec.split(","))
         t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
         kw = dict(chunk_size=cfg.chunk_size, dt_softplus=True)
-        ours = lambda **a: ssd_chunk_scan(**a, **kw)  # noqa: E731
+        ours = lambda _kw=kw, **a: ssd_chunk_scan(**a, **_kw)  # noqa: E731
         row = dict(batch=b, L=L, d_state=n)
         try:
             row["project"] = time_impl(ours, t, cfg.rep_ms)
             if anchor is not None:
-                anc = lambda **a: anchor.mamba_chunk_scan_combined(**a, **kw)  # noqa: E731
+                anc = lambda _kw=kw, **a: anchor.mamba_chunk_scan_combined(**a, **_kw)  # noqa: E731
                 row["anchor"] = time_impl(anc, t, cfg.rep_ms)
                 with torch.no_grad():
                     row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))

@@ -21,7 +21,6 @@ Matmul operands are cast to the input dtype (bf16 inputs -> bf16 tensor-core mat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 

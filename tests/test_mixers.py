@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssm_core import (Attention, Mamba2, MambaConfig, MambaLM, MambaModel, S4D, hybrid_mixers, ssd_chunk_scan_ref)
+from ssm_core import (
+    S4D,
+    Attention,
+    Mamba2,
+    MambaConfig,
+    MambaLM,
+    MambaModel,
+    hybrid_mixers,
+    ssd_chunk_scan_ref,
+)
 from ssm_core.attention import KVCache
 
 
