@@ -79,7 +79,7 @@ def make_inputs(b, d, n, L, seed=0):
     return t
 
 
-def time_scan(fn, t: dict, rep_ms: int) -> dict:
+def time_scan(fn, t: dict, rep_ms: int, backward: bool = True) -> dict:
     """Forward ms, forward+backward ms and the peak bytes a forward+backward allocates beyond its inputs."""
     leaves = list(t.values())
     dout = torch.randn_like(t["u"])
@@ -91,6 +91,8 @@ def time_scan(fn, t: dict, rep_ms: int) -> dict:
     def fwd_bwd():
         return torch.autograd.grad(fn(**t), leaves, dout)
 
+    if not backward:
+        return dict(fwd_ms=triton.testing.do_bench(fwd, rep=rep_ms, return_mode="median"))
     fwd_bwd()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -113,15 +115,16 @@ def check_against_anchor(ours, anchor, t) -> float:
 
 
 def variants(b, d, n, L):
+    """Tuning sweep around the default: warps per program (BLOCK_D follows), BLOCK_T, checkpoint spacing;
+    each timed forward+backward, as {name: ScanConfig}."""
     import kernels
-    base = kernels.default_config(d, L, n)
-    out = {"default": base}
-    for bt in (16, 32, 64):
-        for fwd_tile, bwd_tile, wf, wb in ((4096, 2048, 4, 4), (8192, 4096, 8, 8), (2048, 1024, 4, 4)):
-            cfg = kernels.default_config(d, L, n, fwd_tile=fwd_tile, bwd_tile=bwd_tile, max_block_t=bt)
-            cfg = dataclasses.replace(cfg, warps_fwd=wf, warps_bwd=wb)
-            out[f"bt{cfg.block_t}_bd{cfg.block_d_fwd}/{cfg.block_d_bwd}_w{wf}/{wb}_ck{cfg.ckpt_chunks}"] = cfg
-    out["default_ck1"] = dataclasses.replace(base, ckpt_chunks=1)
+    out = {"default": kernels.default_config(d, L, n, batch=b)}
+    for w in (1, 2, 4):
+        for bt in (16, 32):
+            cfg = kernels.default_config(d, L, n, batch=b, warps=w, block_t=bt)
+            for ck in sorted({1, cfg.ckpt_chunks}):
+                name = f"w{w} bd{cfg.block_d_fwd} bt{cfg.block_t} ck{ck}"
+                out.setdefault(name, dataclasses.replace(cfg, ckpt_chunks=ck))
     return out
 
 
@@ -151,8 +154,9 @@ def main(cfg: ScanBenchConfig) -> list[dict]:
             for name, vc in variants(b, d, n, L).items():
                 fn = lambda _vc=vc, **kw: kernels.selective_scan(**kw, delta_softplus=True, config=_vc)  # noqa: E731
                 t0 = time.time()
-                row["variants"][name] = time_scan(fn, t, cfg.rep_ms // 2)
-                print(f"[bench]   {spec} {name}: {row['variants'][name]} ({time.time() - t0:.0f}s)", flush=True)
+                row["variants"][name] = r = time_scan(fn, t, cfg.rep_ms // 2)
+                print(f"[bench]   {spec} {name}: fwd {r['fwd_ms']:.3f} fwd+bwd {r.get('fwd_bwd_ms', 0):.3f} "
+                      f"peak {r.get('peak_extra_mb', 0):.0f} ({time.time() - t0:.0f}s)", flush=True)
         rows.append(row)
         print(f"[bench] {row}", flush=True)
         del t

@@ -51,31 +51,31 @@ def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, t0, L,
     bu = 0: they carry the state through unchanged and contribute nothing."""
     t = t0 + offs_t
     mask_t = t < L
-    m2 = mask_d[:, None] & mask_t[None, :]
-    d64 = offs_d.to(tl.int64)[:, None]
-    u = tl.load(u_ptr + d64 * s_ud + t[None, :] * s_ul, mask=m2, other=0.).to(tl.float32)
-    dr = tl.load(dl_ptr + d64 * s_dd + t[None, :] * s_dl, mask=m2, other=0.).to(tl.float32)
+    m2 = mask_t[:, None] & mask_d[None, :]
+    d64 = offs_d.to(tl.int64)[None, :]
+    u = tl.load(u_ptr + d64 * s_ud + t[:, None] * s_ul, mask=m2, other=0.).to(tl.float32)
+    dr = tl.load(dl_ptr + d64 * s_dd + t[:, None] * s_dl, mask=m2, other=0.).to(tl.float32)
     if HAS_BIAS:
-        dr += bias[:, None]
+        dr += bias[None, :]
     if SOFTPLUS:
         dt = tl.where(dr > 20., dr, tl.log(1. + tl.exp(dr)))  # torch's softplus threshold
     else:
         dt = dr
     dt = tl.where(m2, dt, 0.)
-    mbc = mask_n[:, None] & mask_t[None, :]
-    Bt = tl.load(B_ptr + offs_n[:, None] * s_bn + t[None, :] * s_bl, mask=mbc, other=0.).to(tl.float32)
-    Ct = tl.load(C_ptr + offs_n[:, None] * s_cn + t[None, :] * s_cl, mask=mbc, other=0.).to(tl.float32)
-    # Tiles are (BLOCK_D, BLOCK_N, BLOCK_T), time last: the axis the loads are contiguous along, so each
-    # thread owns a run of consecutive steps and the scan is mostly sequential within a thread.
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    bu = (dt * u)[:, None, :] * Bt[None, :, :]
+    mbc = mask_t[:, None] & mask_n[None, :]
+    Bt = tl.load(B_ptr + t[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mbc, other=0.).to(tl.float32)
+    Ct = tl.load(C_ptr + t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mbc, other=0.).to(tl.float32)
+    # Tiles are (BLOCK_T, BLOCK_D, BLOCK_N), time slowest: Triton's default layout spreads the lanes over
+    # N then D and leaves time in registers, so the scan along time is (mostly) sequential per thread.
+    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    bu = (dt * u)[:, :, None] * Bt[:, None, :]
     return t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu
 
 
 @triton.jit
 def _last_step(x, offs_t, BLOCK_T: tl.constexpr):
-    """x[:, :, BLOCK_T - 1] of a (BLOCK_D, BLOCK_N, BLOCK_T) tile."""
-    return tl.sum(tl.where((offs_t == BLOCK_T - 1)[None, None, :], x, 0.), axis=2)
+    """x[BLOCK_T - 1] of a (BLOCK_T, BLOCK_D, BLOCK_N) tile."""
+    return tl.sum(tl.where((offs_t == BLOCK_T - 1)[:, None, None], x, 0.), axis=0)
 
 
 @triton.jit
@@ -120,17 +120,17 @@ def _scan_fwd_kernel(
         t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
             u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n, mask_n,
             s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-        P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
-        hs = H + P * h[:, :, None]
+        P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
+        hs = H + P * h[None, :, :]
         h = _last_step(hs, offs_t, BLOCK_T)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
         if HAS_D:
-            y += Dv[:, None] * u
+            y += Dv[None, :] * u
         if HAS_Z:
-            zt = tl.load(z_ptr + pid_b * s_zb + offs_d.to(tl.int64)[:, None] * s_zd + t[None, :] * s_zl,
+            zt = tl.load(z_ptr + pid_b * s_zb + offs_d.to(tl.int64)[None, :] * s_zd + t[:, None] * s_zl,
                          mask=m2, other=0.).to(tl.float32)
             y *= zt * tl.sigmoid(zt)
-        tl.store(y_ptr + offs_d.to(tl.int64)[:, None] * L + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        tl.store(y_ptr + offs_d.to(tl.int64)[None, :] * L + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
     tl.store(hT_ptr + pid_b * DIM * N + dn, h, mask=mdn)
 
 
@@ -153,7 +153,7 @@ def _scan_bwd_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     mdn = mask_d[:, None] & mask_n[None, :]
     dn = offs_d.to(tl.int64)[:, None] * N + offs_n[None, :]
-    d64 = offs_d.to(tl.int64)[:, None]
+    d64 = offs_d.to(tl.int64)[None, :]
     grp = (pid_d * BLOCK_D) // CH_PER_GROUP
 
     u_ptr += pid_b * s_ub
@@ -199,8 +199,8 @@ def _scan_bwd_kernel(
                 t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
                     u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
                     mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-                P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
-                h = _last_step(H + P * h[:, :, None], offs_t, BLOCK_T)
+                P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
+                h = _last_step(H + P * h[None, :, :], offs_t, BLOCK_T)
         tl.store(scr_ptr + (CKPT_CHUNKS - 1) * BLOCK_D * BLOCK_N + sdn, h)
         tl.debug_barrier()
 
@@ -212,39 +212,39 @@ def _scan_bwd_kernel(
                 t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
                     u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
                     mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
-                P, H = tl.associative_scan((a, bu), 2, _fwd_combine)
-                hs = H + P * h_start[:, :, None]                        # h_t
-                dy = tl.load(dy_ptr + d64 * L + t[None, :], mask=m2, other=0.).to(tl.float32)
+                P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
+                hs = H + P * h_start[None, :, :]                        # h_t
+                io = d64 * L + t[:, None]                               # (BLOCK_T, BLOCK_D) offsets
+                dy = tl.load(dy_ptr + io, mask=m2, other=0.).to(tl.float32)
                 if HAS_Z:
-                    zt = tl.load(z_ptr + pid_b * s_zb + d64 * s_zd + t[None, :] * s_zl,
+                    zt = tl.load(z_ptr + pid_b * s_zb + d64 * s_zd + t[:, None] * s_zl,
                                  mask=m2, other=0.).to(tl.float32)
                     sig = tl.sigmoid(zt)
-                    y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
+                    y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
                     dz = dy * y * sig * (1. + zt * (1. - sig))
-                    tl.store(dz_ptr + d64 * L + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                    tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=m2)
                     dy = dy * zt * sig
-                dD_acc += tl.sum(dy * u, axis=1)
-                dyC = dy[:, None, :] * Ct[None, :, :]
-                ones = tl.full([BLOCK_D, BLOCK_N, BLOCK_T], 1., tl.float32)
-                _, Pr, Gr = tl.associative_scan((a, ones, dyC), 2, _rev_combine, reverse=True)
-                g = Gr + Pr * carry[:, :, None]                         # dLoss/dh_t
-                carry = tl.sum(tl.where((offs_t == 0)[None, None, :], a * g, 0.), axis=2)
-                mnt = mask_n[:, None] & mask_t[None, :]
-                tl.atomic_add(dC_ptr + offs_n[:, None] * L + t[None, :], tl.sum(dy[:, None, :] * hs, axis=0),
-                              mask=mnt, sem="relaxed")
+                dD_acc += tl.sum(dy * u, axis=0)
+                dyC = dy[:, :, None] * Ct[:, None, :]
+                ones = tl.full([BLOCK_T, BLOCK_D, BLOCK_N], 1., tl.float32)
+                _, Pr, Gr = tl.associative_scan((a, ones, dyC), 0, _rev_combine, reverse=True)
+                g = Gr + Pr * carry[None, :, :]                         # dLoss/dh_t
+                carry = tl.sum(tl.where((offs_t == 0)[:, None, None], a * g, 0.), axis=0)
+                mtn = mask_t[:, None] & mask_n[None, :]
+                tn = offs_n[None, :] * L + t[:, None]
+                tl.atomic_add(dC_ptr + tn, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
                 gd = g * (hs - bu)                                      # g_t * a_t * h_{t-1}
-                dA_acc += tl.sum(gd * dt[:, None, :], axis=2)
-                gB = tl.sum(g * Bt[None, :, :], axis=1)
-                tl.atomic_add(dB_ptr + offs_n[:, None] * L + t[None, :], tl.sum(g * (dt * u)[:, None, :], axis=0),
-                              mask=mnt, sem="relaxed")
-                du = dy * Dv[:, None] + dt * gB
-                ddt = tl.sum(gd * A[:, :, None], axis=1) + u * gB
+                dA_acc += tl.sum(gd * dt[:, :, None], axis=0)
+                gB = tl.sum(g * Bt[:, None, :], axis=2)
+                tl.atomic_add(dB_ptr + tn, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mtn, sem="relaxed")
+                du = dy * Dv[None, :] + dt * gB
+                ddt = tl.sum(gd * A[None, :, :], axis=2) + u * gB
                 if SOFTPLUS:
                     ddt = ddt * tl.sigmoid(dr)
                 ddt = tl.where(m2, ddt, 0.)
-                dbias_acc += tl.sum(ddt, axis=1)
-                tl.store(du_ptr + d64 * L + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
-                tl.store(ddl_ptr + d64 * L + t[None, :], ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=m2)
+                tl.store(ddl_ptr + io, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
 
     tl.store(dh0_ptr + pid_b * DIM * N + dn, carry, mask=mdn)
@@ -275,23 +275,28 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def default_config(dim: int, L: int, N: int, groups: int = 1, fwd_tile: int = 4096, bwd_tile: int = 2048,
-                   max_block_t: int = 32, ckpt_bytes_per_step: float = 0.5) -> ScanConfig:
-    """A tile of fwd_tile (bwd_tile) fp32 elements per program in the forward (backward) pass, i.e. about
-    32 (16) registers per thread per live (BLOCK_D, BLOCK_T, N) tensor at 4 warps. Checkpoints cost
-    N*4/(ckpt_chunks*block_t) bytes per (batch, channel, step): about ckpt_bytes_per_step."""
+def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, warps: int | None = None,
+                   block_t: int | None = None, ckpt_bytes_per_step: float = 1.5) -> ScanConfig:
+    """Tiles matched to Triton's default layout of a (BLOCK_T, BLOCK_D, BLOCK_N) tensor: the 32 lanes of a
+    warp cover N (then D), the warps cover D, time stays in each thread's registers. So BLOCK_D is
+    (lanes left over by N) * warps, and BLOCK_T is sized to keep the backward's ~8 live tiles in registers.
+    Few warps per program when batch * dim is small, so that the grid still fills the GPU.
+    Checkpoints cost N*4/(ckpt_chunks*block_t) bytes per (batch, channel, step): about ckpt_bytes_per_step,
+    which keeps the saved state plus y below what the anchor saves (y and y*silu(z))."""
     bn = triton.next_power_of_2(N)
-    bt = max(2, min(max_block_t, triton.next_power_of_2(L), max(2, bwd_tile // bn)))
-    cap_f = max(1, fwd_tile // (bt * bn))
-    cap_b = max(1, bwd_tile // (bt * bn))
+    lanes_d = max(1, 32 // bn)
+    per_thread_n = max(1, bn // 32)
+    if warps is None:
+        warps = 4
+        while warps > 1 and batch * dim / (lanes_d * warps) < 4 * 132:
+            warps //= 2
+    bt = block_t or max(2, 16 // per_thread_n)
+    bt = max(2, min(bt, triton.next_power_of_2(L)))
+    bd = min(lanes_d * warps, triton.next_power_of_2(dim))
     if groups > 1:  # a program's channels must share one B/C group
-        cap_f = _pow2_divisor(dim // groups, cap_f)
-        cap_b = _pow2_divisor(dim // groups, cap_b)
-    bdf = min(cap_f, 64, triton.next_power_of_2(dim))
-    bdb = min(cap_b, 64, triton.next_power_of_2(dim))
-    steps = max(bt, int(N * 4 / ckpt_bytes_per_step))
-    ckpt_chunks = max(1, min(16, steps // bt, triton.cdiv(L, bt)))
-    return ScanConfig(bt, bdf, bdb, ckpt_chunks)
+        bd = _pow2_divisor(dim // groups, bd)
+    ckpt_chunks = max(1, min(16, math.ceil(N * 4 / (ckpt_bytes_per_step * bt)), triton.cdiv(L, bt)))
+    return ScanConfig(bt, bd, bd, ckpt_chunks, warps, warps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -425,7 +430,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check(u, delta, A, B, C, D, z, delta_bias, h0)
     b, dim, L = u.shape
     G = 1 if B.dim() == 3 else B.shape[1]
-    cfg = config or default_config(dim, L, A.shape[1], G)
+    cfg = config or default_config(dim, L, A.shape[1], G, batch=b)
     if G > 1:  # a program's channels must share one B/C group
         cfg = dataclasses.replace(cfg, block_d_fwd=_pow2_divisor(dim // G, cfg.block_d_fwd),
                                   block_d_bwd=_pow2_divisor(dim // G, cfg.block_d_bwd))
@@ -440,5 +445,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def scan_memory_bytes(b: int, dim: int, L: int, N: int, groups: int = 1) -> int:
     """Bytes the forward saves beyond its inputs (the checkpoints), for the default config."""
-    cfg = default_config(dim, L, N, groups)
+    cfg = default_config(dim, L, N, groups, batch=b)
     return b * math.ceil(math.ceil(L / cfg.block_t) / cfg.ckpt_chunks) * dim * N * 4
