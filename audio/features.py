@@ -1,0 +1,137 @@
+"""Audio I/O and the log-mel front-end, offline and streaming.
+
+The front-end frames audio without centring (`center=False`): frame i covers samples
+[i * hop, i * hop + win). A frame therefore depends only on its own samples, which is what makes the
+streaming form exact: `StreamingLogMel` keeps the samples that the next frame still needs (at most
+`win - hop` plus what a chunk left over) and emits each frame as soon as its last sample has arrived.
+Frames from any chunking equal the offline frames of the whole signal.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchaudio
+
+from ssm_core.cli import UserError
+
+LOG_FLOOR = 1e-6          # added to mel power before the log, so silence gives a finite value
+MAX_RESAMPLE_RATIO = 16   # refuse sample rates that would need an absurd resampling ratio
+
+
+@dataclass
+class FeatureConfig:
+    sample_rate: int = 16000
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_mels: int = 80
+
+    def __post_init__(self):
+        if self.sample_rate < 1000 or self.n_mels < 1 or self.hop_ms <= 0 or self.win_ms < self.hop_ms:
+            raise ValueError(f"features: invalid front-end {asdict(self)}")
+
+    @property
+    def win_length(self) -> int:
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    def num_frames(self, num_samples: int) -> int:
+        return 0 if num_samples < self.win_length else 1 + (num_samples - self.win_length) // self.hop_length
+
+
+class LogMel(nn.Module):
+    """Waveform (batch, samples) -> log-mel frames (batch, frames, n_mels)."""
+
+    def __init__(self, cfg: FeatureConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.win_length, win_length=cfg.win_length,
+            hop_length=cfg.hop_length, n_mels=cfg.n_mels, center=False, power=2.0)
+        # The window and filterbank follow from the config: keep them out of checkpoints.
+        for module in self.mel.modules():
+            for name, buf in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, buf, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if wave.shape[-1] < self.cfg.win_length:
+            return wave.new_zeros(wave.shape[0], 0, self.cfg.n_mels)
+        # The STFT runs in float32 whatever the autocast dtype: log-mel of half-precision power is too coarse.
+        with torch.autocast(wave.device.type, enabled=False):
+            return torch.log(self.mel(wave.float()) + LOG_FLOOR).transpose(1, 2)
+
+
+class StreamingLogMel:
+    """Carries the overlap between chunks: push(chunk) returns the frames completed by that chunk."""
+
+    def __init__(self, frontend: LogMel, batch_size: int = 1, device=None):
+        self.frontend = frontend
+        self.pending = torch.zeros(batch_size, 0, device=device)
+
+    def push(self, chunk: torch.Tensor) -> torch.Tensor:
+        """chunk (batch, samples) -> frames (batch, new_frames, n_mels); new_frames may be 0."""
+        cfg = self.frontend.cfg
+        buf = torch.cat([self.pending, chunk.to(self.pending.dtype)], dim=1)
+        n = cfg.num_frames(buf.shape[1])
+        frames = self.frontend(buf[:, : (n - 1) * cfg.hop_length + cfg.win_length] if n else buf[:, :0])
+        # Keep from the first sample of the next frame on: bounded by win + one chunk, so memory is flat.
+        self.pending = buf[:, n * cfg.hop_length:].clone()
+        return frames
+
+
+# --- audio files ------------------------------------------------------------------------------------
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """(samples,) or (samples, channels) -> (samples,) float32, channels averaged."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return wave.mean(axis=1) if wave.ndim == 2 else wave
+
+
+def resample(wave: torch.Tensor, orig_sr: int, target_sr: int, what: str = "audio") -> torch.Tensor:
+    if orig_sr == target_sr:
+        return wave
+    if orig_sr <= 0 or max(orig_sr, target_sr) / min(orig_sr, target_sr) > MAX_RESAMPLE_RATIO:
+        raise UserError(f"{what}: sample rate {orig_sr} Hz cannot be resampled to {target_sr} Hz "
+                        f"(ratio beyond {MAX_RESAMPLE_RATIO}x)")
+    return _resampler(orig_sr, target_sr)(wave)
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
+    # The transform builds its windowed-sinc kernel once; the functional form rebuilds it on every call.
+    return torchaudio.transforms.Resample(orig_sr, target_sr)
+
+
+def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
+    """Read a WAV/FLAC/OGG file (soundfile), down-mix to mono and resample: -> (samples,) float32.
+    Unreadable, empty or unresamplable audio raises UserError naming the file."""
+    import soundfile as sf
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such audio file")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: cannot read audio ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    wave = to_mono(data)
+    if wave.size == 0:
+        raise UserError(f"{path}: the audio file is empty (0 samples)")
+    if not np.isfinite(wave).all():
+        raise UserError(f"{path}: the audio contains NaN or infinite samples")
+    return resample(torch.from_numpy(np.ascontiguousarray(wave)), int(sr), sample_rate, what=str(path))
+
+
+def save_audio(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
+    """Write 16-bit PCM WAV atomically."""
+    import soundfile as sf
+    from ssm_core.io import atomic_path
+    data = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.clip(data, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    return Path(path)

@@ -1,0 +1,158 @@
+"""The keyword spotter: log-mel front-end -> fixed normalisation -> causal Mamba encoder -> per-frame logits.
+
+Everything is causal, so the same weights run offline over a whole clip (`forward`) or chunk by chunk on a
+live stream (`init_stream` / `stream`), and the streamed per-frame logits equal the offline ones.
+
+Saved as a folder (`save_pretrained` of ssm_core: config.json + model.safetensors, written atomically) or
+read back from a Lightning checkpoint of `python -m audio.train`; `load_model` takes either.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ssm_core import MambaConfig, MambaModel
+from ssm_core.cli import UserError
+from ssm_core.model import save_pretrained
+
+from .features import FeatureConfig, LogMel, StreamingLogMel
+
+MODEL_CLASS = "KeywordSpotter"
+
+
+@dataclass
+class KWSConfig:
+    labels: list[str]
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    d_model: int = 128
+    n_layer: int = 4
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # A clip's class is read from the posteriors of its last `label_frames` frames (after the word).
+    label_frames: int = 15
+
+    def __post_init__(self):
+        if isinstance(self.features, dict):
+            self.features = FeatureConfig(**self.features)
+        if len(self.labels) < 2:
+            raise ValueError("KWSConfig.labels: need at least two classes")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def encoder_config(self) -> MambaConfig:
+        return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_input=self.features.n_mels,
+                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand)
+
+
+@dataclass
+class StreamState:
+    frontend: StreamingLogMel
+    encoder: list
+
+
+class KeywordSpotter(nn.Module):
+    def __init__(self, config: KWSConfig):
+        super().__init__()
+        self.config = config
+        self.frontend = LogMel(config.features)
+        # Per-mel mean/std of the training features: a fixed affine map, so it streams exactly.
+        self.register_buffer("feat_mean", torch.zeros(config.features.n_mels))
+        self.register_buffer("feat_std", torch.ones(config.features.n_mels))
+        self.encoder = MambaModel(config.encoder_config())
+        self.head = nn.Linear(config.d_model, len(config.labels))
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config.labels
+
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave (batch, samples) -> normalised log-mel (batch, frames, n_mels)."""
+        return self.normalize(self.frontend(wave))
+
+    def normalize(self, logmel: torch.Tensor) -> torch.Tensor:
+        return (logmel - self.feat_mean) / self.feat_std
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        """Normalised features (batch, frames, n_mels) -> logits (batch, frames, classes)."""
+        return self.head(self.encoder(feats)).float()
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(wave))
+
+    def clip_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-frame logits of one-second clips (batch, frames, classes) -> clip log-posteriors (batch, classes):
+        the mean log-posterior over the last `label_frames` frames."""
+        return logits[:, -self.config.label_frames:].log_softmax(-1).mean(1)
+
+    # --- streaming --------------------------------------------------------------------------------------
+    def init_stream(self, batch_size: int = 1) -> StreamState:
+        device = self.feat_mean.device
+        return StreamState(StreamingLogMel(self.frontend, batch_size, device=device),
+                           self.encoder.init_state(batch_size, device=device))
+
+    def stream(self, chunk: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """chunk (batch, samples) -> logits (batch, new_frames, classes) of the frames it completed."""
+        frames = state.frontend.push(chunk)
+        if frames.shape[1] == 0:
+            return frames.new_zeros(frames.shape[0], 0, len(self.labels))
+        h, state.encoder = self.encoder.stream(self.normalize(frames), state.encoder)
+        return self.head(h).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def export_model(model: KeywordSpotter, directory: str | Path) -> Path:
+    return save_pretrained(model, directory)
+
+
+def _build(config: dict, state_dict: dict, source: str) -> KeywordSpotter:
+    try:
+        model = KeywordSpotter(KWSConfig(**config))
+        model.load_state_dict(state_dict, strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{source}: not a valid audio keyword-spotting model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> KeywordSpotter:
+    """Load a keyword spotter from an exported folder (config.json + model.safetensors), a training output
+    folder (uses its model/), or a Lightning checkpoint of `audio.train`. Anything else: UserError."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"--model {path}: not a saved model (no config.json)")
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"--model {cfg_file}: not valid JSON") from None
+        if not isinstance(meta, dict) or meta.get("class") != MODEL_CLASS:
+            kind = meta.get("class") if isinstance(meta, dict) else type(meta).__name__
+            raise UserError(f"--model {path}: holds a {kind!r} model, not an audio keyword spotter")
+        from safetensors.torch import load_file
+        try:
+            sd = load_file(str(path / "model.safetensors"), device=str(map_location))
+        except (OSError, Exception) as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"--model {path}: cannot read model.safetensors ({str(e).splitlines()[0]})") from None
+        return _build(meta["config"], sd, f"--model {path}")
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such file or folder")
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle / zip errors of a file that is not a torch checkpoint
+        raise UserError(f"--model {path}: not a readable checkpoint ({type(e).__name__})") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(hp, dict) or "kws" not in hp or "state_dict" not in ckpt:
+        raise UserError(f"--model {path}: not an audio keyword-spotting checkpoint (made by audio.train)")
+    prefix = "model."
+    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return _build(hp["kws"], sd, f"--model {path}")

@@ -1,0 +1,299 @@
+"""Streaming keyword spotting from a WAV/FLAC file or a live microphone.
+
+    python -m audio.stream --model runs/kws/model --wav demo.wav             # as fast as possible
+    python -m audio.stream --model runs/kws/model --wav demo.wav --realtime  # paced like a live input
+    python -m audio.stream --model runs/kws/model --mic --jsonl              # needs `pip install .[mic]`
+
+Audio arrives in chunks (`--chunk-ms`, 10 ms to 1 s); each chunk goes through the streaming log-mel
+front-end and the causal Mamba encoder, which carry their state (the frame overlap, the conv tails and
+the SSM states), so the per-frame posteriors equal an offline pass over the whole recording. Posteriors are
+smoothed over `--smooth-ms`; a keyword is detected while its smoothed posterior is at or above
+`--threshold`, and reported when it falls below again (start/end: when it crossed the threshold; score: its
+peak). Nothing grows with the length of the stream: memory is flat for hours of input. At the end a
+summary: audio seconds, real-time factor (compute time / audio time) and per-chunk latency p50/p99.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ssm_core.cli import UserError, main_entry
+
+from .data import SILENCE, UNKNOWN
+from .features import load_audio, to_mono
+from .model import KeywordSpotter, load_model
+
+
+@dataclass
+class StreamConfig:
+    model: str = field(default="", metadata={"help": "model folder or checkpoint made by audio.train"})
+    wav: str | None = field(default=None, metadata={"help": "audio file to stream (WAV/FLAC/OGG)"})
+    mic: bool = field(default=False, metadata={"help": "stream from the default (or --input-device) microphone"})
+    realtime: bool = field(default=False, metadata={"help": "--wav: pace the file as if it were live"})
+    chunk_ms: float = field(default=20.0, metadata={"help": "chunk length, 10 to 1000 ms"})
+    threshold: float = 0.6
+    smooth_ms: float = field(default=150.0, metadata={"help": "moving average of the posteriors"})
+    keywords: list[str] | None = field(default=None, metadata={
+        "help": "classes to report (default: every class but _silence_ and _unknown_)"})
+    jsonl: bool = field(default=False, metadata={"help": "print detections and the summary as JSON lines"})
+    seconds: float | None = field(default=None, metadata={"help": "stop after this much audio"})
+    input_device: str | None = field(default=None, metadata={"help": "--mic: input device name or index"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    dump_posteriors: str | None = field(default=None, metadata={
+        "help": "write every frame's posteriors to this .npy at the end (keeps them all in memory)"})
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("--model: required (a model folder or checkpoint made by audio.train)")
+        if self.mic == (self.wav is not None):
+            raise ValueError("give exactly one input: --wav FILE or --mic")
+        if not 10 <= self.chunk_ms <= 1000:
+            raise ValueError(f"--chunk-ms: expected 10 to 1000, got {self.chunk_ms}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"--threshold: expected a posterior in (0, 1], got {self.threshold}")
+        if self.smooth_ms < 0 or self.threads < 1:
+            raise ValueError("--smooth-ms must be >= 0 and --threads >= 1")
+
+
+# --- pieces ---------------------------------------------------------------------------------------------
+@dataclass
+class Detection:
+    keyword: str
+    start: float     # seconds from the start of the stream
+    end: float
+    score: float
+
+
+class Detector:
+    """Moving-average smoothing of per-frame posteriors + threshold with hysteresis-free rise/fall events."""
+
+    def __init__(self, labels: list[str], keywords: list[str], frame_end: Callable[[int], float],
+                 smooth_frames: int, threshold: float):
+        unknown = [k for k in keywords if k not in labels]
+        if unknown:
+            raise UserError(f"--keywords: {unknown} are not classes of the model ({labels})")
+        self.cols = np.array([labels.index(k) for k in keywords])
+        self.names = keywords
+        self.frame_end, self.threshold = frame_end, threshold
+        self.window = np.zeros((max(1, smooth_frames), len(labels)), np.float64)  # ring buffer
+        self.total = np.zeros(len(labels))
+        self.frame = 0
+        self.active: Detection | None = None
+        self.active_col = -1
+
+    def update(self, posteriors: np.ndarray) -> list[Detection]:
+        out = []
+        w = self.window.shape[0]
+        for p in posteriors:
+            slot = self.frame % w
+            self.total += p - self.window[slot]
+            self.window[slot] = p
+            smoothed = self.total[self.cols] / min(self.frame + 1, w)
+            t = self.frame_end(self.frame)
+            self.frame += 1
+            if self.active is not None:
+                s = smoothed[self.active_col]
+                if s >= self.threshold:
+                    self.active.end, self.active.score = t, max(self.active.score, float(s))
+                    continue
+                out.append(self.active)
+                self.active = None
+            best = int(smoothed.argmax())
+            if smoothed[best] >= self.threshold:
+                self.active = Detection(self.names[best], t, t, float(smoothed[best]))
+                self.active_col = best
+        return out
+
+    def flush(self) -> list[Detection]:
+        done, self.active = ([self.active] if self.active else []), None
+        return done
+
+
+class LatencyHistogram:
+    """Log-spaced histogram of latencies (1 us to 100 s, 1% bins): quantiles in constant memory."""
+
+    def __init__(self, lo: float = 1e-6, hi: float = 100.0, ratio: float = 1.01):
+        self.lo, self.log_ratio = lo, math.log(ratio)
+        self.counts = np.zeros(int(math.log(hi / lo) / self.log_ratio) + 2, np.int64)
+        self.n, self.sum = 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        i = int(math.log(max(seconds, self.lo) / self.lo) / self.log_ratio)
+        self.counts[min(i, self.counts.size - 1)] += 1
+        self.n += 1
+        self.sum += seconds
+
+    def quantile(self, q: float) -> float:
+        if self.n == 0:
+            return float("nan")
+        i = int(np.searchsorted(np.cumsum(self.counts), q * self.n, side="left"))
+        return self.lo * math.exp((i + 0.5) * self.log_ratio)   # bin centre
+
+
+@dataclass
+class Summary:
+    audio_seconds: float
+    compute_seconds: float
+    chunks: int
+    chunk_ms: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    detections: int
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_seconds / max(self.audio_seconds, 1e-9)
+
+    def line(self) -> str:
+        return (f"summary: audio {self.audio_seconds:.2f} s, real-time factor {self.rtf:.4f}, chunk latency "
+                f"p50 {self.latency_p50_ms:.2f} ms p99 {self.latency_p99_ms:.2f} ms ({self.chunks} chunks of "
+                f"{self.chunk_ms:g} ms), {self.detections} detections")
+
+
+# --- audio sources --------------------------------------------------------------------------------------
+def file_chunks(path: str, sample_rate: int, chunk: int, realtime: bool = False) -> Iterator[np.ndarray]:
+    """Chunks of a file at the model's rate. Files already at that rate are read block by block (flat
+    memory for any length); others are decoded, down-mixed and resampled whole first."""
+    import soundfile as sf
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise UserError(f"--wav {path}: cannot read audio ({str(e).splitlines()[0]})") from None
+    if info.frames == 0:
+        raise UserError(f"--wav {path}: the audio file is empty (0 samples)")
+    if info.samplerate == sample_rate:
+        blocks = (to_mono(b) for b in sf.blocks(path, blocksize=chunk, dtype="float32", always_2d=True))
+    else:
+        wave = load_audio(path, sample_rate).numpy()
+        blocks = (wave[i: i + chunk] for i in range(0, wave.size, chunk))
+    start, sent = time.perf_counter(), 0
+    for block in blocks:
+        if realtime:   # a live source delivers a chunk only once its last sample has been "recorded"
+            delay = start + (sent + block.size) / sample_rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        sent += block.size
+        yield block
+
+
+def open_sounddevice_stream(**kwargs):
+    """A sounddevice.InputStream, or one clear UserError for each way the microphone can be missing."""
+    try:
+        import sounddevice as sd
+    except ImportError:
+        raise UserError("--mic needs the sounddevice package: pip install 'long-ssm[mic]' "
+                        "(or pip install sounddevice)") from None
+    except OSError as e:
+        raise UserError(f"--mic: the PortAudio library is missing ({e}); on Debian/Ubuntu: "
+                        "apt-get install libportaudio2") from None
+    try:
+        sd.check_input_settings(device=kwargs.get("device"), channels=kwargs.get("channels", 1),
+                                samplerate=kwargs.get("samplerate"), dtype=kwargs.get("dtype"))
+        return sd.InputStream(**kwargs)
+    except (sd.PortAudioError, ValueError) as e:
+        raise UserError(f"--mic: no usable input device ({str(e).splitlines()[0] or type(e).__name__})") from None
+
+
+def mic_chunks(sample_rate: int, chunk: int, device: str | None = None,
+               open_stream: Callable[..., Any] = open_sounddevice_stream) -> Iterator[np.ndarray]:
+    """Chunks from a microphone. `open_stream(**kwargs)` returns a context manager with
+    `read(frames) -> (array (frames, channels), overflowed)`, as sounddevice.InputStream (tests inject one)."""
+    dev: str | int | None = int(device) if device is not None and device.isdigit() else device
+    stream = open_stream(samplerate=sample_rate, channels=1, blocksize=chunk, dtype="float32", device=dev)
+    with stream:
+        while True:
+            data, overflowed = stream.read(chunk)
+            if overflowed:
+                print("audio.stream: warning: input overflow, samples were dropped", file=sys.stderr)
+            if len(data) == 0:
+                return
+            yield to_mono(data)
+
+
+def take_seconds(chunks: Iterable[np.ndarray], samples: int | None) -> Iterator[np.ndarray]:
+    sent = 0
+    for c in chunks:
+        if samples is not None and sent + c.size >= samples:
+            if samples - sent > 0:
+                yield c[: samples - sent]
+            return
+        sent += c.size
+        yield c
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def run_stream(model: KeywordSpotter, chunks: Iterable[np.ndarray], detector: Detector, chunk_ms: float,
+               on_detection: Callable[[Detection], None] = lambda d: None,
+               keep_posteriors: bool = False) -> tuple[Summary, np.ndarray | None]:
+    """Push every chunk through the model; returns the summary (and all posteriors if asked)."""
+    state = model.init_stream(1)
+    hist, samples, n_det, kept = LatencyHistogram(), 0, 0, []
+    try:
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            post = model.stream(torch.from_numpy(np.ascontiguousarray(chunk, np.float32))[None], state)
+            post = post.softmax(-1)[0].numpy()
+            found = detector.update(post)
+            hist.add(time.perf_counter() - t0)
+            samples += chunk.size
+            if keep_posteriors:
+                kept.append(post)
+            for d in found:
+                n_det += 1
+                on_detection(d)
+    except KeyboardInterrupt:   # Ctrl-C ends a live session; the summary still comes
+        pass
+    for d in detector.flush():
+        n_det += 1
+        on_detection(d)
+    sr = model.config.features.sample_rate
+    summary = Summary(samples / sr, hist.sum, hist.n, chunk_ms, 1e3 * hist.quantile(0.5), 1e3 * hist.quantile(0.99),
+                      n_det)
+    return summary, (np.concatenate(kept) if keep_posteriors and kept else None)
+
+
+def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Summary:
+    torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model)
+    feats = model.config.features
+    sr, chunk = feats.sample_rate, max(1, int(round(cfg.chunk_ms * feats.sample_rate / 1000)))
+    keywords = cfg.keywords or [c for c in model.labels if c not in (SILENCE, UNKNOWN)]
+    detector = Detector(model.labels, keywords,
+                        lambda i: (i * feats.hop_length + feats.win_length) / sr,
+                        int(round(cfg.smooth_ms / feats.hop_ms)), cfg.threshold)
+    if cfg.mic:
+        source = mic_chunks(sr, chunk, cfg.input_device, open_stream or open_sounddevice_stream)
+    else:
+        source = file_chunks(cfg.wav, sr, chunk, cfg.realtime)
+    limit = int(cfg.seconds * sr) if cfg.seconds else None
+
+    def emit(d: Detection) -> None:
+        if cfg.jsonl:
+            print(json.dumps({"type": "detection", **asdict(d)}), flush=True)
+        else:
+            print(f"{d.start:9.2f}s - {d.end:7.2f}s  {d.keyword:<10s} score {d.score:.3f}", flush=True)
+
+    summary, posteriors = run_stream(model, take_seconds(source, limit), detector, cfg.chunk_ms, emit,
+                                     keep_posteriors=cfg.dump_posteriors is not None)
+    if cfg.dump_posteriors and posteriors is not None:
+        from ssm_core.io import atomic_path
+        with atomic_path(cfg.dump_posteriors) as tmp, open(tmp, "wb") as f:
+            np.save(f, posteriors)
+    if cfg.jsonl:
+        print(json.dumps({"type": "summary", **asdict(summary), "rtf": summary.rtf}), flush=True)
+    else:
+        print(summary.line(), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main_entry(main, StreamConfig, "python -m audio.stream")

@@ -1,0 +1,311 @@
+"""The embedded default dataset: Speech-Commands-style clips spoken by espeak-ng, generated offline.
+
+espeak-ng comes as a shared library plus its data in the `espeakng-loader` wheel; we drive the library
+through ctypes (synchronous mode: `espeak_Synth` calls our callback with 16-bit samples at 22.05 kHz).
+Variety comes from voices (language x voice variant), speaking rates and pitches; each clip is placed at
+a random offset in one second, given a random gain, sometimes reverberated with a synthetic room response
+and mixed with noise at 0-20 dB SNR. `_background_noise_` holds synthetic noises and non-speech sounds
+(tones, chirps, clicks, bursts, babble) from which the `_silence_` class is cut. Test and validation
+voices never occur in training.
+
+The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation_list.txt`,
+`testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
+configuration, built in a temporary folder and renamed into place: deterministic, built once, reused.
+
+    python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.signal import fftconvolve
+
+from ssm_core.cli import UserError, main_entry
+from ssm_core.io import write_json_atomic
+
+from .data import KEYWORDS
+from .features import resample, save_audio
+
+OTHER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "bed", "bird",
+               "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow", "backward", "forward",
+               "follow", "learn", "visual"]
+SAMPLE_RATE = 16000
+CLIP_SAMPLES = SAMPLE_RATE       # one-second clips, as Speech Commands
+WORD_END_LIMIT = 0.85            # words end before this time in a clip (the label frames come after it)
+
+
+@dataclass
+class SynthConfig:
+    words: list[str] = field(default_factory=lambda: KEYWORDS + OTHER_WORDS)
+    train_voices: list[str] = field(default_factory=lambda: [
+        "en-us+m1", "en-us+f1", "en+m2", "en+f2", "en-gb-x-rp+m3", "en-gb-x-rp+f3", "en-029+m4",
+        "en-gb-scotland+m5", "en-us-nyc+m6", "en+klatt", "en-us+klatt2", "en-gb-x-gbclan+f1"])
+    val_voices: list[str] = field(default_factory=lambda: ["en-us+m7", "en-gb-x-rp+f4"])
+    test_voices: list[str] = field(default_factory=lambda: ["en-gb-x-gbcwmd+m8", "en-us+f5", "en-029+klatt3"])
+    rates: list[int] = field(default_factory=lambda: [125, 160, 200])    # words per minute
+    pitches: list[int] = field(default_factory=lambda: [30, 50, 70])      # espeak pitch, 0-100
+    noise_prob: float = 0.5      # share of clips mixed with noise (at 0-20 dB SNR)
+    reverb_prob: float = 0.3
+    noise_seconds: float = 60.0  # length of each background-noise file
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- espeak-ng through ctypes ----------------------------------------------------------------------------
+class Espeak:
+    """Synchronous espeak-ng; one instance per process (the library keeps global state)."""
+    _instance: "Espeak | None" = None
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    _RATE, _PITCH = 1, 3   # espeak_PARAMETER values
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            data = espeakng_loader.get_data_path()
+        except (ImportError, OSError, RuntimeError) as e:
+            raise UserError(f"espeak-ng is not available ({e}); install espeakng-loader or pass --data") from None
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self.sample_rate = lib.espeak_Initialize(2, 0, data.encode(), 0)  # 2: AUDIO_OUTPUT_SYNCHRONOUS
+        if self.sample_rate <= 0:
+            raise UserError(f"espeak-ng failed to initialise with data at {data}")
+        self._chunks: list[np.ndarray] = []
+        self._cb = self._CALLBACK(self._collect)   # keep a reference: the library calls it later
+        lib.espeak_SetSynthCallback(self._cb)
+        self.lib = lib
+
+    @classmethod
+    def get(cls) -> "Espeak":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _collect(self, wav, n, events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        """-> float32 samples at self.sample_rate."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise UserError(f"espeak-ng: unknown voice {voice!r}")
+        self.lib.espeak_SetParameter(self._RATE, int(rate), 0)
+        self.lib.espeak_SetParameter(self._PITCH, int(pitch), 0)
+        self._chunks = []
+        text_b = text.encode() + b"\0"
+        self.lib.espeak_Synth(text_b, len(text_b), 0, 1, 0, 0, None, None)  # 1: POS_CHARACTER
+        self.lib.espeak_Synchronize()
+        out = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+        return out.astype(np.float32) / 32768.0
+
+
+def speak(word: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    """A word at 16 kHz, leading and trailing silence trimmed, peak-normalised to 0.5."""
+    es = Espeak.get()
+    wave = resample(torch.from_numpy(es.say(word, voice, rate, pitch)), es.sample_rate, SAMPLE_RATE).numpy()
+    loud = np.flatnonzero(np.abs(wave) > 0.02 * (np.abs(wave).max() + 1e-9))
+    if loud.size:
+        wave = wave[loud[0]: loud[-1] + 1]
+    return 0.5 * wave / (np.abs(wave).max() + 1e-9)
+
+
+# --- noises, non-speech, rooms --------------------------------------------------------------------------
+def colored_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """1/f^exponent noise (0 white, 1 pink, 2 brown), unit RMS."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n)
+    f[0] = f[1]
+    x = np.fft.irfft(spec / f ** (exponent / 2), n)
+    return (x / (x.std() + 1e-9)).astype(np.float32)
+
+
+def nonspeech(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Tones, chirps, clicks and noise bursts at random times: sounds that are not words."""
+    t = np.arange(n) / SAMPLE_RATE
+    out = np.zeros(n, np.float32)
+    pos = 0
+    while pos < n:
+        length = int(rng.uniform(0.1, 0.8) * SAMPLE_RATE)
+        seg = slice(pos, min(n, pos + length))
+        tt = t[seg] - t[pos]
+        kind = rng.integers(4)
+        if kind == 0:
+            sig = np.sin(2 * np.pi * rng.uniform(200, 3000) * tt)
+        elif kind == 1:
+            f0, f1 = rng.uniform(100, 4000, 2)
+            sig = np.sin(2 * np.pi * (f0 * tt + (f1 - f0) * tt ** 2 / (2 * max(tt[-1], 1e-3))))
+        elif kind == 2:
+            sig = np.zeros_like(tt)
+            sig[:: max(1, int(SAMPLE_RATE / rng.uniform(2, 30)))] = 1.0
+        else:
+            sig = rng.standard_normal(tt.size) * np.exp(-tt * rng.uniform(2, 20))
+        out[seg] = rng.uniform(0.05, 0.5) * sig
+        pos += length + int(rng.uniform(0.0, 0.5) * SAMPLE_RATE)
+    return out
+
+
+def babble(rng: np.random.Generator, n: int, voices: list[str], words: list[str]) -> np.ndarray:
+    """Overlapping words of several voices at low level: speech-like noise."""
+    out = np.zeros(n, np.float32)
+    for _ in range(int(n / SAMPLE_RATE * 6)):
+        w = speak(str(rng.choice(words)), str(rng.choice(voices)), 175, int(rng.integers(20, 80)))
+        start = int(rng.integers(0, max(1, n - w.size)))
+        out[start: start + w.size] += w[: n - start]
+    return out / (out.std() + 1e-9)
+
+
+def room_response(rng: np.random.Generator) -> np.ndarray:
+    """Exponentially decaying noise with RT60 in 0.15-0.6 s, direct path first."""
+    rt60 = rng.uniform(0.15, 0.6)
+    n = int(rt60 * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    h = rng.standard_normal(n) * np.exp(-6.9 * t / rt60) * 0.3
+    h[0] = 1.0
+    return (h / np.sqrt((h ** 2).sum())).astype(np.float32)
+
+
+def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    ps = np.mean(speech ** 2) + 1e-12
+    pn = np.mean(noise ** 2) + 1e-12
+    return speech + noise * np.sqrt(ps / (pn * 10 ** (snr_db / 10)))
+
+
+def background_noises(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    n = int(cfg.noise_seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    hum = sum(np.sin(2 * np.pi * 50 * k * t) / k for k in range(1, 6)) + 0.1 * colored_noise(rng, n, 0)
+    noises = {"white_noise": colored_noise(rng, n, 0.0), "pink_noise": colored_noise(rng, n, 1.0),
+              "brown_noise": colored_noise(rng, n, 2.0), "hum": hum.astype(np.float32),
+              "nonspeech": nonspeech(rng, n),
+              "babble": babble(rng, n, cfg.train_voices, cfg.words)}
+    return {k: (0.3 * v / (np.abs(v).max() + 1e-9)).astype(np.float32) for k, v in noises.items()}
+
+
+def degrade(word: np.ndarray, rng: np.random.Generator, cfg: SynthConfig, noises: list[np.ndarray]) -> np.ndarray:
+    """Place a word in a one-second clip with random offset and gain, maybe reverb, maybe noise."""
+    if rng.random() < cfg.reverb_prob:
+        word = fftconvolve(word, room_response(rng))[: word.size + SAMPLE_RATE // 10].astype(np.float32)
+    word = word[: int(WORD_END_LIMIT * SAMPLE_RATE) - 800]
+    start = int(rng.integers(800, int(WORD_END_LIMIT * SAMPLE_RATE) - word.size + 1))
+    clip = np.zeros(CLIP_SAMPLES, np.float32)
+    clip[start: start + word.size] = word * rng.uniform(0.3, 1.5)
+    if rng.random() < cfg.noise_prob:
+        noise = noises[rng.integers(len(noises))]
+        off = int(rng.integers(0, noise.size - CLIP_SAMPLES))
+        clip = mix_at_snr(clip, noise[off: off + CLIP_SAMPLES], rng.uniform(0, 20))
+    return np.clip(clip, -1, 1).astype(np.float32)
+
+
+# --- the dataset folder --------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LONG_SSM_CACHE", Path.home() / ".cache" / "long-ssm")) / "audio"
+
+
+def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """The folder of the dataset for `cfg`, generated on first use (then reused)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / f"synth-{cfg.key()}"
+    if (target / "synth_config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        _generate(cfg, tmp, progress)
+        try:
+            os.replace(tmp, target)
+        except OSError:          # another process finished the same dataset first: keep theirs
+            if not (target / "synth_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _generate(cfg: SynthConfig, out: Path, progress: bool) -> None:
+    import soundfile as sf
+    from tqdm import tqdm
+    rng = np.random.default_rng(cfg.seed)
+    noises = background_noises(cfg, rng)
+    (out / "_background_noise_").mkdir()
+    for name, wave in noises.items():
+        save_audio(out / "_background_noise_" / f"{name}.wav", wave, SAMPLE_RATE)
+    noise_list = list(noises.values())
+    split_voices = [("train", cfg.train_voices), ("validation", cfg.val_voices), ("testing", cfg.test_voices)]
+    lists: dict[str, list[str]] = {"validation": [], "testing": []}
+    jobs = [(split, v, w, r, p) for split, vs in split_voices for v in vs for w in cfg.words
+            for r in cfg.rates for p in cfg.pitches]
+    for split, voice, word, rate, pitch in tqdm(jobs, desc="synthesising speech commands", disable=not progress,
+                                                 unit="clip"):
+        clip = degrade(speak(word, voice, rate, pitch), rng, cfg, noise_list)
+        rel = f"{word}/{voice.replace('+', '_')}_nohash_{rate}_{pitch}.wav"
+        (out / word).mkdir(exist_ok=True)
+        # Plain writes: the whole folder becomes visible atomically when it is renamed into place.
+        sf.write(str(out / rel), clip, SAMPLE_RATE, subtype="PCM_16")
+        if split in lists:
+            lists[split].append(rel)
+    for split, rels in lists.items():
+        (out / f"{split}_list.txt").write_text("".join(r + "\n" for r in rels))
+    write_json_atomic(out / "synth_config.json", asdict(cfg))
+
+
+def demo_stream(seconds: float, voices: list[str], words: list[str], seed: int = 0,
+                snr_db: float = 20.0) -> tuple[np.ndarray, list[dict]]:
+    """A long recording: words every 1.5-3 s over pink noise. Returns (wave, [{word, start, end}])."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    wave = np.zeros(n, np.float32)
+    events, pos = [], int(rng.uniform(0.5, 1.5) * SAMPLE_RATE)
+    while True:
+        word = str(rng.choice(words))
+        w = speak(word, str(rng.choice(voices)), int(rng.choice([140, 170])), int(rng.integers(30, 70)))
+        if pos + w.size >= n - SAMPLE_RATE // 2:
+            break
+        wave[pos: pos + w.size] = w * rng.uniform(0.5, 1.2)
+        events.append({"word": word, "start": pos / SAMPLE_RATE,
+                       "end": (pos + w.size) / SAMPLE_RATE})
+        pos += w.size + int(rng.uniform(1.5, 3.0) * SAMPLE_RATE)
+    noise = colored_noise(rng, n, 1.0)
+    speech_power = np.mean(wave[wave != 0] ** 2) if np.any(wave) else 1e-4
+    wave = wave + noise * np.sqrt(speech_power / 10 ** (snr_db / 10))
+    return np.clip(wave, -1, 1).astype(np.float32), events
+
+
+@dataclass
+class DemoConfig:
+    output_wav: str = field(default="demo.wav", metadata={"help": "the WAV file to write (16 kHz mono)"})
+    seconds: float = 60.0
+    words: list[str] = field(default_factory=lambda: list(KEYWORDS))
+    voices: list[str] = field(default_factory=lambda: SynthConfig().test_voices,
+                              metadata={"help": "espeak voices (default: the held-out test voices)"})
+    snr_db: float = 20.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.seconds <= 36000:
+            raise ValueError(f"--seconds: expected 1 to 36000, got {self.seconds}")
+
+
+def main(cfg: DemoConfig) -> None:
+    wave, events = demo_stream(cfg.seconds, cfg.voices, cfg.words, cfg.seed, cfg.snr_db)
+    save_audio(cfg.output_wav, wave, SAMPLE_RATE)
+    truth = Path(cfg.output_wav).with_suffix(".json")
+    write_json_atomic(truth, {"sample_rate": SAMPLE_RATE, "seconds": cfg.seconds, "events": events})
+    print(f"wrote {cfg.output_wav} ({cfg.seconds:.1f} s, {len(events)} words) and its transcript {truth}")
+
+
+if __name__ == "__main__":
+    main_entry(main, DemoConfig, "python -m audio.synth")
