@@ -207,7 +207,7 @@ class Genome:
 Interval = tuple[int, int, int]   # (contig index, start, end)
 
 
-def _named(genome: Genome, names: list[str], flag: str) -> list[int]:
+def named_contigs(genome: Genome, names: list[str], flag: str) -> list[int]:
     out = []
     for n in names:
         i = genome.index_of(n)
@@ -238,8 +238,8 @@ def make_splits(genome: Genome, val_contigs: list[str] | None, test_contigs: lis
                 splits["test"].append((i, c.length - 2 * k, c.length - k))
                 splits["valid"].append((i, c.length - k, c.length))
             return splits
-    val = _named(genome, val_contigs or [], "--val-contigs")
-    test = _named(genome, test_contigs or [], "--test-contigs")
+    val = named_contigs(genome, val_contigs or [], "--val-contigs")
+    test = named_contigs(genome, test_contigs or [], "--test-contigs")
     held = set(val) | set(test)
     return {"train": [(i, 0, c.length) for i, c in enumerate(genome.contigs) if i not in held],
             "valid": [(i, 0, genome.contigs[i].length) for i in val],
@@ -289,7 +289,7 @@ def check_lengths(genome: Genome, splits: dict[str, list[Interval]], window: int
                 what = f"record {genome.contigs[i].name!r}" + (f" interval {s}-{e}" if (s, e) != (0, genome.contigs[i].length) else "")
                 raise UserError(f"{what} ({split}) has {e - s} bases, fewer than {seq_len_flag} + 1 = {window}; "
                                 "use a shorter --seq-len or --skip-short-records")
-        if intervals and not kept:
+        if intervals and not kept and split != "test":    # the test split is not used while training
             raise UserError(f"no {split} record is at least {seq_len_flag} + 1 = {window} bases long")
         out[split] = kept
     if not out.get("train"):

@@ -60,6 +60,8 @@ class PretrainConfig(TrainConfig):
     lr: float = 8e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
+    lr_decay_steps: int | None = field(default=None, metadata={
+        "help": "cosine decay length in steps (default --max-steps; set it to extend a run with --resume)"})
     grad_clip: float = 1.0
     val_every: int = 100
     val_batches: int = 8
@@ -119,7 +121,7 @@ def main(cfg: PretrainConfig) -> dict:
     genome, paths, splits = open_genome(cfg)
     model_cfg = build_model_config(cfg.d_model, cfg.n_layer, cfg.d_state, cfg.expand, cfg.keep_softmask,
                                    cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing)
-    total = cfg.max_steps if cfg.max_steps > 0 else 100_000
+    total = cfg.lr_decay_steps or (cfg.max_steps if cfg.max_steps > 0 else 100_000)
     module = DNALightningModule(model_cfg.to_dict(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=min(cfg.warmup_steps, total), total_steps=total)
     dm = DNADataModule(genome, splits, cfg.batch_size, cfg.seq_len, cfg.objective, cfg.seed, cfg.max_n_frac,
