@@ -63,8 +63,7 @@ def sweep_inputs(b, L, h, p, g, n, dtype, D_hdim, gated, seed, device):
 
 # b, L, h, p, g, n, chunk, D per channel, z gating, dtypes. Few cases: each is a fresh Triton compile.
 CHECK_CASES = [(2, 777, 8, 64, 2, 128, 256, True, True, (torch.float32, torch.bfloat16)),
-               (1, 300, 4, 32, 4, 16, 64, False, False, (torch.bfloat16,)),
-               (1, 400, 2, 64, 1, 256, 128, False, True, (torch.bfloat16,))]
+               (1, 400, 2, 32, 1, 256, 128, False, False, (torch.bfloat16,))]
 
 
 def correctness(anchor=None, device="cuda", cases=CHECK_CASES) -> list[dict]:
@@ -155,6 +154,11 @@ def main(cfg: SSDBenchConfig) -> dict:
                 row["anchor"] = time_impl(anc, t, cfg.rep_ms)
                 with torch.no_grad():
                     row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))
+                # The gradients too, at the timed shape (the two kernels round differently in bf16).
+                dy = torch.randn_like(t["x"])
+                g_ours = torch.autograd.grad(ours(**t), list(t.values()), dy)
+                g_anc = torch.autograd.grad(anc(**t), list(t.values()), dy)
+                row["grad_rel_diff_vs_anchor"] = {f"d{k}": rel(a, b_) for k, a, b_ in zip(t, g_ours, g_anc)}
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -197,7 +201,7 @@ def markdown(result: dict) -> str:
     lines = [f"device: {result['device']}, {result['date']}; {c['nheads']} heads x headdim {c['headdim']}, one group, "
              f"chunk {c['chunk_size']}, bf16, dt_softplus, D on; medians (ms); ratio = project / anchor", "",
              "| batch | L | d_state | fwd project | fwd anchor | fwd ratio | fwd+bwd project | fwd+bwd anchor | "
-             "fwd+bwd ratio | rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd ratio | rel diff y | max rel diff grads |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("rows", []):
         p, a = r.get("project"), r.get("anchor")
         if "error" in r or p is None:
@@ -205,10 +209,11 @@ def markdown(result: dict) -> str:
         elif a:
             lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | {p['fwd_ms']:.3f} | {a['fwd_ms']:.3f} | "
                          f"{p['fwd_ms'] / a['fwd_ms']:.2f} | {p['fwd_bwd_ms']:.3f} | {a['fwd_bwd_ms']:.3f} | "
-                         f"{p['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} | {r['rel_diff_vs_anchor']:.1e} |")
+                         f"{p['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} | {r['rel_diff_vs_anchor']:.1e} | "
+                         f"{max(r['grad_rel_diff_vs_anchor'].values()):.1e} |")
         else:
             lines.append(f"| {r['batch']} | {r['L']} | {r['d_state']} | {p['fwd_ms']:.3f} | – | – | "
-                         f"{p['fwd_bwd_ms']:.3f} | – | – | – |")
+                         f"{p['fwd_bwd_ms']:.3f} | – | – | – | – |")
     if result.get("correctness"):
         lines += ["", "Correctness vs the fp32 PyTorch reference (max relative error over y, final state, all grads):",
                   "", "| impl | b, L, h, p, g, N, chunk, D per channel, z | dtype | max rel err |", "|---|---|---|---|"]
