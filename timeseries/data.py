@@ -118,7 +118,7 @@ def _find_date_column(df: pd.DataFrame, date_col: str | None, where: str) -> str
             return c
     # Otherwise the first text column whose values all parse as dates.
     for c in df.columns:
-        if df[c].dtype == object and _as_numeric(df[c]) is None:
+        if not pd.api.types.is_numeric_dtype(df[c]) and _as_numeric(df[c]) is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 parsed = pd.to_datetime(df[c], errors="coerce", format="mixed")
@@ -148,11 +148,12 @@ def infer_freq(dates: pd.DatetimeIndex) -> str | None:
     """Pandas' inferred frequency, else the most common step (data with a few gaps still has one)."""
     if len(dates) < 3:
         return None
-    freq = pd.infer_freq(dates[: min(len(dates), 1000)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas is changing infer_freq's return type; we take the alias
+        freq = pd.infer_freq(dates[: min(len(dates), 1000)])
     if freq is None:
-        step = pd.Series(np.diff(dates.asi8)).mode().iloc[0]
-        freq = pd.tseries.frequencies.to_offset(pd.Timedelta(int(step), "ns")).freqstr
-    return freq
+        freq = pd.Series(dates[1:] - dates[:-1]).mode().iloc[0]
+    return pd.tseries.frequencies.to_offset(freq).freqstr
 
 
 def season_length(freq: str | None, default: int = 24) -> int:

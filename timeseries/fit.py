@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from ssm_core.training import prepare_output_dir
 
 from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
 from .train import (FitConfig, baseline_predictors, error_metrics, forecast_windows, model_predictor,
-                    save_forecaster, train_model)
+                    plain_warnings, save_forecaster, train_model)
 
 
 def load_data(cfg: FitConfig, out: Path) -> Prepared:
@@ -79,7 +78,9 @@ def fit(cfg: FitConfig) -> dict:
                          "protocol": cfg.protocol, "borders": prep.borders,
                          "windows": {k: len(ds) for k, ds in prep.datasets.items()}})
 
-    save_forecaster(out / "model", model, prep, extra={"mode": cfg.mode})
+    dates, train_rows = prep.table.dates, prep.borders["train"][1]
+    save_forecaster(out / "model", model, prep, extra={
+        "mode": cfg.mode, "train_end": str(dates[train_rows - 1]) if dates is not None else None})
     write_forecast(out, model, prep)
     write_json_atomic(out / "metrics.json", metrics)
     print(summary_table(metrics), file=sys.stderr)
@@ -149,7 +150,7 @@ def summary_table(metrics: dict) -> str:
 
 
 def main(cfg: FitConfig) -> None:
-    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
+    plain_warnings()
     fit(cfg)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,11 @@ from .models import (ForecasterConfig, build_model, pinball_loss, point_forecast
                      seasonal_naive)
 
 MODEL_FILES = ("forecaster.json", "model.safetensors")
+
+
+def plain_warnings() -> None:
+    """Command-line warnings as one line `warning: ...`, without the library's file and line."""
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
 
 
 @dataclass

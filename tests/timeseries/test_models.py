@@ -1,0 +1,79 @@
+"""Forecaster shapes, RevIN's shift equivariance, the quantile head and loss, the naive baselines."""
+import pytest
+import torch
+
+from timeseries.models import (ForecasterConfig, MambaForecaster, build_model, pinball_loss, point_forecast,
+                               repeat_last, seasonal_naive)
+
+TINY = dict(n_series=3, lookback=24, horizon=8, d_model=16, n_layer=1, d_state=4, patch_len=8, patch_stride=4)
+
+
+@pytest.mark.parametrize("kw", [dict(token="variate"), dict(token="patch"), dict(kind="dlinear"),
+                                dict(token="variate", quantiles=[0.1, 0.5, 0.9]),
+                                dict(token="patch", quantiles=[0.5, 0.9], linear_skip=False)])
+def test_shapes_and_gradients(kw):
+    cfg = ForecasterConfig(**TINY, **kw)
+    model = build_model(cfg)
+    x = torch.randn(5, 24, 3)
+    y = model(x)
+    expected = (5, 8, 3, len(cfg.quantiles)) if cfg.quantiles else (5, 8, 3)
+    assert y.shape == expected
+    y.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("token", ["variate", "patch"])
+def test_revin_makes_forecasts_shift_and_scale_equivariant(token):
+    torch.manual_seed(0)
+    model = MambaForecaster(ForecasterConfig(**TINY, token=token)).eval()
+    x = torch.randn(4, 24, 3)
+    shift, scale = torch.tensor([5.0, -3.0, 100.0]), torch.tensor([2.0, 0.5, 10.0])
+    with torch.no_grad():
+        y = model(x)
+        y2 = model(x * scale + shift)
+    torch.testing.assert_close(y2, y * scale + shift, rtol=1e-4, atol=1e-3)
+
+
+def test_variate_tokens_mix_series_but_patches_do_not():
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 3)
+    x2 = x.clone()
+    x2[..., 2] += torch.randn(2, 24)  # change series 2 only
+    for token, mixes in (("variate", True), ("patch", False)):
+        model = MambaForecaster(ForecasterConfig(**TINY, token=token)).eval()
+        with torch.no_grad():
+            changed = (model(x)[..., 0] - model(x2)[..., 0]).abs().max().item()
+        assert (changed > 1e-6) == mixes, token
+
+
+def test_pinball_loss():
+    target = torch.tensor([1.0, 2.0, 3.0])
+    pred = torch.tensor([[0.0], [2.0], [5.0]])
+    # q = 0.5: half the absolute error
+    assert pinball_loss(pred, target, [0.5]).item() == pytest.approx(0.5 * (1 + 0 + 2) / 3)
+    # q = 0.9: under-forecasts cost 0.9 per unit, over-forecasts 0.1
+    assert pinball_loss(pred, target, [0.9]).item() == pytest.approx((0.9 * 1 + 0 + 0.1 * 2) / 3)
+    q = torch.stack([pred[:, 0] - 1, pred[:, 0]], -1)
+    assert torch.equal(point_forecast(q, [0.1, 0.5]), pred[:, 0])
+
+
+def test_quantile_config_checks():
+    with pytest.raises(ValueError, match="include 0.5"):
+        ForecasterConfig(**TINY, quantiles=[0.1, 0.9])
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        ForecasterConfig(**TINY, quantiles=[0.5, 1.5])
+    with pytest.raises(ValueError, match="--patch-len"):
+        ForecasterConfig(**{**TINY, "patch_len": 48}, token="patch")
+
+
+def test_naive_baselines():
+    x = torch.arange(10, dtype=torch.float32).reshape(1, 10, 1)
+    assert repeat_last(x, 3).flatten().tolist() == [9, 9, 9]
+    assert seasonal_naive(x, 5, 4).flatten().tolist() == [6, 7, 8, 9, 6]
+    assert seasonal_naive(x, 2, 20).flatten().tolist() == [9, 9]  # season longer than the lookback
+
+
+def test_dlinear_starts_at_the_history_mean():
+    model = build_model(ForecasterConfig(**TINY, kind="dlinear"))
+    x = torch.randn(2, 24, 3)
+    torch.testing.assert_close(model(x), x.mean(1, keepdim=True).expand(-1, 8, -1), rtol=1e-4, atol=1e-5)
