@@ -444,9 +444,3 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     h0 = h0.float().contiguous() if h0 is not None else None
     y, hT = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), cfg)
     return (y, hT) if return_final_state else y
-
-
-def scan_memory_bytes(b: int, dim: int, L: int, N: int, groups: int = 1) -> int:
-    """Bytes the forward saves beyond its inputs (the checkpoints), for the default config."""
-    cfg = default_config(dim, L, N, groups, batch=b)
-    return b * math.ceil(math.ceil(L / cfg.block_t) / cfg.ckpt_chunks) * dim * N * 4
