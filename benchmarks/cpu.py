@@ -112,15 +112,16 @@ def child_scan(impl: str, shape, mode: str, repeats: int, threads: int, bench_di
                 fn(*args)
 
     base = _rss_mib()
-    times = []
     t0 = time.perf_counter()
     once()                                   # warm-up; sets the memory high-water mark
-    first = time.perf_counter() - t0
+    times = [time.perf_counter() - t0]
     peak = _rss_mib() - base
-    for _ in range(repeats if first * repeats < max_seconds else 1):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
+    if times[0] * repeats < max_seconds:     # else (the slow loops) the one run is the measurement
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
     return {"ms": 1e3 * min(times), "runs": len(times), "peak_mib": peak}
 
 
@@ -171,6 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per scan measurement (min is reported)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="a scan measurement whose warm-up x repeats would exceed this is timed once")
+    p.add_argument("--skip-reference-backward", action="store_true",
+                   help="leave out autograd through ssm_core's plain reference (minutes per run on 2 cores)")
     p.add_argument("--stream-iters", type=int, default=2000)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -181,14 +184,20 @@ def main(argv=None) -> None:
         return
 
     from tqdm import tqdm
+
+    from ssm_core.io import write_json_atomic
     jobs = [dict(kind="scan", impl=i, shape=s, mode=m, repeats=a.repeats, threads=a.threads,
                  bench_dir=a.bench_dir, max_seconds=a.max_seconds)
-            for s in SHAPES for m in ("fwd", "fwd+bwd") for i in SCAN_IMPLS if not (i == "logspace" and m != "fwd")]
-    jobs += [dict(kind="stream", impl=i, iters=a.stream_iters, bench_dir=a.bench_dir) for i in ("cpu", "mamba_ssm")]
+            for s in SHAPES for m in ("fwd", "fwd+bwd") for i in SCAN_IMPLS
+            if m == "fwd" or not (i == "logspace" or (i == "reference" and a.skip_reference_backward))]
+    jobs = [dict(kind="stream", impl=i, iters=a.stream_iters, bench_dir=a.bench_dir) for i in ("cpu", "mamba_ssm")] + jobs
     load = [os.getloadavg()[0]]
     results = []
-    for job in tqdm(jobs, desc="cpu benchmark", unit="job"):
+    for job in (bar := tqdm(jobs, desc="cpu benchmark", unit="job")):
+        bar.set_postfix_str(f"{job['impl']} {job.get('mode', 'stream')} {job.get('shape', '')}")
         results.append({**job, **_spawn(job)})
+        if a.out:   # as it goes: a long run that is stopped keeps what it measured
+            write_json_atomic(a.out, {"load_average": load, "threads": a.threads, "results": results})
     load.append(os.getloadavg()[0])
 
     print(f"\nCPU: {os.cpu_count()} cores, scan threads {a.threads}; load average {load[0]:.1f} at start, "
@@ -210,7 +219,6 @@ def main(argv=None) -> None:
             what = "ssm_core Mamba.stream (2 frames)" if r["impl"] == "cpu" else "mamba_ssm Mamba.step x 2"
             print(f"| {what} | {r['median_ms']:.3f} | {r['p99_ms']:.3f} | {r['min_ms']:.3f} |")
     if a.out:
-        from ssm_core.io import write_json_atomic
         write_json_atomic(a.out, {"load_average": load, "threads": a.threads, "results": results})
         print(f"\nwrote {a.out}")
 

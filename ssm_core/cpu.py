@@ -70,7 +70,8 @@ def _scan_backward(dt, w, A, B, C, starts, gy, gh):
     """Gradients of `_scan_forward` given dL/dy (L, b, G, dg) and dL/dh_final (b, G, dg, N) or None.
 
     The adjoint  lam_t = dL/dh_t  obeys  lam_t = gy_t C_t + exp(dt_{t+1} A) lam_{t+1}; then
-    d(dt_t A) = lam_t * exp(dt_t A) * h_{t-1} = lam_t * (h_t - w_t B_t), from which every gradient follows.
+    d(dt_t A) = lam_t * exp(dt_t A) * h_{t-1}, from which every gradient follows, and dL/dh_{-1} (h0's
+    gradient, or the carry into the previous chunk) is exp(dt_0 A) * lam_0.
     Chunks are visited last to first, each recomputing its states from its saved start."""
     L, b, G, dg = dt.shape
     N = A.shape[-1]
@@ -78,18 +79,17 @@ def _scan_backward(dt, w, A, B, C, starts, gy, gh):
     d_dt, d_w = torch.empty_like(dt), torch.empty_like(w)
     d_B, d_C = torch.empty_like(B), torch.empty_like(C)
     d_A = torch.zeros_like(A)
-    dA, X, H, Lam = (dt.new_empty(T, b, G, dg, N) for _ in range(4))
+    dA, H, Lam = (dt.new_empty(T, b, G, dg, N) for _ in range(3))
     carry = gh.clone() if gh is not None else dt.new_zeros(b, G, dg, N)  # dL/dh at the chunk's last step
     chunk_starts = list(range(0, L, T))
     for k in reversed(range(len(chunk_starts))):
         s = chunk_starts[k]
         n = min(T, L - s)
         sl, m = slice(s, s + n), n * b * G
-        dA_c, X_c, H_c, Lam_c = dA[:n], X[:n], H[:n], Lam[:n]
+        dA_c, H_c, Lam_c = dA[:n], H[:n], Lam[:n]
         dt_c, w_c, gy_c = dt[sl], w[sl], gy[sl]
         torch.mul(dt_c.unsqueeze(-1), A, out=dA_c).exp_()
-        torch.mul(w_c.unsqueeze(-1), B[sl].unsqueeze(-2), out=X_c)
-        H_c.copy_(X_c)
+        torch.mul(w_c.unsqueeze(-1), B[sl].unsqueeze(-2), out=H_c)
         Hs, dAs, Ls = H_c.unbind(0), dA_c.unbind(0), Lam_c.unbind(0)
         Hs[0].addcmul_(dAs[0], starts[k])
         for t in range(1, n):
@@ -98,13 +98,15 @@ def _scan_backward(dt, w, A, B, C, starts, gy, gh):
         Ls[n - 1].add_(carry)
         for t in range(n - 2, -1, -1):
             Ls[t].addcmul_(dAs[t + 1], Ls[t + 1])
-        torch.mul(dAs[0], Ls[0], out=carry)
         # dC_t = sum_j gy_tj h_tj,  dB_t = sum_j w_tj lam_tj,  d_w_t = <lam_t, B_t>
         torch.matmul(gy_c.view(m, 1, dg), H_c.view(m, dg, N), out=d_C[sl].view(m, 1, N))
         torch.matmul(w_c.view(m, 1, dg), Lam_c.view(m, dg, N), out=d_B[sl].view(m, 1, N))
         torch.matmul(B[sl].view(m, 1, N), Lam_c.view(m, dg, N).mT, out=d_w[sl].view(m, 1, dg))
-        da = torch.sub(H_c, X_c, out=X_c).mul_(Lam_c)   # dL/d(dt_t A), in X's buffer
-        torch.sum(torch.mul(da, A, out=H_c), -1, out=d_dt[sl])
+        da = dA_c.mul_(Lam_c)                  # exp(dt A) * lam, in place of exp(dt A) (no longer needed)
+        carry.copy_(da[0])
+        da[1:].mul_(H_c[:-1])                  # * h_{t-1}: now dL/d(dt_t A)
+        da[0].mul_(starts[k])
+        torch.sum(torch.mul(da, A, out=Lam_c), -1, out=d_dt[sl])
         d_A += torch.mul(da, dt_c.unsqueeze(-1), out=H_c).sum((0, 1))
     return d_dt, d_w, d_A, d_B, d_C, carry
 
