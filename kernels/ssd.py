@@ -167,7 +167,7 @@ def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp
 
 
 @triton.jit
-def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr,
+def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr, DD_ptr,
               L, H, G, Lp, nc, P, N,
               HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
               Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
@@ -224,10 +224,14 @@ def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr
         dx = dt_j[:, None] * (acc_dx + e[:, None] * BdS)
         dyj = tl.load(DY_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.).to(tl.float32)
         if HAS_D:
+            # D skip: dx += D dy here, and dD = sum(dy * x) reduced in-kernel (one atomic per program and head).
+            dD = tl.sum(dyj * xj.to(tl.float32), axis=0)                 # (BP,)
             if D_HDIM:
                 dx += dyj * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
+                tl.atomic_add(DD_ptr + h * P + offs_p, dD, mask=mp)
             else:
                 dx += dyj * tl.load(D_ptr + h)
+                tl.atomic_add(DD_ptr + h, tl.sum(dD, axis=0))
         tl.store(DX_ptr + xoff, dx.to(DX_ptr.dtype.element_ty), mask=mj[:, None] & mp[None, :])
         dB += dt_j[:, None] * (acc_dB + e[:, None] * xdS)
         ddt = colsum + e * tl.sum(xdS * Bj.to(tl.float32), axis=1)
@@ -344,10 +348,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
         dz = (dy.float() * y_pre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
         dy = (dy.float() * zf * sig).to(x.dtype)
     dy = dy.contiguous()
-    dD = None
-    if D is not None:
-        prod = (dy.float() * x.float()).sum(dim=(0, 1))
-        dD = (prod if D.dim() == 2 else prod.sum(-1)).to(D.dtype)
+    dD = torch.zeros_like(D, dtype=torch.float32) if D is not None else None  # summed by _bwd_keys' atomics
     DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q, BK=BM,
@@ -365,7 +366,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DCS = torch.empty_like(DT)
     hpp = min(HEADS_PER_PROGRAM, H // G)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
-    _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, L, H, G, Lp, nc, P, N,
+    _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
                     HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
                     num_warps=WARPS_BWD)
     _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
@@ -386,6 +387,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
             ddt = ddt * torch.sigmoid(raw)
     ddt_bias = ddt.sum(dim=(0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
     ddt = ddt.permute(0, 2, 1).to(dt.dtype)
+    dD = dD.to(D.dtype) if D is not None else None
     return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddt_bias, dh0 if h0 is not None else None
 
 
