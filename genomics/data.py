@@ -180,11 +180,7 @@ class Genome:
         c = self.contigs[contig]
         if self.bgzf[c.source]:
             return self._fetch_bgzf(c, start, end)
-        mm = self._maps.get(c.source)
-        if mm is None:
-            with open(self.paths[c.source], "rb") as f:
-                mm = self._maps[c.source] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
-                                                          dtype=np.uint8)
+        mm = self._map(c.source)
         lb, lw = c.line_bases, c.line_width
         a = c.offset + (start // lb) * lw + start % lb
         b = c.offset + ((end - 1) // lb) * lw + (end - 1) % lb + 1
@@ -192,6 +188,33 @@ class Genome:
         if lw == lb:
             return raw
         return raw[(raw != 10) & (raw != 13)]     # strip line ends: one vectorised mask, no Python loop
+
+    def _map(self, source: int) -> np.ndarray:
+        mm = self._maps.get(source)
+        if mm is None:
+            with open(self.paths[source], "rb") as f:
+                mm = self._maps[source] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
+                                                        dtype=np.uint8)
+        return mm
+
+    def fetch_many(self, contigs: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+        """Raw bytes (n, width) of n windows at once: one vectorised gather of file offsets per FASTA, so a
+        1M-token batch costs a few numpy passes, not a Python call per window."""
+        out = np.empty((len(contigs), width), dtype=np.uint8)
+        if not len(contigs):
+            return out
+        meta = np.array([(c.source, c.offset, c.line_bases, c.line_width) for c in self.contigs], dtype=np.int64)
+        src, off, lb, lw = meta[contigs].T
+        for source in np.unique(src):
+            rows = np.nonzero(src == source)[0]
+            if self.bgzf[source]:
+                for r in rows:
+                    out[r] = self.fetch(int(contigs[r]), int(starts[r]), int(starts[r]) + width)
+                continue
+            pos = starts[rows, None] + np.arange(width)
+            lb_r = lb[rows, None]
+            out[rows] = self._map(int(source))[off[rows, None] + (pos // lb_r) * lw[rows, None] + pos % lb_r]
+        return out
 
     def _fetch_bgzf(self, c: Contig, start: int, end: int) -> np.ndarray:
         fa = self._faidx.get(c.source)
@@ -316,21 +339,22 @@ class WindowSampler:
         redrawn (up to `tries` times, then the least-N draw is kept)."""
         rng = np.random.default_rng([self.seed, _SPLIT_SALT[self.split], batch_index, rank])
         cum = self._starts(window)
+        draws = rng.integers(0, cum[-1], (tries, batch_size))        # every candidate offset, drawn up front
+        k = np.searchsorted(cum, draws, side="right")
+        iv = np.array(self.intervals, dtype=np.int64)[k]             # (tries, batch, 3)
+        contig = iv[..., 0]
+        start = iv[..., 1] + draws - np.where(k > 0, cum[np.maximum(k - 1, 0)], 0)
         out = np.empty((batch_size, window), dtype=np.uint8)
-        for b in range(batch_size):
-            best, best_n = None, 2.0
-            for _ in range(tries):
-                u = int(rng.integers(0, cum[-1]))
-                k = int(np.searchsorted(cum, u, side="right"))
-                contig, s, _ = self.intervals[k]
-                start = s + u - (cum[k - 1] if k else 0)
-                ids = tok.encode_bytes(self.genome.fetch(contig, start, start + window), self.keep_softmask)
-                n_frac = float((ids == tok.N).mean())
-                if n_frac < best_n:
-                    best, best_n = ids, n_frac
-                if n_frac <= self.max_n_frac:
-                    break
-            out[b] = best
+        best_n = np.full(batch_size, 2.0)
+        todo = np.arange(batch_size)
+        for t in range(tries):                                       # redraw only windows with too many N
+            ids = tok.encode_bytes(self.genome.fetch_many(contig[t, todo], start[t, todo], window), self.keep_softmask)
+            n_frac = (ids == tok.N).mean(1)
+            better = n_frac < best_n[todo]
+            out[todo[better]], best_n[todo[better]] = ids[better], n_frac[better]
+            todo = todo[best_n[todo] > self.max_n_frac]
+            if not len(todo):
+                break
         if rc_augment:
             flip = rng.random(batch_size) < 0.5
             out[flip] = tok.reverse_complement(out[flip])
@@ -387,13 +411,18 @@ class WindowBatches(torch.utils.data.Dataset):
         L = seq_len_at(index, self.seq_len, self.warmup_steps, self.warmup_start)
         ids = self.sampler.windows(index, self.batch_size, L + 1, rank=self.rank, rc_augment=self.rc_augment)
         if self.objective == "mlm":
-            rng = np.random.default_rng([self.sampler.seed, 101, index, self.rank])
-            return mlm_batch(ids, rng)
-        return causal_batch(ids)
+            batch = mlm_batch(ids, np.random.default_rng([self.sampler.seed, 101, index, self.rank]))
+        else:
+            batch = causal_batch(ids)
+        batch["index"] = torch.tensor(index)
+        return batch
 
 
 class StepRange(torch.utils.data.Sampler):
-    """Batch indices start, start+1, ..., stop-1: the loader's position is the global step, nothing else."""
+    """Batch indices start, start+1, ..., stop-1: the loader's position is the global step, nothing else.
+
+    Its length is `stop`, not stop - start: a resumed Lightning run continues its single epoch at batch
+    `start` (restored progress) and must not see the epoch end early."""
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
@@ -402,4 +431,4 @@ class StepRange(torch.utils.data.Sampler):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.stop

@@ -121,6 +121,7 @@ def main(cfg: PretrainConfig) -> dict:
     genome, paths, splits = open_genome(cfg)
     model_cfg = build_model_config(cfg.d_model, cfg.n_layer, cfg.d_state, cfg.expand, cfg.keep_softmask,
                                    cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing)
+    torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     total = cfg.lr_decay_steps or (cfg.max_steps if cfg.max_steps > 0 else 100_000)
     module = DNALightningModule(model_cfg.to_dict(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=min(cfg.warmup_steps, total), total_steps=total)
