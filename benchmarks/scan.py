@@ -72,7 +72,8 @@ def make_inputs(b, d, n, L, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
     bf = torch.bfloat16
-    t = dict(u=r(b, d, L).to(bf), delta=(r(b, d, L) * 0.5).to(bf), A=-torch.rand(d, n, generator=g, device="cuda") - 0.1,
+    t = dict(u=r(b, d, L).to(bf), delta=(r(b, d, L) * 0.5).to(bf),
+             A=-torch.rand(d, n, generator=g, device="cuda") - 0.1,
              B=r(b, n, L).to(bf), C=r(b, n, L).to(bf), D=r(d), z=r(b, d, L).to(bf), delta_bias=r(d) * 0.3)
     for v in t.values():
         v.requires_grad_()
@@ -129,8 +130,8 @@ def variants(b, d, n, L):
 
 
 def main(cfg: ScanBenchConfig) -> list[dict]:
-    from ssm_core.io import write_json_atomic, write_text_atomic
     import kernels
+    from ssm_core.io import write_json_atomic, write_text_atomic
     if not torch.cuda.is_available():
         from ssm_core.cli import UserError
         raise UserError("benchmarks.scan needs a CUDA GPU")
@@ -172,20 +173,22 @@ def main(cfg: ScanBenchConfig) -> list[dict]:
 
 def markdown(rows, dev, rate) -> str:
     lines = [f"device: {dev}; exp2 rate {rate / 1e12:.2f} T/s; bf16, softplus, D and z on; medians (ms)", "",
-             "| B, D, N, L | exp floor | fwd project | fwd anchor | fwd ratio | fwd+bwd project | fwd+bwd anchor "
+             "| B, D, N, L | exp floor | fwd project | fwd anchor | fwd ratio | fwd+bwd project "
+             "| fwd+bwd anchor "
              "| fwd+bwd ratio | fwd+bwd / floor (project, anchor) | peak extra MiB (project, anchor) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, a = r["project"], r.get("anchor")
         f = r["exp_floor_ms"]
+        shape = ", ".join(map(str, r["shape"]))
         if a:
-            lines.append(f"| {', '.join(map(str, r['shape']))} | {f:.3f} | {p['fwd_ms']:.3f} | {a['fwd_ms']:.3f} | "
+            lines.append(f"| {shape} | {f:.3f} | {p['fwd_ms']:.3f} | {a['fwd_ms']:.3f} | "
                          f"{p['fwd_ms'] / a['fwd_ms']:.2f} | {p['fwd_bwd_ms']:.3f} | {a['fwd_bwd_ms']:.3f} | "
                          f"{p['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f} | {p['fwd_bwd_ms'] / f:.1f}, "
                          f"{a['fwd_bwd_ms'] / f:.1f} | {p['peak_extra_mb']:.0f}, {a['peak_extra_mb']:.0f} |")
         else:
-            lines.append(f"| {', '.join(map(str, r['shape']))} | {f:.3f} | {p['fwd_ms']:.3f} | – | – | "
-                         f"{p['fwd_bwd_ms']:.3f} | – | – | {p['fwd_bwd_ms'] / f:.1f}, – | {p['peak_extra_mb']:.0f}, – |")
+            lines.append(f"| {shape} | {f:.3f} | {p['fwd_ms']:.3f} | – | – | {p['fwd_bwd_ms']:.3f} | – | – | "
+                         f"{p['fwd_bwd_ms'] / f:.1f}, – | {p['peak_extra_mb']:.0f}, – |")
     return "\n".join(lines) + "\n"
 
 

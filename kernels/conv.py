@@ -36,6 +36,18 @@ def _conv_pre(x_ptr, init_ptr, w, bias, i, m2, offs_d, offs_k, s_xd, s_xl, s_id,
 
 
 @triton.jit
+def _conv_params(w_ptr, b_ptr, offs_d, mask_d, offs_k, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """weight (BLOCK_D, BLOCK_K) and bias (BLOCK_D,) in fp32, zero-padded."""
+    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_d[:, None] & (offs_k < K)[None, :],
+                other=0.).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    return w, bias
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, out_ptr, L, DIM,
                      s_xb, s_xd, s_xl, s_ib, s_id, s_il,
                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -46,11 +58,7 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, out_ptr, L, DIM,
     mask_d = offs_d < DIM
     m2 = mask_d[:, None] & (i < L)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_d[:, None] & (offs_k < K)[None, :],
-                other=0.).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    w, bias = _conv_params(w_ptr, b_ptr, offs_d, mask_d, offs_k, K, BLOCK_D, HAS_BIAS)
     pre = _conv_pre(x_ptr + pid_b * s_xb, init_ptr + pid_b * s_ib, w, bias, i, m2, offs_d, offs_k,
                     s_xd, s_xl, s_id, s_il, K, HAS_INIT)
     if SILU:
@@ -70,11 +78,7 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dinit_ptr,
     mask_d = offs_d < DIM
     d64 = offs_d.to(tl.int64)[:, None]
     offs_k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_d[:, None] & (offs_k < K)[None, :],
-                other=0.).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    w, bias = _conv_params(w_ptr, b_ptr, offs_d, mask_d, offs_k, K, BLOCK_D, HAS_BIAS)
     x_ptr += pid_b * s_xb
     init_ptr += pid_b * s_ib
     dout_ptr += pid_b * DIM * L
@@ -85,7 +89,8 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dinit_ptr,
         mi = mask_d[:, None] & ((i >= 0) & (i < L))[None, :]
         dpre = tl.load(dout_ptr + d64 * L + i[None, :], mask=mi, other=0.).to(tl.float32)
         if SILU:
-            pre = _conv_pre(x_ptr, init_ptr, w, bias, i, mi, offs_d, offs_k, s_xd, s_xl, s_id, s_il, K, HAS_INIT)
+            pre = _conv_pre(x_ptr, init_ptr, w, bias, i, mi, offs_d, offs_k, s_xd, s_xl, s_id, s_il, K,
+                            HAS_INIT)
             sig = tl.sigmoid(pre)
             dpre = dpre * sig * (1. + pre * (1. - sig))
         wk = tl.sum(tl.where(offs_k[None, :] == k, w, 0.), axis=1)
@@ -109,10 +114,10 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dinit_ptr,
 
 
 def _launch_args(x, init, K, silu, bias):
-    b, dim, L = x.shape
     ii = init if init is not None else x
-    return (*x.stride(), *ii.stride()), dict(K=K, BLOCK_K=triton.next_power_of_2(K), HAS_INIT=init is not None,
-                                             HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=16, BLOCK_L=128)
+    meta = dict(K=K, BLOCK_K=triton.next_power_of_2(K), HAS_INIT=init is not None, HAS_BIAS=bias is not None,
+                SILU=silu, BLOCK_D=16, BLOCK_L=128)
+    return (*x.stride(), *ii.stride()), meta
 
 
 class _CausalConv1dFn(torch.autograd.Function):
@@ -123,7 +128,8 @@ class _CausalConv1dFn(torch.autograd.Function):
         out = torch.empty(b, dim, L, device=x.device, dtype=x.dtype)
         strides, meta = _launch_args(x, init, K, silu, bias)
         grid = (b, triton.cdiv(dim, meta["BLOCK_D"]), triton.cdiv(L, meta["BLOCK_L"]))
-        _conv_fwd_kernel[grid](x, init if init is not None else x, weight, bias, out, L, dim, *strides, **meta)
+        _conv_fwd_kernel[grid](x, init if init is not None else x, weight, bias, out, L, dim, *strides,
+                               **meta)
         ctx.save_for_backward(x, weight, bias, init)
         ctx.silu = silu
         return out
@@ -159,7 +165,8 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"bias: expected shape ({dim},), got {tuple(bias.shape)}")
     if initial_states is not None and tuple(initial_states.shape) != (b, dim, K - 1):
-        raise ValueError(f"initial_states: expected shape {(b, dim, K - 1)}, got {tuple(initial_states.shape)}")
+        raise ValueError(f"initial_states: expected shape {(b, dim, K - 1)}, "
+                         f"got {tuple(initial_states.shape)}")
     if activation not in (None, "silu"):
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
     if K == 1:

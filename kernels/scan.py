@@ -79,6 +79,35 @@ def _last_step(x, offs_t, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _program_tiles(DIM, N, CH_PER_GROUP, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's batch, channel block, (channel, state) offsets/masks and B/C group."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mdn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d.to(tl.int64)[:, None] * N + offs_n[None, :]
+    grp = (pid_d * BLOCK_D) // CH_PER_GROUP  # BLOCK_D divides CH_PER_GROUP when grouped
+    return pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, tl.arange(0, BLOCK_T), mdn, dn, grp
+
+
+@triton.jit
+def _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """A (BLOCK_D, N), delta_bias and D (BLOCK_D,) in fp32; zeros for the absent ones."""
+    A = tl.load(A_ptr + dn, mask=mdn, other=0.).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    return A, bias, Dv
+
+
+@triton.jit
 def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr,
         L, DIM, N, CH_PER_GROUP, n_chunks, n_ckpt,
@@ -87,37 +116,24 @@ def _scan_fwd_kernel(
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         CKPT_CHUNKS: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_t = tl.arange(0, BLOCK_T)
-    mdn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d.to(tl.int64)[:, None] * N + offs_n[None, :]
-    grp = (pid_d * BLOCK_D) // CH_PER_GROUP  # BLOCK_D divides CH_PER_GROUP when grouped
-
+    pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
+        DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
     u_ptr += pid_b * s_ub
     dl_ptr += pid_b * s_db
     B_ptr += pid_b * s_bb + grp * s_bg
     C_ptr += pid_b * s_cb + grp * s_cg
     y_ptr += pid_b * DIM * L
-    A2 = tl.load(A_ptr + dn, mask=mdn, other=0.).to(tl.float32) * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    A, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D, HAS_BIAS, HAS_D)
+    A2 = A * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * DIM * N + dn, mask=mdn, other=0.)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
 
-    for c in range(0, n_chunks):
+    for c in range(n_chunks):
         if c % CKPT_CHUNKS == 0:
             tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * DIM * N + dn, h, mask=mdn)
-        t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
+        t, _, m2, u, _, _, _, Ct, a, bu = _load_chunk(
             u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n, mask_n,
             s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
         P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
@@ -144,17 +160,9 @@ def _scan_bwd_kernel(
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         CKPT_CHUNKS: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_t = tl.arange(0, BLOCK_T)
-    mdn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d.to(tl.int64)[:, None] * N + offs_n[None, :]
+    pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
+        DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
     d64 = offs_d.to(tl.int64)[None, :]
-    grp = (pid_d * BLOCK_D) // CH_PER_GROUP
 
     u_ptr += pid_b * s_ub
     dl_ptr += pid_b * s_db
@@ -170,14 +178,8 @@ def _scan_bwd_kernel(
     scr_ptr += ((pid_b * tl.num_programs(1) + pid_d) * CKPT_CHUNKS) * BLOCK_D * BLOCK_N
     sdn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
 
-    A = tl.load(A_ptr + dn, mask=mdn, other=0.).to(tl.float32)
+    A, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D, HAS_BIAS, HAS_D)
     A2 = A * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
     # carry = a_s * g_s of the chunk after the current one: what flows back into its last state.
     if HAS_DHT:
         carry = tl.load(dhT_ptr + pid_b * DIM * N + dn, mask=mdn, other=0.)
@@ -188,11 +190,11 @@ def _scan_bwd_kernel(
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
 
     n_seg = tl.cdiv(n_chunks, CKPT_CHUNKS)
-    for s in range(0, n_seg):
+    for s in range(n_seg):
         seg = n_seg - 1 - s
         h = tl.load(ck_ptr + (pid_b * n_ckpt + seg) * DIM * N + dn, mask=mdn, other=0.)
         # Re-run the forward over the segment to recover each chunk's start state.
-        for k in range(0, CKPT_CHUNKS - 1):
+        for k in range(CKPT_CHUNKS - 1):
             tl.store(scr_ptr + k * BLOCK_D * BLOCK_N + sdn, h)
             c = seg * CKPT_CHUNKS + k
             if c < n_chunks:
@@ -204,7 +206,7 @@ def _scan_bwd_kernel(
         tl.store(scr_ptr + (CKPT_CHUNKS - 1) * BLOCK_D * BLOCK_N + sdn, h)
         tl.debug_barrier()
 
-        for kr in range(0, CKPT_CHUNKS):
+        for kr in range(CKPT_CHUNKS):
             k = CKPT_CHUNKS - 1 - kr
             c = seg * CKPT_CHUNKS + k
             if c < n_chunks:
@@ -319,7 +321,8 @@ def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _flags(D, z, delta_bias, softplus):
-    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=bool(softplus))
 
 
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg: ScanConfig):
@@ -408,7 +411,8 @@ def _check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
     if L < 1:
         raise ValueError("u: sequence length L must be >= 1")
     if u.dtype == torch.float64:
-        raise ValueError("kernels.selective_scan computes in float32; use ssm_core.selective_scan_ref for float64")
+        raise ValueError("kernels.selective_scan computes in float32; "
+                         "use ssm_core.selective_scan_ref for float64")
     if tuple(delta.shape) != (b, dim, L) or A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"delta/A: expected delta (b, dim, L)={(b, dim, L)} and A (dim={dim}, N)")
     N = A.shape[1]

@@ -10,7 +10,8 @@ import triton.language as tl
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          DIM, N, CH_PER_GROUP,
-                         s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd, s_bb, s_bg, s_bn, s_cb, s_cg, s_cn,
+                         s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd,
+                         s_bb, s_bg, s_bn, s_cb, s_cg, s_cn,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)

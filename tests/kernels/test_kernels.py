@@ -103,16 +103,19 @@ def test_scan_in_segments_equals_whole_sequence_cpu():
         assert rel(parts[k].grad, whole[k].grad) < 1e-5, k
 
 
-@pytest.mark.parametrize("K,init,act,bias", [(4, True, "silu", True), (4, False, None, False), (3, True, None, True)])
+@pytest.mark.parametrize("K,init,act,bias",
+                         [(4, True, "silu", True), (4, False, None, False), (3, True, None, True)])
 def test_causal_conv1d_matches_reference_cpu(K, init, act, bias):
     b, d, L = 2, 3, 9
     g = torch.Generator().manual_seed(K)
     args = [torch.randn(b, d, L, generator=g), torch.randn(d, K, generator=g),
-            torch.randn(d, generator=g) if bias else None, torch.randn(b, d, K - 1, generator=g) if init else None]
+            torch.randn(d, generator=g) if bias else None,
+            torch.randn(b, d, K - 1, generator=g) if init else None]
     a_k = [x.clone().requires_grad_() if x is not None else None for x in args]
     a_r = [x.double().requires_grad_() if x is not None else None for x in args]
-    out, tail = kernels.causal_conv1d(*a_k[:3], initial_states=a_k[3], return_final_states=True, activation=act)
-    out_r, tail_r = causal_conv1d_ref(*a_r[:3], initial_states=a_r[3], return_final_states=True, activation=act)
+    kw = dict(return_final_states=True, activation=act)
+    out, tail = kernels.causal_conv1d(*a_k[:3], initial_states=a_k[3], **kw)
+    out_r, tail_r = causal_conv1d_ref(*a_r[:3], initial_states=a_r[3], **kw)
     assert rel(out, out_r) < 1e-5 and torch.equal(tail.double(), tail_r)
     go, gt = torch.randn_like(out_r), torch.randn_like(tail_r)
     ((out.double() * go).sum() + (tail.double() * gt).sum()).backward()
@@ -171,8 +174,10 @@ def test_bad_input_is_a_clear_error():
 SWEEP = [(L, n, dtype, h0) for L in (1, 7, 128, 2048) for n in (1, 16, 64, 256)
          for dtype, h0 in ((torch.float32, True), (torch.bfloat16, False))]
 SWEEP += [(L, 16, torch.float16, True) for L in (1, 7, 128, 2048)]
-SWEEP += [(L, 16, torch.bfloat16, True) for L in (7, 128, 2048)] + [(L, 16, torch.float32, False) for L in (7, 2048)]
-SWEEP += [(65536, 16, torch.bfloat16, True), (65536, 16, torch.float32, False), (65536, 64, torch.float32, True)]
+SWEEP += [(L, 16, torch.bfloat16, True) for L in (7, 128, 2048)]
+SWEEP += [(L, 16, torch.float32, False) for L in (7, 2048)]
+SWEEP += [(65536, 16, torch.bfloat16, True), (65536, 16, torch.float32, False),
+          (65536, 64, torch.float32, True)]
 
 
 @cuda
