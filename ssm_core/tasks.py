@@ -38,15 +38,15 @@ class TaskConfig:
     mixer: str = field(default="mamba", metadata={"help": "mixer of every layer (see ssm_core.MIXERS), or a "
                                                    "comma-separated per-layer list"})
     selective: bool = field(default=True, metadata={"help": "--no-selective makes the SSM time-invariant (LTI)"})
-    d_model: int = 64
+    d_model: int = 32
     n_layer: int = 2
     d_state: int = 16
-    seq_len: int = field(default=64, metadata={"help": "length of the region holding the data tokens"})
-    n_memorize: int = 8
-    n_tokens: int = field(default=8, metadata={"help": "number of distinct data tokens"})
+    seq_len: int = field(default=16, metadata={"help": "length of the region holding the data tokens"})
+    n_memorize: int = 2
+    n_tokens: int = field(default=4, metadata={"help": "number of distinct data tokens"})
     steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 32
+    lr: float = 1e-2
     seed: int = 0
     eval_examples: int = 1024
     output_dir: str | None = field(default=None, metadata={"help": "write metrics.json here"})
