@@ -92,7 +92,9 @@ def backtest(cfg: BacktestConfig) -> pd.DataFrame:
     summary = {name: {m: float(frame[f"{name}_{m}"].mean()) for m in ("mse", "mae", "mae_original")}
                for name in ("model", "repeat_last", "seasonal_naive")}
     write_json_atomic(out / "backtest.json", {"folds": len(frame), "step": step, "horizon": H, "season": season,
-                                              "mean": summary, "per_fold": frame.to_dict("records")})
+                                              "mean": summary,
+                                              "per_fold": frame.assign(origin=frame["origin"].astype(str))
+                                                               .to_dict("records")})
     plot_folds(frame, out / "backtest.png")
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("mean: " + ", ".join(f"{k} mse {v['mse']:.4f} mae {v['mae']:.4f}" for k, v in summary.items()),

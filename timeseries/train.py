@@ -159,7 +159,9 @@ def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_
                           num_workers=cfg.num_workers)
     val_dl = DataLoader(prep.datasets["val"], batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
     trainer = make_trainer(run_cfg, monitor="val_mse",
-                           callbacks=[EarlyStopping("val_mse", patience=cfg.patience, mode="min")],
+                           # Checked after each validation only: a --max-steps run may end mid-epoch without one.
+                           callbacks=[EarlyStopping("val_mse", patience=cfg.patience, mode="min",
+                                                    check_on_train_epoch_end=False)],
                            enable_progress_bar=cfg.progress, enable_model_summary=False)
     trainer.fit(task, train_dl, val_dl, ckpt_path=resume_checkpoint(run_cfg))
     best = checkpoint_dir(run_cfg) / "best.ckpt"
