@@ -11,4 +11,5 @@ from .scan import ScanConfig, default_config, selective_scan
 from .state_update import selective_state_update
 from .ssd import ssd_chunk_scan  # Mamba-2 chunked SSD (owned by the mixers issue)
 
-__all__ = ["selective_scan", "causal_conv1d", "selective_state_update", "ScanConfig", "default_config"]
+__all__ = ["selective_scan", "causal_conv1d", "selective_state_update", "ScanConfig", "default_config",
+           "ssd_chunk_scan"]

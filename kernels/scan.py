@@ -43,10 +43,10 @@ def _rev_combine(af_r, p_r, g_r, af_l, p_l, g_l):
 
 
 @triton.jit
-def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, t0, L,
+def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, t0, L,
                 offs_d, mask_d, offs_t, offs_n, mask_n,
                 s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
     """Loads and discretises one chunk. Padded steps (t >= L) and channels get dt = 0, so a = 1 and
     bu = 0: they carry the state through unchanged and contribute nothing."""
     t = t0 + offs_t
@@ -68,6 +68,9 @@ def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, t0, L,
     # Tiles are (BLOCK_T, BLOCK_D, BLOCK_N), time slowest: Triton's default layout spreads the lanes over
     # N then D and leaves time in registers, so the scan along time is (mostly) sequential per thread.
     a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    if HAS_RESET:  # packed sequences: a step that starts a sequence forgets the state before it
+        starts = tl.load(reset_ptr + t, mask=mask_t, other=0) != 0
+        a = tl.where(starts[:, None, None], 0., a)
     bu = (dt * u)[:, :, None] * Bt[:, None, :]
     return t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu
 
@@ -109,12 +112,13 @@ def _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D: tl
 
 @triton.jit
 def _scan_fwd_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr,
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr,
         L, DIM, N, CH_PER_GROUP, n_chunks, n_ckpt,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         CKPT_CHUNKS: tl.constexpr):
     pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
         DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
@@ -134,8 +138,8 @@ def _scan_fwd_kernel(
         if c % CKPT_CHUNKS == 0:
             tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * DIM * N + dn, h, mask=mdn)
         t, _, m2, u, _, _, _, Ct, a, bu = _load_chunk(
-            u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n, mask_n,
-            s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
+            u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
+            mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS, HAS_RESET)
         P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
         hs = H + P * h[None, :, :]
         h = _last_step(hs, offs_t, BLOCK_T)
@@ -152,13 +156,15 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ck_ptr, dy_ptr, dhT_ptr, scr_ptr,
+        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ck_ptr, dy_ptr, dhT_ptr,
+        scr_ptr,
         du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
         L, DIM, N, G, CH_PER_GROUP, n_chunks, n_ckpt,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_DHT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_RESET: tl.constexpr, HAS_DHT: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         CKPT_CHUNKS: tl.constexpr):
     pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
         DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
@@ -198,9 +204,10 @@ def _scan_bwd_kernel(
             tl.store(scr_ptr + k * BLOCK_D * BLOCK_N + sdn, h)
             c = seg * CKPT_CHUNKS + k
             if c < n_chunks:
-                t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
-                    u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
-                    mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
+                _, _, _, _, _, _, _, _, a, bu = _load_chunk(
+                    u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t,
+                    offs_n, mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS,
+                    HAS_RESET)
                 P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
                 h = _last_step(H + P * h[None, :, :], offs_t, BLOCK_T)
         tl.store(scr_ptr + (CKPT_CHUNKS - 1) * BLOCK_D * BLOCK_N + sdn, h)
@@ -212,8 +219,9 @@ def _scan_bwd_kernel(
             if c < n_chunks:
                 h_start = tl.load(scr_ptr + k * BLOCK_D * BLOCK_N + sdn)
                 t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
-                    u_ptr, dl_ptr, B_ptr, C_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
-                    mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS)
+                    u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t,
+                    offs_n, mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS,
+                    HAS_RESET)
                 P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
                 hs = H + P * h_start[None, :, :]                        # h_t
                 io = d64 * L + t[:, None]                               # (BLOCK_T, BLOCK_D) offsets
@@ -320,12 +328,12 @@ def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
     return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
 
 
-def _flags(D, z, delta_bias, softplus):
+def _flags(D, z, delta_bias, softplus, reset):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=bool(softplus))
+                SOFTPLUS=bool(softplus), HAS_RESET=reset is not None)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg: ScanConfig):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, reset, cfg: ScanConfig):
     b, dim, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -337,16 +345,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg: ScanConfig
     zz = z if z is not None else u
     grid = (b, triton.cdiv(dim, cfg.block_d_fwd))
     _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, zz, delta_bias, h0, y, hT, ck,
+        u, delta, A, B, C, D, zz, delta_bias, reset, h0, y, hT, ck,
         L, dim, N, dim // G, n_chunks, n_ckpt,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         HAS_H0=h0 is not None, BLOCK_D=cfg.block_d_fwd, BLOCK_T=cfg.block_t,
         BLOCK_N=triton.next_power_of_2(N), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps_fwd,
-        **_flags(D, z, delta_bias, softplus))
+        **_flags(D, z, delta_bias, softplus, reset))
     return y, hT, ck
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, ck, dy, dhT, cfg: ScanConfig):
+def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reset, ck, dy, dhT, cfg: ScanConfig):
     b, dim, L = u.shape
     N = A.shape[1]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -367,12 +375,12 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, ck, dy, dhT, cfg: S
     dh0 = torch.empty(b, dim, N, **f32)
     zz = z if z is not None else u
     _scan_bwd_kernel[(b, n_db)](
-        u, delta, A, B, C, D, zz, delta_bias, ck, dy, dhT, scratch,
+        u, delta, A, B, C, D, zz, delta_bias, reset, ck, dy, dhT, scratch,
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
         L, dim, N, G, dim // G, n_chunks, ck.shape[1],
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
         HAS_DHT=dhT is not None, BLOCK_D=cfg.block_d_bwd, BLOCK_T=cfg.block_t, BLOCK_N=bn,
-        CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps_bwd, **_flags(D, z, delta_bias, softplus))
+        CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps_bwd, **_flags(D, z, delta_bias, softplus, reset))
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz if z is not None else None, dbias.sum(0), dh0)
@@ -380,10 +388,10 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, ck, dy, dhT, cfg: S
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg):
-        y, hT, ck = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg, reset):
+        y, hT, ck = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, reset, cfg)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
-        ctx.softplus, ctx.cfg = softplus, cfg
+        ctx.softplus, ctx.cfg, ctx.reset = softplus, cfg, reset
         ctx.set_materialize_grads(False)
         return y, hT
 
@@ -395,12 +403,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         dy = dy.contiguous()
         dhT = dhT.float().contiguous() if dhT is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ck, dy, dhT, ctx.cfg)
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dy, dhT, ctx.cfg)
         grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0)
         inputs = ctx.saved_tensors[:8] + (None,)
         grads = tuple(g.to(x.dtype) if (g is not None and x is not None and need) else (g if need else None)
                       for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
@@ -426,16 +434,34 @@ def _check(u, delta, A, B, C, D, z, delta_bias, h0) -> None:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
+def _starts_mask(cu_seqlens, b, L, h0, return_final_state, device) -> torch.Tensor | None:
+    """(L,) int8, 1 where a packed sequence starts (after the first): there the scan drops its state."""
+    if cu_seqlens is None:
+        return None
+    if b != 1 or h0 is not None or return_final_state:
+        raise ValueError("cu_seqlens: packed sequences need batch 1, no h0 and no return_final_state")
+    cu = torch.as_tensor(cu_seqlens, device=device).long()
+    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != L or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to L={L}, got {cu.tolist()}")
+    starts = torch.zeros(L, dtype=torch.int8, device=device)
+    starts[cu[1:-1][cu[1:-1] < L]] = 1
+    return starts
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, h0=None,
-                   return_final_state=False, config: ScanConfig | None = None):
+                   return_final_state=False, config: ScanConfig | None = None, cu_seqlens=None):
     """Fused selective scan; signature and semantics of `ssm_core.selective_scan_ref`.
 
     u, delta, z: (batch, dim, L) fp32/fp16/bf16; A: (dim, N); B, C: (batch, N, L) or (batch, G, N, L);
     D, delta_bias: (dim,); h0: (batch, dim, N). Returns y (u's dtype) and, with return_final_state, the final
     state (batch, dim, N) fp32. Differentiable in every tensor input, h0 and the final state included.
+
+    cu_seqlens (num_seqs + 1,) integer offsets [0, ..., L]: variable-length sequences packed along L of
+    batch 1; each starts from a zero state (no h0 / final state in this mode).
     """
     _check(u, delta, A, B, C, D, z, delta_bias, h0)
     b, dim, L = u.shape
+    reset = _starts_mask(cu_seqlens, b, L, h0, return_final_state, u.device)
     G = 1 if B.dim() == 3 else B.shape[1]
     cfg = config or default_config(dim, L, A.shape[1], G, batch=b)
     if G > 1:  # a program's channels must share one B/C group
@@ -446,5 +472,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
     h0 = h0.float().contiguous() if h0 is not None else None
-    y, hT = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), cfg)
+    y, hT = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, h0, bool(delta_softplus), cfg, reset)
     return (y, hT) if return_final_state else y
