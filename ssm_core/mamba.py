@@ -22,6 +22,10 @@ from .ops import backend_for, causal_conv1d, selective_scan, selective_state_upd
 STREAM_STEPS = 16
 
 
+def _records_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or module.A_log.requires_grad)
+
+
 @dataclass
 class MambaState:
     """Recurrent state of one Mamba mixer. Tensors are updated in place by `Mamba.stream`."""
@@ -148,9 +152,11 @@ class Mamba(nn.Module):
         if state.ssm.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
         xz = self.in_proj(x)                                            # (b, T, 2*d_inner)
-        A = self._A()
         T = x.shape[1]
-        if self.selective and T <= STREAM_STEPS and backend_for(x) == "cpu":
+        A = self._A()
+        # The step loop updates buffers in place, which autograd cannot record: under autograd (streaming
+        # for training, e.g. truncated BPTT) the chunked scan, whose autograd.Function can, is used instead.
+        if self.selective and T <= STREAM_STEPS and not _records_grad(x, self) and backend_for(x) == "cpu":
             y = self._stream_steps(xz, A, state)
         elif T == 1 and self.selective:
             u, z = xz[:, 0].chunk(2, dim=-1)

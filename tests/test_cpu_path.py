@@ -169,3 +169,28 @@ def test_model_stream_equals_forward_float32():
         got = torch.cat([model.stream(x[:, s:s + 2], state)[0] for s in range(0, 12, 2)], 1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
+
+
+def test_short_cpu_chunks_take_the_step_path(monkeypatch):
+    m = ssm_core.Mamba(8, d_state=4).eval()
+    calls = []
+    real = m._stream_steps
+    monkeypatch.setattr(m, "_stream_steps", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    with torch.inference_mode():
+        state = m.init_state(1)
+        for n in (1, 2, 20):
+            m.stream(torch.randn(1, n, 8), state)
+    assert calls == [1, 2], "chunks up to STREAM_STEPS stream step by step, longer ones use the scan"
+
+
+def test_stream_under_autograd_matches_forward_gradients():
+    """Streaming with autograd on (truncated BPTT) takes the differentiable scan; gradients equal forward's."""
+    torch.manual_seed(0)
+    m = ssm_core.Mamba(8, d_state=4).double()
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    want = torch.autograd.grad(m(x).pow(2).sum(), list(m.parameters()))
+    state = m.init_state(1)
+    ys = [m.stream(x[:, s:s + 2], state)[0] for s in range(0, 6, 2)]
+    got = torch.autograd.grad(torch.cat(ys, 1).pow(2).sum(), list(m.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
