@@ -120,9 +120,11 @@ def write_forecast(out: Path, model, prep: Prepared, max_series: int = 4) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = min(max_series, len(prep.outputs))
+    # The first series and the last one (TSLib's target convention, e.g. ETT's OT) when not all fit.
+    shown = list(range(n - 1)) + [len(prep.outputs) - 1]
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.4 * n), squeeze=False, sharex=True)
     L, H = prep.lookback, prep.horizon
-    for j, ax in enumerate(axes[:, 0]):
+    for j, ax in zip(shown, axes[:, 0]):
         ax.plot(range(-L, 0), history[:, j], color="0.5", lw=1, label="history")
         ax.plot(range(H), actual[:, j], color="k", lw=1.2, label="actual")
         if quantiles:
