@@ -10,7 +10,10 @@ voices never occur in training.
 
 The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation_list.txt`,
 `testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
-configuration, built in a temporary folder and renamed into place: deterministic, built once, reused.
+configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
+(words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so the set is the same
+wherever it is built; espeak-ng's own samples are not bit-reproducible between runs (they can differ by a
+few least-significant bits), which is why the folder is cached rather than rebuilt.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
 """

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audio import evaluate, stream, synth, train
+from audio.data import SILENCE, UNKNOWN, ClipDataset, build_splits, label_names, resolve_root
+from audio.model import load_model
+from ssm_core.cli import UserError, run
+
+
+def make_speech_commands(root, words=("yes", "no", "cat", "dog"), per_word=10):
+    """A miniature folder in the Speech Commands layout."""
+    rng = np.random.default_rng(0)
+    val, test = [], []
+    for w in words:
+        (root / w).mkdir(parents=True)
+        for i in range(per_word):
+            sf.write(root / w / f"spk{i}_nohash_0.wav", 0.1 * rng.standard_normal(12000).astype(np.float32), 16000)
+            (val if i == 0 else test if i == 1 else []).append(f"{w}/spk{i}_nohash_0.wav")
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    (root / "_background_noise_").mkdir()
+    sf.write(root / "_background_noise_" / "white.wav", 0.1 * rng.standard_normal(48000).astype(np.float32), 16000)
+    return root
+
+
+def test_speech_commands_splits_and_label_sets(tmp_path):
+    root = make_speech_commands(tmp_path / "sc")
+    labels = label_names(root, "12")
+    assert labels[:2] == ["yes", "no"] and labels[-2:] == [SILENCE, UNKNOWN]
+    splits = build_splits(root, labels, seed=0)
+    train_labels = [labels[it.label] for it in splits["train"]]
+    assert train_labels.count("yes") == 8 and train_labels.count("no") == 8   # lists hold out 2 per word
+    assert train_labels.count(UNKNOWN) == train_labels.count(SILENCE) == 2    # ~10% each of the split
+    assert {labels[it.label] for it in splits["testing"]} >= {"yes", "no"}
+    wave, y = ClipDataset(splits["train"])[0]
+    assert wave.shape == (16000,) and wave[12000:].abs().max() == 0           # padded to one second
+    assert label_names(root, "35") == ["cat", "dog", "no", "yes"]
+    # torchaudio.datasets.SPEECHCOMMANDS download layout is found from its root
+    ta = tmp_path / "ta"
+    (ta / "SpeechCommands").mkdir(parents=True)
+    root.rename(ta / "SpeechCommands" / "speech_commands_v0.02")
+    assert resolve_root(ta) == ta / "SpeechCommands" / "speech_commands_v0.02"
+    with pytest.raises(UserError, match="not in the Speech Commands layout"):
+        resolve_root(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("synth")
+    return cache, synth.ensure_dataset(train.synth_config("tiny", seed=0), cache, progress=False)
+
+
+def test_synthetic_dataset_is_cached_and_voice_disjoint(tiny_synth):
+    cache, root = tiny_synth
+    cfg = train.synth_config("tiny", seed=0)
+    assert synth.ensure_dataset(cfg, cache, progress=False) == root          # cached: the second call reuses it
+    val, test = ((root / f"{s}_list.txt").read_text().split() for s in ("validation", "testing"))
+    assert test and all(cfg.test_voices[0].replace("+", "_") in f for f in test)
+    assert val and all(cfg.val_voices[0].replace("+", "_") in f for f in val)
+    train_files = {f"{w}/{p.name}" for w in cfg.words for p in (root / w).glob("*.wav")} - set(test) - set(val)
+    assert len(train_files) == len(cfg.words) * len(cfg.train_voices)
+    assert not any(v.replace("+", "_") in f for v in cfg.test_voices + cfg.val_voices for f in train_files)
+    wave, sr = sf.read(root / test[0])
+    assert sr == 16000 and wave.shape == (16000,) and np.abs(wave).max() > 0.05
+    # the same config names the same folder; another config another one
+    assert root.name == f"synth-{cfg.key()}" != f"synth-{train.synth_config('tiny', seed=1).key()}"
+
+
+def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsys):
+    cache, out = tiny_synth[0], tmp_path / "run"
+    common = ["--synth-size", "tiny", "--synth-cache", str(cache)]
+    assert run(train.main, train.AudioTrainConfig,
+               [*common, "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8", "--d-model", "16",
+                "--n-layer", "1", "--val-every", "2", "--accelerator", "cpu"], prog="audio.train") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["testing"]["accuracy"] <= 1
+    assert len(metrics["testing"]["confusion"]) == 12 and (out / "confusion.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "model" / "model.safetensors").is_file()
+    # the Lightning checkpoint and the exported folder hold the same model
+    a, b = load_model(out / "checkpoints" / "last.ckpt"), load_model(out / "model")
+    x = torch.randn(1, 8000)
+    torch.testing.assert_close(a(x), b(x))
+
+    assert run(evaluate.main, evaluate.EvalConfig, ["--model", str(out), *common, "--output-dir",
+                                                    str(tmp_path / "eval")], prog="audio.evaluate") == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["testing"]["clips"] == \
+        metrics["testing"]["clips"]
+
+    wav = tmp_path / "demo.wav"
+    assert run(synth.main, synth.DemoConfig, ["--output-wav", str(wav), "--seconds", "12"], prog="audio.synth") == 0
+    events = json.loads(wav.with_suffix(".json").read_text())["events"]
+    assert len(events) >= 3 and all(e["word"] in synth.KEYWORDS for e in events)
+    capsys.readouterr()
+    assert run(stream.main, stream.StreamConfig, ["--model", str(out / "model"), "--wav", str(wav),
+                                                  "--threshold", "0.2"], prog="audio.stream") == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("summary: audio 12.00 s, real-time factor")
+
+
+def test_train_config_errors(tmp_path, capsys):
+    assert run(train.main, train.AudioTrainConfig, ["--data", str(tmp_path / "nope")], prog="audio.train") == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert run(train.main, train.AudioTrainConfig, ["--snr-db", "20", "0"], prog="audio.train") == 2
+    assert "--snr-db" in capsys.readouterr().err
