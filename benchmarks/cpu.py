@@ -163,6 +163,53 @@ def _spawn(job: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def report(data: dict, plot: Path | None = None) -> str:
+    """The markdown tables (and optionally a PNG of the speed-ups) for a results dict as --out writes it."""
+    results, load = data["results"], data["load_average"]
+    lines = [f"scan threads {data['threads']}; load average {load[0]:.1f} at start, {load[-1]:.1f} at end", "",
+             "| shape (b, d, N, L) | pass | implementation | ms (min) | timed runs | peak MiB | mamba_ssm ref / this |",
+             "|---|---|---|---|---|---|---|"]
+    speedups = {}
+    for r in results:
+        if r["kind"] != "scan" or "skipped" in r:
+            continue
+        anchor = next((q for q in results if q["kind"] == "scan" and q["impl"] == "mamba_ssm" and
+                       q["shape"] == r["shape"] and q["mode"] == r["mode"] and "ms" in q), None)
+        ratio = anchor["ms"] / r["ms"] if anchor else None
+        if ratio:
+            speedups[(LABELS[r["impl"]], f"{r['mode']} {tuple(r['shape'])}")] = ratio
+        lines.append(f"| {tuple(r['shape'])} | {r['mode']} | {LABELS[r['impl']]} | {r['ms']:.1f} | {r['runs']} | "
+                     f"{r['peak_mib']:.0f} | {f'{ratio:.1f}x' if ratio else '-'} |")
+    lines += ["", "| Mamba(256) one layer, 1 thread, per 20 ms chunk (2 frames) | median ms | p99 ms | min ms |",
+              "|---|---|---|---|"]
+    for r in results:
+        if r["kind"] == "stream" and "skipped" not in r:
+            what = "ssm_core `Mamba.stream` (2 frames)" if r["impl"] == "cpu" else "mamba_ssm `Mamba.step` x 2"
+            lines.append(f"| {what} | {r['median_ms']:.3f} | {r['p99_ms']:.3f} | {r['min_ms']:.3f} |")
+    if plot is not None and speedups:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from ssm_core.io import save_figure_atomic
+        cases = sorted({c for _, c in speedups})
+        impls = [i for i in LABELS.values() if any(k[0] == i for k in speedups) and i != LABELS["mamba_ssm"]]
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        width = 0.8 / max(len(impls), 1)
+        for j, impl in enumerate(impls):
+            ax.bar([i + j * width for i in range(len(cases))], [speedups.get((impl, c), 0) for c in cases],
+                   width, label=impl)
+        ax.axhline(1, color="k", lw=0.8)
+        ax.axhline(5, color="r", ls="--", lw=0.8, label="target 5x")
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+        ax.set_ylabel("speed-up over mamba_ssm selective_scan_ref")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure_atomic(fig, plot)
+        lines += ["", f"wrote {plot}"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -175,8 +222,13 @@ def main(argv=None) -> None:
     p.add_argument("--skip-reference-backward", action="store_true",
                    help="leave out autograd through ssm_core's plain reference (minutes per run on 2 cores)")
     p.add_argument("--stream-iters", type=int, default=2000)
+    p.add_argument("--plot", type=Path, help="write a PNG of the speed-ups here")
+    p.add_argument("--report", type=Path, help="only print the tables (and --plot) of a JSON written by --out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.report:
+        print(report(json.loads(a.report.read_text()), a.plot))
+        return
     if a.child:
         job = json.loads(a.child)
         kind = job.pop("kind")
@@ -200,27 +252,11 @@ def main(argv=None) -> None:
             write_json_atomic(a.out, {"load_average": load, "threads": a.threads, "results": results})
     load.append(os.getloadavg()[0])
 
-    print(f"\nCPU: {os.cpu_count()} cores, scan threads {a.threads}; load average {load[0]:.1f} at start, "
-          f"{load[1]:.1f} at end; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| shape (b, d, N, L) | pass | implementation | ms (min) | peak MiB | mamba_ssm ref / this |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        if r["kind"] != "scan" or "skipped" in r:
-            continue
-        anchor = next((q for q in results if q["kind"] == "scan" and q["impl"] == "mamba_ssm" and
-                       q["shape"] == r["shape"] and q["mode"] == r["mode"] and "ms" in q), None)
-        ratio = f"{anchor['ms'] / r['ms']:.1f}x" if anchor else "-"
-        print(f"| {tuple(r['shape'])} | {r['mode']} | {LABELS[r['impl']]} | {r['ms']:.1f} | {r['peak_mib']:.0f} | "
-              f"{ratio} |")
-    print("\n| Mamba(256) one layer, 1 thread, per 20 ms chunk (2 frames) | median ms | p99 ms | min ms |")
-    print("|---|---|---|---|")
-    for r in results:
-        if r["kind"] == "stream" and "skipped" not in r:
-            what = "ssm_core Mamba.stream (2 frames)" if r["impl"] == "cpu" else "mamba_ssm Mamba.step x 2"
-            print(f"| {what} | {r['median_ms']:.3f} | {r['p99_ms']:.3f} | {r['min_ms']:.3f} |")
+    data = {"load_average": load, "threads": a.threads, "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     if a.out:
-        write_json_atomic(a.out, {"load_average": load, "threads": a.threads, "results": results})
-        print(f"\nwrote {a.out}")
+        write_json_atomic(a.out, data)
+    print(report(data, a.plot))
 
 
 if __name__ == "__main__":
