@@ -42,7 +42,8 @@ class SSDBenchConfig:
 
 
 # Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
-VARIANTS = {"BLOCK_M=32": {"BLOCK_M": 32}, "WARPS_BWD=4": {"WARPS_BWD": 4}, "HEADS_PER_PROGRAM=8": {"HEADS_PER_PROGRAM": 8},
+VARIANTS = {"BLOCK_M_BWD=32": {"BLOCK_M_BWD": 32}, "WARPS_BWD=16": {"WARPS_BWD": 16},
+            "BLOCK_M_BWD=32,HEADS_PER_PROGRAM=2": {"BLOCK_M_BWD": 32, "HEADS_PER_PROGRAM": 2},
             "WARPS_FWD=8": {"WARPS_FWD": 8}}
 
 

@@ -297,6 +297,7 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
 # warps per program: the backward tiles hold dB/dC and their per-head accumulators (BLOCK_M x N fp32 each),
 # hence more warps there to keep them in registers.
 BLOCK_M = 64
+BLOCK_M_BWD = 64
 WARPS_FWD = 4
 WARPS_BWD = 8
 # Heads of a group one backward program walks (summing their dB / dC in registers); the splits of a group
@@ -365,6 +366,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DDT = torch.empty_like(DT)
     DCS = torch.empty_like(DT)
     hpp = min(HEADS_PER_PROGRAM, H // G)
+    BM = min(Q, BLOCK_M_BWD)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
     _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
                     HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,

@@ -108,6 +108,7 @@ def test_ssd_reference_rejects_bad_shapes():
 def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, monkeypatch):
     kernels_ssd = pytest.importorskip("kernels.ssd", reason="kernels.ssd needs triton")
     monkeypatch.setattr(kernels_ssd, "BLOCK_M", 16)  # several causal tiles per chunk, ragged last chunk
+    monkeypatch.setattr(kernels_ssd, "BLOCK_M_BWD", 16)
     monkeypatch.setattr(kernels_ssd, "HEADS_PER_PROGRAM", 1)  # dB / dC summed over head splits by atomics
     t = ssd_inputs(b=2, L=L, h=4, p=16, g=g, n=16, dtype=torch.float32, D_hdim=D_hdim, seed=3)
     if not gated:
