@@ -21,8 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from genomics import tokenizer as tok  # noqa: E402
-from ssm_core import MambaConfig, MambaLM  # noqa: E402
+from genomics import tokenizer as tok
+from ssm_core import MambaConfig, MambaLM
 
 
 def ours(rc: bool):
@@ -57,9 +57,10 @@ def main():
     for shape in anchor_lm.SHAPES[:args.max_shape_index]:
         by = {r["model"]: r for r in rows if (r["B"], r["L"], r["checkpointing"]) == shape}
         cells = [f"{by[m].get('tokens_per_s', 'OOM'):>10} t/s {by[m].get('peak_GiB', '-'):>5} GiB" for m in args.models]
-        ratio = lambda m: (f"{by[m]['tokens_per_s'] / by['anchor']['tokens_per_s']:.2f}x"
-                           if "tokens_per_s" in by.get(m, {}) and "tokens_per_s" in by.get("anchor", {}) else "-")
-        print(f"{shape[0]:>4} {shape[1]:>8} {str(shape[2]):>5} | " + " | ".join(cells)
+        def ratio(m, by=by):
+            ok = "tokens_per_s" in by.get(m, {}) and "tokens_per_s" in by.get("anchor", {})
+            return f"{by[m]['tokens_per_s'] / by['anchor']['tokens_per_s']:.2f}x" if ok else "-"
+        print(f"{shape[0]:>4} {shape[1]:>8} {shape[2]!s:>5} | " + " | ".join(cells)
               + f" | {ratio('ours'):>10} {ratio('ours_rc'):>9}")
 
 

@@ -9,5 +9,14 @@ from . import tokenizer
 from .data import Genome, WindowBatches, WindowSampler, causal_batch, make_splits, mlm_batch
 from .demo import demo_genome, known_entropy
 
-__all__ = ["tokenizer", "Genome", "WindowSampler", "WindowBatches", "causal_batch", "mlm_batch", "make_splits",
-           "demo_genome", "known_entropy"]
+__all__ = [
+           "Genome",
+           "WindowBatches",
+           "WindowSampler",
+           "causal_batch",
+           "demo_genome",
+           "known_entropy",
+           "make_splits",
+           "mlm_batch",
+           "tokenizer",
+]

@@ -136,7 +136,7 @@ class Genome:
 
     @classmethod
     def open(cls, paths: list[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
-             flag: str = "--fasta") -> "Genome":
+             flag: str = "--fasta") -> Genome:
         cache = Path(cache_dir) if cache_dir else cache_root()
         if not paths:
             raise UserError(f"{flag}: give at least one FASTA file")

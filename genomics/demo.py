@@ -2,7 +2,7 @@
 entropy is known, so a pretraining run can be judged against the best achievable bits per base.
 
 What it holds (all from one seed, numpy only, about a second to generate):
-  * background: an order-3 Markov chain (transition rows ~ Dirichlet(3), about 1.8 bits/base) whose
+  * background: an order-2 Markov chain (transition rows ~ Dirichlet(1), about 1.6 bits/base) whose
     G+C weight drifts slowly along each contig (isochore-like GC-content drift);
   * dispersed repeats: copies of three Alu-like family consensus sequences (some reverse-complemented),
     6% substitutions, soft-masked (lower case) as RepeatMasker would;
@@ -27,10 +27,12 @@ import numpy as np
 
 from ssm_core.io import atomic_path, write_json_atomic
 
-VERSION = 1
+VERSION = 2
 SEED = 20261123
 CONTIGS = {"chr1": 1_200_000, "chr2": 900_000, "chr3": 600_000, "chr20": 250_000, "chr21": 250_000}
 MOTIF_PWM_TOP = 0.9
+ORDER = 2                  # Markov order of the background chain
+N_CTX = 4 ** ORDER
 LINE_WIDTH = 60
 _COMP = bytes.maketrans(b"ACGTacgtN", b"TGCAtgcaN")
 
@@ -53,13 +55,13 @@ def _mutation_entropy(rate: float) -> float:
     return float(_h(np.array([1 - rate] + [rate / 3] * 3)))
 
 
-def markov_table(rng: np.random.Generator, alpha: float = 3.0) -> np.ndarray:
-    """Order-3 transition table (64 contexts x 4 bases)."""
-    return rng.dirichlet([alpha] * 4, size=64)
+def markov_table(rng: np.random.Generator, alpha: float = 1.0) -> np.ndarray:
+    """Transition table of the background chain (4**ORDER contexts x 4 bases)."""
+    return rng.dirichlet([alpha] * 4, size=N_CTX)
 
 
 def sample_background(rng: np.random.Generator, table: np.ndarray, gc: np.ndarray, lane: int = 4096):
-    """Sample bases 0..3 (ACGT) from the GC-weighted order-3 chain, and each base's entropy in bits.
+    """Sample bases 0..3 (ACGT) from the GC-weighted Markov chain, and each base's entropy in bits.
 
     Vectorised over independent lanes of `lane` bases (each lane restarts the chain), so a megabase takes
     a few thousand numpy steps instead of a million Python ones."""
@@ -69,7 +71,7 @@ def sample_background(rng: np.random.Generator, table: np.ndarray, gc: np.ndarra
     u = rng.random((n_lanes, lane))
     out = np.zeros((n_lanes, lane), dtype=np.uint8)
     ent = np.zeros((n_lanes, lane), dtype=np.float32)
-    ctx = rng.integers(0, 64, n_lanes)
+    ctx = rng.integers(0, N_CTX, n_lanes)
     for t in range(lane):
         g = gc_l[:, t:t + 1]
         p = table[ctx] * np.concatenate([1 - g, g, g, 1 - g], axis=1)
@@ -77,7 +79,7 @@ def sample_background(rng: np.random.Generator, table: np.ndarray, gc: np.ndarra
         b = (u[:, t:t + 1] > np.cumsum(p, 1)).sum(1).clip(0, 3)
         out[:, t] = b
         ent[:, t] = _h(p)
-        ctx = (ctx * 4 + b) % 64
+        ctx = (ctx * 4 + b) % N_CTX
     return out.reshape(-1)[:n], ent.reshape(-1)[:n]
 
 
@@ -164,10 +166,8 @@ def write_fasta(path: str | os.PathLike, records: list[tuple[str, bytes]], line_
         fai_lines.append(f"{name}\t{len(seq)}\t{offset}\t{line_width}\t{line_width + 1}\n")
         chunks += [header, body]
         offset += len(body)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.writelines(chunks)
     with atomic_path(str(path) + ".fai") as tmp:
         tmp.write_text("".join(fai_lines))
     return path

@@ -9,9 +9,9 @@ Long sequences are processed in windows (constant memory), batched; RC-equivaria
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -89,9 +89,8 @@ def main(cfg: EmbedConfig) -> Path:
     embs = np.stack(list(tqdm(embed_sequences(model, token_streams(), device, cfg.window, cfg.batch_size),
                               total=len(todo), desc="embed", unit="seq"))).astype(np.float32)
     if out.suffix == ".npy":
-        with atomic_path(out) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, embs)
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, embs)
         write_text_atomic(str(out) + ".ids.tsv", "name\tcontig\tstart\tend\n" + "".join(
             f"{name}\t{cname}\t{s}\t{e}\n" for name, _, s, e, cname in todo))
     else:

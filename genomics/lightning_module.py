@@ -54,7 +54,7 @@ class DNALightningModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         logits = self(batch["input_ids"])
-        nll, count, correct = token_stats(logits, batch["targets"])
+        nll, count, _ = token_stats(logits, batch["targets"])
         loss = nll / count.clamp(min=1)
         n_tokens = batch["input_ids"].numel()
         self.train_tokens.update(torch.tensor(float(n_tokens), device=self.device))

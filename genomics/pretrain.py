@@ -10,7 +10,6 @@ TensorBoard), metrics.json and loss_curve.png.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Literal
 
 import torch
 
-from ssm_core import MambaConfig
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic
 from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, prepare_output_dir, resume_checkpoint

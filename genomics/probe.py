@@ -104,7 +104,7 @@ def cross_validate(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> dict:
 
 
 def main(cfg: ProbeConfig) -> dict:
-    model, meta, device = load_model(cfg.checkpoint, cfg.device)
+    model, _, device = load_model(cfg.checkpoint, cfg.device)
     out = prepare_output_dir(cfg.output_dir or Path(cfg.checkpoint), "--output-dir")
     if cfg.task == "motif":
         strs, y = demo.motif_task(n=2 * cfg.samples_per_class, length=min(cfg.window, 200), seed=cfg.seed)
@@ -121,7 +121,7 @@ def main(cfg: ProbeConfig) -> dict:
     X = np.stack(list(embed_sequences(model, seqs, device, window=cfg.window, batch_size=cfg.batch_size)))
     res = cross_validate(X, y, cfg.folds, cfg.seed)
     task = cfg.task if cfg.task != "files" else (Path(cfg.csv).stem if cfg.csv else "fasta_per_class")
-    res.update({"task": task, "classes": names, "n_samples": int(len(y)), "folds": cfg.folds,
+    res.update({"task": task, "classes": names, "n_samples": len(y), "folds": cfg.folds,
                 "embedding_dim": int(X.shape[1]), "checkpoint": str(cfg.checkpoint)})
     write_json_atomic(out / f"probe_{task}.json", res)
     print(f"{task}: accuracy {res['accuracy']:.3f} (majority {res['majority_baseline']:.3f}), "

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from genomics import tokenizer as tok
-from genomics.data import (Genome, WindowBatches, WindowSampler, causal_batch, check_lengths, make_splits,
-                           mlm_batch, seq_len_at)
+from genomics.data import (
+    Genome,
+    WindowBatches,
+    WindowSampler,
+    causal_batch,
+    check_lengths,
+    make_splits,
+    mlm_batch,
+    seq_len_at,
+)
 from genomics.demo import write_fasta
 from ssm_core.cli import UserError
 
