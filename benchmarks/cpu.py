@@ -156,8 +156,12 @@ def child_stream(impl: str, iters: int, bench_dir: str) -> dict:
             "min_ms": 1e3 * times[0], "iters": len(times)}
 
 
-def _spawn(job: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+def _spawn(job: dict, timeout: float | None) -> dict:
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:   # mamba_ssm's autograd loop is quadratic in L (see docs/cpu.md)
+        return {"timeout_s": timeout}
     if out.returncode != 0:
         raise RuntimeError(f"benchmark job {job} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,13 +177,18 @@ def report(data: dict, plot: Path | None = None) -> str:
     for r in results:
         if r["kind"] != "scan" or "skipped" in r:
             continue
+        case = f"{tuple(r['shape'])} | {r['mode']} | {LABELS[r['impl']]}"
+        if "timeout_s" in r:
+            lines.append(f"| {case} | > {1e3 * r['timeout_s']:.0f} (stopped) | 0 | - | 1.0x |")
+            continue
         anchor = next((q for q in results if q["kind"] == "scan" and q["impl"] == "mamba_ssm" and
-                       q["shape"] == r["shape"] and q["mode"] == r["mode"] and "ms" in q), None)
-        ratio = anchor["ms"] / r["ms"] if anchor else None
-        if ratio:
-            speedups[(LABELS[r["impl"]], f"{r['mode']} {tuple(r['shape'])}")] = ratio
-        lines.append(f"| {tuple(r['shape'])} | {r['mode']} | {LABELS[r['impl']]} | {r['ms']:.1f} | {r['runs']} | "
-                     f"{r['peak_mib']:.0f} | {f'{ratio:.1f}x' if ratio else '-'} |")
+                       q["shape"] == r["shape"] and q["mode"] == r["mode"] and "skipped" not in q), None)
+        anchor_ms = None if anchor is None else anchor.get("ms", 1e3 * anchor.get("timeout_s", 0))
+        ratio = f"{anchor_ms / r['ms']:.1f}x" if anchor_ms else "-"
+        if anchor_ms:
+            speedups[(LABELS[r["impl"]], f"{r['mode']} {tuple(r['shape'])}")] = anchor_ms / r["ms"]
+            ratio = ("> " if "timeout_s" in anchor else "") + ratio
+        lines.append(f"| {case} | {r['ms']:.1f} | {r['runs']} | {r['peak_mib']:.0f} | {ratio} |")
     lines += ["", "| Mamba(256) one layer, 1 thread, per 20 ms chunk (2 frames) | median ms | p99 ms | min ms |",
               "|---|---|---|---|"]
     for r in results:
@@ -222,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-reference-backward", action="store_true",
                    help="leave out autograd through ssm_core's plain reference (minutes per run on 2 cores)")
     p.add_argument("--stream-iters", type=int, default=2000)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds after which a measurement is stopped and reported as '> timeout'")
     p.add_argument("--plot", type=Path, help="write a PNG of the speed-ups here")
     p.add_argument("--report", type=Path, help="only print the tables (and --plot) of a JSON written by --out")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -247,7 +258,7 @@ def main(argv=None) -> None:
     results = []
     for job in (bar := tqdm(jobs, desc="cpu benchmark", unit="job")):
         bar.set_postfix_str(f"{job['impl']} {job.get('mode', 'stream')} {job.get('shape', '')}")
-        results.append({**job, **_spawn(job)})
+        results.append({**job, **_spawn(job, a.timeout)})
         if a.out:   # as it goes: a long run that is stopped keeps what it measured
             write_json_atomic(a.out, {"load_average": load, "threads": a.threads, "results": results})
     load.append(os.getloadavg()[0])

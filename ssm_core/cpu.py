@@ -1,6 +1,7 @@
-"""The fast CPU path: `selective_scan`, `causal_conv1d` and `selective_state_update` with the exact
-signatures and semantics of their `*_ref` counterparts in `ssm_core.reference`. `ssm_core.ops` sends
-CPU tensors here.
+"""The fast CPU path: `selective_scan` with the exact signature and semantics of `selective_scan_ref`.
+`ssm_core.ops` sends CPU tensors here. `causal_conv1d` and `selective_state_update` are deliberately not
+overridden: their references are already one `F.conv1d` / a handful of ops, and the streaming hot path
+(`Mamba._stream_steps`) fuses both into its own few ops.
 
 Why a loop and not a parallel (log-space / chunked-matrix) scan: on a CPU one PyTorch op costs a few
 microseconds of dispatch, and the exponential of dt*A, which every formulation needs once per
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import causal_conv1d_ref, check_scan_inputs
+from .reference import check_scan_inputs
 
 # Elements of one chunk's (T, batch, dim, N) work buffers: ~1-2 MiB in fp32 keeps them in L2/L3 while
 # still amortising per-step dispatch over T steps of vectorised exp / matmul.
