@@ -4,9 +4,9 @@
     python -m audio.train --data ~/speech_commands_v0.02 --labels 35 --output-dir runs/sc35
     python -m audio.train --config configs/audio/kws_synth.yaml
 
-Each training example is the second half of another clip of the batch followed by the clip itself: the
-loss is the cross-entropy of the last `label_frames` frames of each part, so the model learns to answer
-both from a fresh state and with the state a previous word left behind, as it must on a stream. Augmentation on the fly: background-noise mixing at 0-20 dB SNR, time shift, gain, SpecAugment.
+Each training example is another clip of the batch followed by the clip itself: the loss is the
+cross-entropy of the last `label_frames` frames of each, so the model learns to answer both from a fresh
+state and with the state a previous word left behind, as it must on a stream. Augmentation on the fly: background-noise mixing at 0-20 dB SNR, time shift, gain, SpecAugment.
 
 Writes <output-dir>/checkpoints/{last,best}.ckpt, <output-dir>/model/ (the best model, for audio.stream),
 <output-dir>/metrics.json and <output-dir>/confusion.png (held-out test split).
@@ -141,9 +141,10 @@ def _lightning_module():
             wave = time_shift(wave, int(c["time_shift_ms"] * sr / 1000))
             wave = wave * 10 ** (torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"] / 20)
             wave = mix_noise(wave, self.noise_bank, c["noise_prob"], c["snr_db"])
-            # The second half of another clip, then the clip: the first part is scored from a fresh state,
-            # the second with the state another word left behind, as on a stream.
-            prefix = wave.roll(1, 0)[:, wave.shape[1] // 2:]
+            # Another clip of the batch, then the clip: the first is scored from a fresh state, the second with
+            # the state another word left behind, as on a stream. (The whole clip: a word may sit anywhere
+            # before its label frames, so a cut-down prefix could lose the word its label names.)
+            prefix = wave.roll(1, 0)
             feats = spec_augment(m.features(torch.cat([prefix, wave], dim=1)), c["freq_mask"], c["time_mask"])
             logits = m.classify(feats)
             k, t1 = m.config.label_frames, m.config.features.num_frames(prefix.shape[1])
