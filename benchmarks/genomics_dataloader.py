@@ -19,8 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from genomics.data import Genome, StepRange, WindowBatches, WindowSampler  # noqa: E402
-from genomics.demo import demo_genome, write_fasta  # noqa: E402
+from genomics.data import Genome, StepRange, WindowBatches, WindowSampler
+from genomics.demo import demo_genome, write_fasta
 
 
 def big_fasta(folder: Path, mb: int) -> Path:

@@ -242,12 +242,13 @@ def named_contigs(genome: Genome, names: list[str], flag: str) -> list[int]:
 
 
 def make_splits(genome: Genome, val_contigs: list[str] | None, test_contigs: list[str] | None,
-                bed: str | None = None, holdout_frac: float = 0.05) -> dict[str, list[Interval]]:
+                bed: str | None = None, holdout_frac: float = 0.05, min_holdout: int = 0) -> dict[str, list[Interval]]:
     """Intervals of each split.
 
     BED (chrom, start, end, split) when given. Else contigs named by --val-contigs/--test-contigs (an
     error if absent). With neither: hg38's chr20/chr21 when the genome has them, else the last
-    `holdout_frac` of every contig is validation and the `holdout_frac` before it test."""
+    `holdout_frac` (at least `min_holdout` bases, one window) of every contig long enough to spare it is
+    validation and as much before it test."""
     if bed:
         return _bed_splits(genome, bed)
     if val_contigs is None and test_contigs is None:
@@ -256,7 +257,10 @@ def make_splits(genome: Genome, val_contigs: list[str] | None, test_contigs: lis
         else:
             splits = {s: [] for s in SPLITS}
             for i, c in enumerate(genome.contigs):
-                k = int(c.length * holdout_frac)
+                k = max(int(c.length * holdout_frac), min_holdout)
+                if 3 * k > c.length:        # too short to give up two windows: all of it trains
+                    splits["train"].append((i, 0, c.length))
+                    continue
                 splits["train"].append((i, 0, c.length - 2 * k))
                 splits["test"].append((i, c.length - 2 * k, c.length - k))
                 splits["valid"].append((i, c.length - k, c.length))

@@ -42,22 +42,23 @@ class PretrainConfig(TrainConfig):
     skip_short_records: bool = field(default=False, metadata={"help": "drop records shorter than a window"})
     max_n_frac: float = field(default=0.1, metadata={"help": "redraw windows with more N than this"})
     keep_softmask: bool = field(default=False, metadata={"help": "feed soft-masking as input (lower-case ids)"})
-    rc_augment: bool = field(default=True, metadata={"help": "reverse-complement half of the training windows"})
-    seq_len: int = 512
+    rc_augment: bool = field(default=False, metadata={
+        "help": "reverse-complement half of the training windows (for strand-symmetric genomes: hg38 config)"})
+    seq_len: int = 256
     seq_len_warmup_steps: int = field(default=0, metadata={"help": "grow the context over this many steps"})
     seq_len_warmup_start: int = 1024
     objective: Literal["causal", "mlm"] = field(default="causal", metadata={
         "help": "causal next-base, or masked LM (needs --bidirectional or --rc-equivariant)"})
-    d_model: int = 64
+    d_model: int = 32
     n_layer: int = 2
     d_state: int = 16
     expand: int = 2
     rc_equivariant: bool = False
     bidirectional: bool = False
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})
-    lr: float = 8e-3
+    lr: float = 0.015
     weight_decay: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 10
     lr_decay_steps: int | None = field(default=None, metadata={
         "help": "cosine decay length in steps (default --max-steps; set it to extend a run with --resume)"})
     grad_clip: float = 1.0
@@ -89,7 +90,7 @@ def open_genome(cfg: PretrainConfig):
     """FASTA(s) -> (genome, paths, splits), every input problem raised as one UserError line."""
     paths = cfg.fasta or [str(demo.demo_genome(Path(cfg.cache_dir) / f"demo-v{demo.VERSION}" if cfg.cache_dir else None))]
     genome = Genome.open(paths, cfg.cache_dir)
-    splits = make_splits(genome, cfg.val_contigs, cfg.test_contigs, cfg.bed)
+    splits = make_splits(genome, cfg.val_contigs, cfg.test_contigs, cfg.bed, min_holdout=cfg.seq_len + 1)
     splits = check_lengths(genome, splits, cfg.seq_len + 1, cfg.skip_short_records)
     if not splits.get("valid"):
         raise UserError("no validation records: give --val-contigs (or valid rows in --bed)")

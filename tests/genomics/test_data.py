@@ -189,3 +189,13 @@ def test_seq_len_warmup_and_batches(fasta):
     ds = WindowBatches(WindowSampler(g, [(0, 0, 5000)], "train", 0, 1.0), 2, 256, seq_len_warmup_steps=10,
                        seq_len_warmup_start=64)
     assert ds[0]["input_ids"].shape == (2, 64) and ds[10]["input_ids"].shape == (2, 256)
+
+
+def test_auto_holdout_without_hg38_names(tmp_path):
+    path = write_fasta(tmp_path / "x.fa", [("a", b"ACGT" * 1250), ("b", b"ACGT" * 200)])
+    g = Genome.open([path])
+    sp = make_splits(g, None, None, min_holdout=300)
+    # the long record gives up one window each to valid (its end) and test (just before); the short one trains
+    assert sp["valid"] == [(0, 4700, 5000)] and sp["test"] == [(0, 4400, 4700)]
+    assert sp["train"] == [(0, 0, 4400), (1, 0, 800)]
+    assert check_lengths(g, sp, 300, skip_short=False)["valid"] == [(0, 4700, 5000)]
