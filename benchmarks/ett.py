@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_core.cli import load_yaml_config, main_entry  # noqa: E402
-from ssm_core.io import save_figure_atomic, write_text_atomic  # noqa: E402
-from ssm_core.training import prepare_output_dir  # noqa: E402
-from timeseries.fit import fit  # noqa: E402
-from timeseries.train import FitConfig  # noqa: E402
+from ssm_core.cli import load_yaml_config, main_entry
+from ssm_core.io import save_figure_atomic, write_text_atomic
+from ssm_core.training import prepare_output_dir
+from timeseries.fit import fit
+from timeseries.train import FitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = {"S-Mamba": 0.381, "iTransformer": 0.383, "PatchTST": 0.387}  # avg MSE, lookback 96 (papers)
@@ -69,8 +69,8 @@ def mean_std(values: list[float]) -> str:
 
 def report(cfg: EttConfig, results: list[dict]) -> str:
     horizons = cfg.horizons
-    lines = [f"ETTh2, multivariate, lookback 96, protocol ett-hour; test MSE / MAE (normalised), mean ± std "
-             f"over seeds; config {Path(cfg.fit_config).name}", ""]
+    lines = [(f"ETTh2, multivariate, lookback 96, protocol ett-hour; test MSE / MAE (normalised), mean ± std "
+              f"over seeds; config {Path(cfg.fit_config).name}"), ""]
     lines.append("| model | " + " | ".join(f"H={h} MSE | H={h} MAE" for h in horizons) + " | avg MSE | avg MAE | seeds |")
     lines.append("|---" * (2 * len(horizons) + 4) + "|")
     for row in ROWS:

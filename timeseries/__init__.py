@@ -11,6 +11,22 @@ from .data import Prepared, Table, prepare, read_table, split_borders, synthetic
 from .models import DLinear, ForecasterConfig, MambaForecaster, RevIN, build_model, pinball_loss
 from .train import FitConfig, load_forecaster, save_forecaster, train_model
 
-__all__ = ["Prepared", "Table", "prepare", "read_table", "split_borders", "synthetic_frame", "table_from_frame",
-           "DLinear", "ForecasterConfig", "MambaForecaster", "RevIN", "build_model", "pinball_loss", "FitConfig",
-           "load_forecaster", "save_forecaster", "train_model"]
+__all__ = [
+           "DLinear",
+           "FitConfig",
+           "ForecasterConfig",
+           "MambaForecaster",
+           "Prepared",
+           "RevIN",
+           "Table",
+           "build_model",
+           "load_forecaster",
+           "pinball_loss",
+           "prepare",
+           "read_table",
+           "save_forecaster",
+           "split_borders",
+           "synthetic_frame",
+           "table_from_frame",
+           "train_model",
+]

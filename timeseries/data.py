@@ -168,9 +168,9 @@ def season_length(freq: str | None, default: int = 24) -> int:
     if seconds <= 0:
         return default
     if seconds < 86400:
-        return max(1, int(round(86400 / seconds)))
+        return max(1, round(86400 / seconds))
     if seconds < 7 * 86400:
-        return max(1, int(round(7 * 86400 / seconds)))
+        return max(1, round(7 * 86400 / seconds))
     return 52 if seconds == 7 * 86400 else default
 
 
@@ -206,7 +206,7 @@ def split_borders(n_rows: int, lookback: int, horizon: int, protocol: Protocol =
             raise UserError(f"--protocol {protocol}: needs at least {b_test} rows, the CSV has {n_rows}")
         borders = {"train": (0, b_train), "val": (b_train - L, b_val), "test": (b_val - L, b_test)}
     else:
-        r_train, r_val, r_test = ratios
+        r_train, _, r_test = ratios  # validation gets the rest, as in TSLib
         n_train, n_test = int(n_rows * r_train), int(n_rows * r_test)
         n_val = n_rows - n_train - n_test
         borders = {"train": (0, n_train), "val": (n_train - L, n_train + n_val),

@@ -23,8 +23,16 @@ from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
 from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
-from .train import (FitConfig, baseline_predictors, error_metrics, forecast_windows, model_predictor,
-                    plain_warnings, save_forecaster, train_model)
+from .train import (
+    FitConfig,
+    baseline_predictors,
+    error_metrics,
+    forecast_windows,
+    model_predictor,
+    plain_warnings,
+    save_forecaster,
+    train_model,
+)
 
 
 def load_data(cfg: FitConfig, out: Path) -> Prepared:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ssm_core import MambaConfig, MambaModel
 
@@ -162,7 +162,7 @@ class DLinear(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, L, C = x.shape
+        b, _, C = x.shape
         series = x.transpose(1, 2)                                         # (b, C, L)
         padded = torch.cat([series[..., :1].expand(-1, -1, self.pad_front), series,
                             series[..., -1:].expand(-1, -1, self.pad_back)], dim=-1)

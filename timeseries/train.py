@@ -10,16 +10,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssm_core.cli import UserError
 from ssm_core.io import atomic_path, write_json_atomic
 from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, resume_checkpoint
 
-from .data import Mode, Prepared, Protocol, Windows
-from .models import (ForecasterConfig, build_model, pinball_loss, point_forecast, repeat_last,
-                     seasonal_naive)
+from .data import Mode, Prepared, Protocol
+from .models import ForecasterConfig, build_model, pinball_loss, point_forecast, repeat_last, seasonal_naive
 
 MODEL_FILES = ("forecaster.json", "model.safetensors")
 

@@ -67,6 +67,7 @@ def test_predict_forecasts_the_next_horizon(fitted, small_csv, tmp_path):
 def test_predict_is_the_models_forecast_of_the_last_window(fitted, small_csv, tmp_path):
     """Predicting from a CSV cut at row r equals the model applied to rows [r-L, r) scaled at fit time."""
     import torch
+
     from timeseries.train import load_forecaster
     saved = load_forecaster(fitted)
     df = pd.read_csv(small_csv).iloc[:300]
@@ -126,7 +127,7 @@ def test_predict_bad_model_folder(tmp_path, capsys):
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "timeseries.fit", "--csv", str(tmp_path / "nope.csv"),
-                        "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
+                        "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"python -m timeseries.fit: error: --csv {tmp_path / 'nope.csv'}: "
-                                             "no such file"]
+    expected = f"python -m timeseries.fit: error: --csv {tmp_path / 'nope.csv'}: no such file"
+    assert r.stderr.strip().splitlines() == [expected]

@@ -4,8 +4,16 @@ import pandas as pd
 import pytest
 
 from ssm_core.cli import UserError
-from timeseries.data import (infer_freq, n_windows, prepare, read_table, season_length, select_columns,
-                             split_borders, table_from_frame)
+from timeseries.data import (
+    infer_freq,
+    n_windows,
+    prepare,
+    read_table,
+    season_length,
+    select_columns,
+    split_borders,
+    table_from_frame,
+)
 
 
 def hourly_frame(n, cols=("a", "b", "OT"), seed=0, freq="h"):
@@ -57,10 +65,10 @@ def test_every_test_window_counted_and_scaler_fit_on_train_only():
     np.testing.assert_allclose(prep.scaler.mean_, train.mean(0))
     np.testing.assert_allclose(prep.scaler.scale_, train.std(0))
     # The last test window ends exactly at the last test row (no drop_last, nothing beyond the border).
-    x, y = prep.datasets["test"][len(prep.datasets["test"]) - 1]
+    _, y = prep.datasets["test"][len(prep.datasets["test"]) - 1]
     expected = (df[["a", "b", "OT"]].to_numpy()[14400 - H:14400] - prep.scaler.mean_) / prep.scaler.scale_
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
-    x0, y0 = prep.datasets["test"][0]
+    x0, _ = prep.datasets["test"][0]
     first = (df[["a", "b", "OT"]].to_numpy()[11520 - L:11520] - prep.scaler.mean_) / prep.scaler.scale_
     np.testing.assert_allclose(x0.numpy(), first, rtol=1e-5, atol=1e-5)
 

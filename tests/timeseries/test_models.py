@@ -2,15 +2,22 @@
 import pytest
 import torch
 
-from timeseries.models import (ForecasterConfig, MambaForecaster, build_model, pinball_loss, point_forecast,
-                               repeat_last, seasonal_naive)
+from timeseries.models import (
+    ForecasterConfig,
+    MambaForecaster,
+    build_model,
+    pinball_loss,
+    point_forecast,
+    repeat_last,
+    seasonal_naive,
+)
 
-TINY = dict(n_series=3, lookback=24, horizon=8, d_model=16, n_layer=1, d_state=4, patch_len=8, patch_stride=4)
+TINY = {"n_series": 3, "lookback": 24, "horizon": 8, "d_model": 16, "n_layer": 1, "d_state": 4, "patch_len": 8, "patch_stride": 4}
 
 
-@pytest.mark.parametrize("kw", [dict(token="variate"), dict(token="patch"), dict(kind="dlinear"),
-                                dict(token="variate", quantiles=[0.1, 0.5, 0.9]),
-                                dict(token="patch", quantiles=[0.5, 0.9], linear_skip=False)])
+@pytest.mark.parametrize("kw", [{"token": "variate"}, {"token": "patch"}, {"kind": "dlinear"},
+                                {"token": "variate", "quantiles": [0.1, 0.5, 0.9]},
+                                {"token": "patch", "quantiles": [0.5, 0.9], "linear_skip": False}])
 def test_shapes_and_gradients(kw):
     cfg = ForecasterConfig(**TINY, **kw)
     model = build_model(cfg)
