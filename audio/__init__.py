@@ -11,4 +11,4 @@
 from .features import FeatureConfig, LogMel, StreamingLogMel, load_audio
 from .model import KeywordSpotter, KWSConfig, load_model
 
-__all__ = ["FeatureConfig", "LogMel", "StreamingLogMel", "load_audio", "KeywordSpotter", "KWSConfig", "load_model"]
+__all__ = ["FeatureConfig", "KWSConfig", "KeywordSpotter", "LogMel", "StreamingLogMel", "load_audio", "load_model"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torchaudio
+from torch import nn
 
 from ssm_core.cli import UserError
 
@@ -130,6 +130,7 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
 def save_audio(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write 16-bit PCM WAV atomically."""
     import soundfile as sf
+
     from ssm_core.io import atomic_path
     data = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
     with atomic_path(path) as tmp:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ssm_core import MambaConfig, MambaModel
 from ssm_core.cli import UserError
@@ -141,14 +141,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ke
         from safetensors.torch import load_file
         try:
             sd = load_file(str(path / "model.safetensors"), device=str(map_location))
-        except (OSError, Exception) as e:  # safetensors raises its own error types for corrupt files
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for corrupt files)
             raise UserError(f"--model {path}: cannot read model.safetensors ({str(e).splitlines()[0]})") from None
         return _build(meta["config"], sd, f"--model {path}")
     if not path.is_file():
         raise UserError(f"--model {path}: no such file or folder")
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle / zip errors of a file that is not a torch checkpoint
+    except Exception as e:  # noqa: BLE001 (pickle, zip, EOF... errors of a file that is no torch checkpoint)
         raise UserError(f"--model {path}: not a readable checkpoint ({type(e).__name__})") from None
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hp, dict) or "kws" not in hp or "state_dict" not in ckpt:

@@ -68,7 +68,7 @@ class SynthConfig:
 # --- espeak-ng through ctypes ----------------------------------------------------------------------------
 class Espeak:
     """Synchronous espeak-ng; one instance per process (the library keeps global state)."""
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _RATE, _PITCH = 1, 3   # espeak_PARAMETER values
 
@@ -92,7 +92,7 @@ class Espeak:
         self.lib = lib
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance

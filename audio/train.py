@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ssm_core.cli import UserError, main_entry
-from ssm_core.io import write_json_atomic
 from ssm_core.training import TrainConfig, make_trainer, resume_checkpoint
 
 from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root

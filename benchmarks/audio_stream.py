@@ -12,7 +12,6 @@ otherwise.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audio.model import KeywordSpotter, KWSConfig  # noqa: E402
-from audio.stream import LatencyHistogram  # noqa: E402
-from ssm_core.cli import main_entry  # noqa: E402
-from ssm_core.io import write_json_atomic  # noqa: E402
+from audio.model import KeywordSpotter, KWSConfig
+from audio.stream import LatencyHistogram
+from ssm_core.cli import main_entry
+from ssm_core.io import write_json_atomic
 
 
 @dataclass

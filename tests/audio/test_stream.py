@@ -17,7 +17,6 @@ from audio.stream import Detector, StreamConfig, run_stream
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import UserError, run
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -36,7 +36,7 @@ def test_speech_commands_splits_and_label_sets(tmp_path):
     assert train_labels.count("yes") == 8 and train_labels.count("no") == 8   # lists hold out 2 per word
     assert train_labels.count(UNKNOWN) == train_labels.count(SILENCE) == 2    # ~10% each of the split
     assert {labels[it.label] for it in splits["testing"]} >= {"yes", "no"}
-    wave, y = ClipDataset(splits["train"])[0]
+    wave, _ = ClipDataset(splits["train"])[0]
     assert wave.shape == (16000,) and wave[12000:].abs().max() == 0           # padded to one second
     assert label_names(root, "35") == ["cat", "dog", "no", "yes"]
     # torchaudio.datasets.SPEECHCOMMANDS download layout is found from its root
