@@ -128,7 +128,9 @@ def main(cfg: PretrainConfig) -> dict:
                        cfg.keep_softmask, cfg.rc_augment, cfg.num_workers, cfg.max_steps, cfg.val_batches,
                        cfg.seq_len_warmup_steps, cfg.seq_len_warmup_start, cfg.synthetic_data)
     trainer = make_trainer(cfg, monitor="val_loss", every_n_train_steps=cfg.ckpt_every,
-                           val_check_interval=cfg.val_every, check_val_every_n_epoch=None,
+                           # validate at the last step at the latest (so best.ckpt exists for short runs)
+                           val_check_interval=min(cfg.val_every, cfg.max_steps) if cfg.max_steps > 0 else cfg.val_every,
+                           check_val_every_n_epoch=None,
                            limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
                            gradient_clip_val=cfg.grad_clip or None, use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
