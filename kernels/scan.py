@@ -405,7 +405,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dy, dhT, ctx.cfg)
         grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0)
-        inputs = ctx.saved_tensors[:8] + (None,)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, None)  # saved_tensors may be unpacked only once (checkpoint)
         grads = tuple(g.to(x.dtype) if (g is not None and x is not None and need) else (g if need else None)
                       for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
         return (*grads, None, None, None)

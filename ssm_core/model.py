@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .io import DIR_MODE, FILE_MODE
 from .mamba import Mamba
 
 
@@ -318,6 +319,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
         meta = {"class": type(model).__name__, "config": model.config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
+        os.chmod(tmp, DIR_MODE)
+        for f in tmp.iterdir():
+            os.chmod(f, FILE_MODE)
         old = None
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))

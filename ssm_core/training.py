@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .cli import UserError
+from .io import FILE_MODE
 
 
 @dataclass
@@ -114,6 +115,7 @@ def atomic_checkpoint_io():
             os.close(fd)
             try:
                 torch.save(checkpoint, tmp)
+                os.chmod(tmp, FILE_MODE)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

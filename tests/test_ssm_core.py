@@ -360,3 +360,12 @@ def test_model_rejects_wrong_input_kind():
     c = MambaModel(MambaConfig(d_model=16, n_layer=1, d_input=3))
     with pytest.raises(ValueError, match=r"d_input=3"):
         c(torch.randn(2, 5, 4))
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    from ssm_core.io import DIR_MODE, FILE_MODE, write_json_atomic
+    write_json_atomic(tmp_path / "m.json", {"a": 1})
+    MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=4)).save_pretrained(tmp_path / "model")
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "model").stat().st_mode & 0o777 == DIR_MODE
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == FILE_MODE

@@ -82,6 +82,20 @@ def test_scan_checkpoint_segments_cpu():
     check_scan(scan_inputs(b=1, d=4, L=23, n=2, groups=2), softplus=True, tol=1e-4, config=cfg)
 
 
+def test_scan_under_activation_checkpointing_cpu():
+    # Non-reentrant torch.utils.checkpoint allows ctx.saved_tensors to be unpacked only once per backward.
+    from torch.utils.checkpoint import checkpoint
+    t = scan_inputs(1, 4, 9, 3, seed=5)
+    a = {k: v.clone().requires_grad_() for k, v in t.items()}
+    b = {k: v.clone().requires_grad_() for k, v in t.items()}
+    kernels.selective_scan(**a, delta_softplus=True).square().sum().backward()
+    names = list(b)
+    checkpoint(lambda *xs: kernels.selective_scan(**dict(zip(names, xs)), delta_softplus=True), *b.values(),
+               use_reentrant=False).square().sum().backward()
+    for k in t:
+        assert torch.allclose(a[k].grad, b[k].grad, rtol=1e-5, atol=1e-6), k
+
+
 def test_scan_bf16_cpu():
     check_scan(scan_inputs(b=1, d=4, L=8, n=4, dtype=torch.bfloat16), softplus=True, tol=1e-2)
 
