@@ -233,6 +233,7 @@ def main(argv=None) -> None:
     p.add_argument("--stream-iters", type=int, default=2000)
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds after which a measurement is stopped and reported as '> timeout'")
+    p.add_argument("--only", choices=["scan", "stream"], help="run only the scan or only the streaming rows")
     p.add_argument("--plot", type=Path, help="write a PNG of the speed-ups here")
     p.add_argument("--report", type=Path, help="only print the tables (and --plot) of a JSON written by --out")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -254,6 +255,7 @@ def main(argv=None) -> None:
             for s in SHAPES for m in ("fwd", "fwd+bwd") for i in SCAN_IMPLS
             if m == "fwd" or not (i == "logspace" or (i == "reference" and a.skip_reference_backward))]
     jobs = [dict(kind="stream", impl=i, iters=a.stream_iters, bench_dir=a.bench_dir) for i in ("cpu", "mamba_ssm")] + jobs
+    jobs = [j for j in jobs if a.only is None or j["kind"] == a.only]
     load = [os.getloadavg()[0]]
     results = []
     for job in (bar := tqdm(jobs, desc="cpu benchmark", unit="job")):
