@@ -19,10 +19,11 @@ LN2 = math.log(2.0)
 
 
 def build_model_config(d_model: int, n_layer: int, d_state: int, expand: int, keep_softmask: bool,
-                       rc_equivariant: bool, bidirectional: bool, gradient_checkpointing: bool) -> MambaConfig:
+                       rc_equivariant: bool, bidirectional: bool, gradient_checkpointing: bool,
+                       mixer: str = "mamba") -> MambaConfig:
     vocab = tok.SOFTMASK_VOCAB_SIZE if keep_softmask else tok.VOCAB_SIZE
     return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, expand=expand,
-                       rc_equivariant=rc_equivariant, bidirectional=bidirectional,
+                       mixer=mixer, rc_equivariant=rc_equivariant, bidirectional=bidirectional,
                        complement_map=tok.complement_map(vocab) if rc_equivariant else None,
                        gradient_checkpointing=gradient_checkpointing)
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic
 from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, prepare_output_dir, resume_checkpoint
@@ -53,6 +54,8 @@ class PretrainConfig(TrainConfig):
     n_layer: int = 2
     d_state: int = 16
     expand: int = 2
+    mixer: str = field(default="mamba", metadata={
+        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
     rc_equivariant: bool = False
     bidirectional: bool = False
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})
@@ -70,6 +73,7 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_mixer_spec(self.mixer)
         if self.seq_len < 2:
             raise ValueError(f"--seq-len: must be >= 2, got {self.seq_len}")
         if self.objective == "mlm" and not (self.bidirectional or self.rc_equivariant):
@@ -119,7 +123,8 @@ def main(cfg: PretrainConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg)
     genome, paths, splits = open_genome(cfg)
     model_cfg = build_model_config(cfg.d_model, cfg.n_layer, cfg.d_state, cfg.expand, cfg.keep_softmask,
-                                   cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing)
+                                   cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing,
+                                   mixer=cfg.mixer)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     total = cfg.lr_decay_steps or (cfg.max_steps if cfg.max_steps > 0 else 100_000)
     module = DNALightningModule(model_cfg.to_dict(), lr=cfg.lr, weight_decay=cfg.weight_decay,

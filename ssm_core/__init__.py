@@ -12,8 +12,8 @@ Public API:
 from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
 from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
 from .mamba import Mamba, MambaState
-from .model import (MIXERS, MambaConfig, MambaLM, MambaModel, RMSNorm, from_pretrained, register_mixer,
-                    save_pretrained)
+from .model import (MIXERS, MambaConfig, MambaLM, MambaModel, RMSNorm, check_mixer_spec, from_pretrained,
+                    register_mixer, save_pretrained)
 # The other mixers register themselves ("mamba2", "s4d", "attention") on import.
 from .mamba2 import Mamba2, Mamba2State, ssd_chunk_scan, ssd_chunk_scan_ref
 from .s4d import S4D, S4DState
@@ -22,7 +22,7 @@ from .attention import Attention, KVCache, hybrid_mixers
 __all__ = [
     "selective_scan_ref", "selective_scan", "causal_conv1d_ref", "causal_conv1d", "selective_state_update_ref",
     "selective_state_update", "backend_for", "Mamba", "MambaState", "MambaConfig", "MambaModel", "MambaLM",
-    "RMSNorm", "MIXERS", "register_mixer", "save_pretrained", "from_pretrained",
+    "RMSNorm", "MIXERS", "check_mixer_spec", "register_mixer", "save_pretrained", "from_pretrained",
     "Mamba2", "Mamba2State", "ssd_chunk_scan", "ssd_chunk_scan_ref", "S4D", "S4DState", "Attention", "KVCache",
     "hybrid_mixers",
 ]

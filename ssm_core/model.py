@@ -38,7 +38,8 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     dt_rank: int | str = "auto"
-    # The mixer of every layer, or one name per layer (e.g. ["mamba"] * 7 + ["attention"]).
+    # The mixer of every layer, or one name per layer (e.g. ["mamba"] * 7 + ["attention"]), or a pattern
+    # repeated over the layers, as a list or a comma-separated string ("mamba,mamba,mamba,attention").
     mixer: str | list[str] = "mamba"
     mixer_options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the mixers
     selective: bool = True             # False: time-invariant SSM (the LTI ablation)
@@ -52,14 +53,20 @@ class MambaConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        if isinstance(self.mixer, str) and "," in self.mixer:
+            self.mixer = [m.strip() for m in self.mixer.split(",") if m.strip()]
         if isinstance(self.mixer, tuple):
             self.mixer = list(self.mixer)
+        if isinstance(self.mixer, list) and self.mixer and self.n_layer % len(self.mixer) == 0:
+            # A shorter list is a pattern repeated over the depth: "mamba,mamba,mamba,attention" on 8 layers.
+            self.mixer = self.mixer * (self.n_layer // len(self.mixer))
         if self.vocab_size is None and self.d_input is None:
             raise ValueError("MambaConfig: set vocab_size (token input) or d_input (continuous input)")
         if self.n_layer < 1 or self.d_model < 1:
             raise ValueError("MambaConfig: n_layer and d_model must be >= 1")
         if isinstance(self.mixer, list) and len(self.mixer) != self.n_layer:
-            raise ValueError(f"MambaConfig.mixer: got {len(self.mixer)} names for n_layer={self.n_layer}")
+            raise ValueError(f"MambaConfig.mixer: got {len(self.mixer)} names for n_layer={self.n_layer} "
+                             "(give one per layer, or a pattern whose length divides n_layer)")
         for name in self.layer_mixers():
             if name not in MIXERS:
                 raise ValueError(f"MambaConfig.mixer: unknown mixer {name!r}; known: {sorted(MIXERS)}")
@@ -88,6 +95,15 @@ class MambaConfig:
         if unknown:
             raise ValueError(f"MambaConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def check_mixer_spec(spec: str, flag: str = "--mixer") -> str:
+    """Validate a mixer name or comma-separated pattern from a command line; returns it unchanged."""
+    names = [m.strip() for m in str(spec).split(",")]
+    for m in names:
+        if m not in MIXERS:
+            raise ValueError(f"{flag}: unknown mixer {m!r}; known: {', '.join(sorted(MIXERS))}")
+    return spec
 
 
 # --- mixer registry ------------------------------------------------------------------------------------

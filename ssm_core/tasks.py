@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .cli import UserError, main_entry
 from .io import write_json_atomic
-from .model import MIXERS, MambaConfig, MambaLM
+from .model import MambaConfig, MambaLM, check_mixer_spec
 
 BLANK, MARKER, FIRST_DATA = 0, 1, 2
 
@@ -36,7 +36,7 @@ BLANK, MARKER, FIRST_DATA = 0, 1, 2
 class TaskConfig:
     task: Literal["selective-copy", "induction"] = "selective-copy"
     mixer: str = field(default="mamba", metadata={"help": "mixer of every layer (see ssm_core.MIXERS), or a "
-                                                   "comma-separated per-layer list"})
+                                                   "comma-separated pattern repeated over the layers"})
     selective: bool = field(default=True, metadata={"help": "--no-selective makes the SSM time-invariant (LTI)"})
     d_model: int = 32
     n_layer: int = 2
@@ -60,13 +60,7 @@ class TaskConfig:
         for name in ("d_model", "n_layer", "d_state", "n_tokens", "steps", "batch_size", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
-        for m in self.mixers():
-            if m not in MIXERS:
-                raise ValueError(f"--mixer: unknown mixer {m!r}; known: {', '.join(sorted(MIXERS))}")
-
-    def mixers(self) -> list[str]:
-        names = [m.strip() for m in self.mixer.split(",") if m.strip()]
-        return names if len(names) > 1 else names * self.n_layer
+        check_mixer_spec(self.mixer)
 
     @property
     def vocab_size(self) -> int:
@@ -103,7 +97,7 @@ BATCHES = {"selective-copy": selective_copy_batch, "induction": induction_batch}
 
 def build_model(cfg: TaskConfig) -> MambaLM:
     return MambaLM(MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state,
-                               vocab_size=cfg.vocab_size, mixer=cfg.mixers(), selective=cfg.selective))
+                               vocab_size=cfg.vocab_size, mixer=cfg.mixer, selective=cfg.selective))
 
 
 @torch.no_grad()

@@ -343,7 +343,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(d_model=16, n_layer=1), "set vocab_size"),
-    (dict(d_model=16, n_layer=2, vocab_size=5, mixer=["mamba"]), "got 1 names for n_layer=2"),
+    (dict(d_model=16, n_layer=2, vocab_size=5, mixer=["mamba"] * 3), "got 3 names for n_layer=2"),
     (dict(d_model=16, n_layer=1, vocab_size=5, mixer="nope"), "unknown mixer 'nope'"),
     (dict(d_model=16, n_layer=1, vocab_size=5, rc_equivariant=True), "complement_map"),
     (dict(d_model=15, n_layer=1, vocab_size=2, rc_equivariant=True, complement_map=[1, 0]), "must be even"),
@@ -369,3 +369,9 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == FILE_MODE
     assert (tmp_path / "model").stat().st_mode & 0o777 == DIR_MODE
     assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == FILE_MODE
+
+
+def test_mixer_pattern_is_repeated_over_the_layers():
+    cfg = MambaConfig(d_model=16, n_layer=4, vocab_size=5, mixer="mamba, attention")
+    assert cfg.layer_mixers() == ["mamba", "attention", "mamba", "attention"]
+    assert MambaConfig(d_model=16, n_layer=3, vocab_size=5, mixer=["mamba"]).layer_mixers() == ["mamba"] * 3

@@ -62,3 +62,12 @@ def test_cli_rejects_bad_flags_in_one_line():
     assert r.stderr.strip().count("\n") == 0 and "--n-memorize" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "copy-everything"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_shipped_task_configs_parse():
+    from pathlib import Path
+
+    from ssm_core.cli import parse_config
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/ssm_core/*.yaml")):
+        cfg = parse_config(TaskConfig, ["--config", str(path), "--steps", "3"])
+        assert cfg.steps == 3 and cfg.task in ("selective-copy", "induction")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssm_core import MambaConfig, MambaModel
+from ssm_core import MambaConfig, MambaModel, check_mixer_spec
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ForecasterConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    mixer: str = "mamba"                # a name or comma-separated pattern from ssm_core.MIXERS
     patch_len: int = 16
     patch_stride: int = 8
     bidirectional: bool | None = None   # None: True for variate tokens, False for patches
@@ -53,6 +54,7 @@ class ForecasterConfig:
                      "patch_stride", "moving_avg"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        check_mixer_spec(self.mixer)
         if self.bidirectional is None:
             self.bidirectional = self.token == "variate"
         if self.token == "patch" and self.patch_len > self.lookback:
@@ -104,7 +106,7 @@ class MambaForecaster(nn.Module):
             d_input, n_tokens = cfg.patch_len, self.n_patches
         self.backbone = MambaModel(MambaConfig(
             d_model=cfg.d_model, n_layer=cfg.n_layer, d_input=d_input, d_state=cfg.d_state, d_conv=cfg.d_conv,
-            expand=cfg.expand, bidirectional=bool(cfg.bidirectional)))
+            expand=cfg.expand, mixer=cfg.mixer, bidirectional=bool(cfg.bidirectional)))
         self.dropout = nn.Dropout(cfg.dropout)
         head_in = cfg.d_model if cfg.token == "variate" else cfg.d_model * n_tokens
         self.head = nn.Linear(head_in, H * Q)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError
 from ssm_core.io import atomic_path, write_json_atomic
 from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, resume_checkpoint
@@ -55,6 +56,8 @@ class FitConfig(TrainConfig):
     d_model: int = 64
     n_layer: int = 2
     d_state: int = 8
+    mixer: str = field(default="mamba", metadata={
+        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
     patch_len: int = 16
     patch_stride: int = 8
     dropout: float = 0.1
@@ -80,6 +83,7 @@ class FitConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_mixer_spec(self.mixer)
         if self.lookback < 1 or self.horizon < 1:
             raise ValueError("--lookback and --horizon: must be >= 1")
         if len(self.split_ratios) != 3 or any(r <= 0 for r in self.split_ratios) or sum(self.split_ratios) > 1 + 1e-9:
@@ -99,7 +103,7 @@ class FitConfig(TrainConfig):
     def forecaster_config(self, n_series: int, kind: str | None = None) -> ForecasterConfig:
         return ForecasterConfig(
             n_series=n_series, lookback=self.lookback, horizon=self.horizon, kind=kind or self.model,
-            token=self.token, d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state,
+            token=self.token, d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, mixer=self.mixer,
             patch_len=self.patch_len, patch_stride=self.patch_stride, dropout=self.dropout, revin=self.revin,
             linear_skip=self.linear_skip, quantiles=list(self.quantiles))
 
