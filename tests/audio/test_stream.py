@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from audio_helpers import LABELS, noise_wave, tiny_model
+from .audio_helpers import LABELS, noise_wave, tiny_model
 
 from audio import stream as stream_mod
 from audio.features import load_audio, save_audio
