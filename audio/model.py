@@ -33,6 +33,7 @@ class KWSConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    mixer: str = "mamba"  # a name or comma-separated pattern from ssm_core.MIXERS (all of them stream)
     # A clip's class is read from the posteriors of its last `label_frames` frames (after the word).
     label_frames: int = 15
 
@@ -47,7 +48,7 @@ class KWSConfig:
 
     def encoder_config(self) -> MambaConfig:
         return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_input=self.features.n_mels,
-                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand)
+                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, mixer=self.mixer)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError, main_entry
 from ssm_core.training import TrainConfig, make_trainer, resume_checkpoint
 
@@ -56,6 +57,8 @@ class AudioTrainConfig(TrainConfig):
     n_layer: int = 4
     d_state: int = 16
     expand: int = 2
+    mixer: str = field(default="mamba", metadata={
+        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
     label_frames: int = 15
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -70,6 +73,7 @@ class AudioTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_mixer_spec(self.mixer)
         if self.lr <= 0:
             raise ValueError(f"--lr: must be > 0, got {self.lr}")
         if len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]:
@@ -202,7 +206,8 @@ def main(cfg: AudioTrainConfig) -> dict:
         if not splits[s]:
             raise UserError(f"--data {root}: the {s} split is empty")
     kws = KWSConfig(labels=labels, features=FeatureConfig(n_mels=cfg.n_mels), d_model=cfg.d_model,
-                    n_layer=cfg.n_layer, d_state=cfg.d_state, expand=cfg.expand, label_frames=cfg.label_frames)
+                    n_layer=cfg.n_layer, d_state=cfg.d_state, expand=cfg.expand, mixer=cfg.mixer,
+                    label_frames=cfg.label_frames)
     KWSModule = _lightning_module()
     module = KWSModule(kws.to_dict(), asdict(cfg))
     sr = kws.features.sample_rate
