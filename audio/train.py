@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError, main_entry
-from ssm_core.training import TrainConfig, make_trainer, resume_checkpoint
+from ssm_core.training import TrainConfig, make_trainer, mixer_field, resume_checkpoint
 
 from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root
 from .evaluate import evaluate_items, write_report
@@ -57,8 +57,7 @@ class AudioTrainConfig(TrainConfig):
     n_layer: int = 4
     d_state: int = 16
     expand: int = 2
-    mixer: str = field(default="mamba", metadata={
-        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
+    mixer: str = mixer_field()
     label_frames: int = 15
     lr: float = 2e-3
     weight_decay: float = 0.05

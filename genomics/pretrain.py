@@ -20,7 +20,14 @@ import torch
 from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic
-from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, prepare_output_dir, resume_checkpoint
+from ssm_core.training import (
+    TrainConfig,
+    checkpoint_dir,
+    make_trainer,
+    mixer_field,
+    prepare_output_dir,
+    resume_checkpoint,
+)
 
 from . import demo
 from .data import Genome, check_lengths, make_splits
@@ -54,8 +61,7 @@ class PretrainConfig(TrainConfig):
     n_layer: int = 2
     d_state: int = 16
     expand: int = 2
-    mixer: str = field(default="mamba", metadata={
-        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
+    mixer: str = mixer_field()
     rc_equivariant: bool = False
     bidirectional: bool = False
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})

@@ -97,7 +97,7 @@ def cross_validate(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> dict:
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
     pred = cross_val_predict(clf, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     per_fold = []
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+    for _tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
         per_fold.append(accuracy_score(y[te], pred[te]))
     return {"accuracy": float(accuracy_score(y, pred)), "mcc": float(matthews_corrcoef(y, pred)),
             "accuracy_per_fold": [float(a) for a in per_fold], "majority_baseline": float(counts.max() / counts.sum())}

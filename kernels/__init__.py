@@ -8,8 +8,8 @@ No nn.Modules here and no dependency on the task packages; tests compare against
 """
 from .conv import causal_conv1d
 from .scan import ScanConfig, default_config, selective_scan
-from .state_update import selective_state_update
 from .ssd import ssd_chunk_scan  # Mamba-2 chunked SSD (owned by the mixers issue)
+from .state_update import selective_state_update
 
 __all__ = ["selective_scan", "causal_conv1d", "selective_state_update", "ScanConfig", "default_config",
            "ssd_chunk_scan"]

@@ -9,15 +9,25 @@ Public API:
     Mamba2, S4D, Attention                      the other mixers (MambaConfig.mixer "mamba2", "s4d", "attention")
     ssd_chunk_scan_ref, ssd_chunk_scan          Mamba-2's chunked SSD (reference / dispatched)
 """
-from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
-from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
+from .attention import Attention, KVCache, hybrid_mixers
 from .mamba import Mamba, MambaState
-from .model import (MIXERS, MambaConfig, MambaLM, MambaModel, RMSNorm, check_mixer_spec, from_pretrained,
-                    register_mixer, save_pretrained)
+
 # The other mixers register themselves ("mamba2", "s4d", "attention") on import.
 from .mamba2 import Mamba2, Mamba2State, ssd_chunk_scan, ssd_chunk_scan_ref
+from .model import (
+                    MIXERS,
+                    MambaConfig,
+                    MambaLM,
+                    MambaModel,
+                    RMSNorm,
+                    check_mixer_spec,
+                    from_pretrained,
+                    register_mixer,
+                    save_pretrained,
+)
+from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
+from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
 from .s4d import S4D, S4DState
-from .attention import Attention, KVCache, hybrid_mixers
 
 __all__ = [
     "selective_scan_ref", "selective_scan", "causal_conv1d_ref", "causal_conv1d", "selective_state_update_ref",

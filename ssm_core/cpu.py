@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import check_scan_inputs
+from .reference import check_scan_inputs, scan_step_sizes
 
 # Elements of one chunk's (T, batch, dim, N) work buffers: ~1-2 MiB in fp32 keeps them in L2/L3 while
 # still amortising per-step dispatch over T steps of vectorised exp / matmul.
@@ -140,12 +140,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backward (gradients for every input, h0 and through the final state). See the module docstring."""
     b, d, L, n, g = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, h0)
     dg = d // g
-    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-    uf, dt = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    ct, uf, dt = scan_step_sizes(u, delta, delta_bias, delta_softplus)
     # Autograd carries gradients through the softplus, dt * u, the D and z terms and these layout changes
     # (all O(b*d*L)); _Scan holds the O(b*d*L*N) part. Time-major so a step is one contiguous slice; a
     # (b*d, L) -> (L, b*d) 2-D transpose is ~3x cheaper than the equivalent 3-D permute copy.

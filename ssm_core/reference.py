@@ -69,6 +69,18 @@ def _per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
     return X.repeat_interleave(d // g, dim=1)
 
 
+def scan_step_sizes(u, delta, delta_bias=None, delta_softplus=False):
+    """Compute dtype (float32, or float64 for float64 input), u in it, and the step sizes
+    dt = softplus(delta + delta_bias) (softplus only if asked): the scan's first stage, shared by backends."""
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    uf, dt = u.to(ct), delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    return ct, uf, dt
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        h0=None, return_final_state=False):
     """The Mamba-1 selective scan, step by step:
@@ -82,12 +94,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     b, d, L, n, _ = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, h0)
     out_dtype = u.dtype
-    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-    uf, dt = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    ct, uf, dt = scan_step_sizes(u, delta, delta_bias, delta_softplus)
     Af, Bf, Cf = A.to(ct), B.to(ct), C.to(ct)
     h = h0.to(ct) if h0 is not None else uf.new_zeros(b, d, n)
     ys = []

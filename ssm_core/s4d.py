@@ -71,8 +71,8 @@ class S4D(nn.Module):
     @staticmethod
     def _powers(dtA: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """exp(dt A * l) for l in [start, stop): (H, N/2, stop - start)."""
-        l = torch.arange(start, stop, device=dtA.device, dtype=dtA.real.dtype)
-        return torch.exp(dtA[..., None] * l)
+        steps = torch.arange(start, stop, device=dtA.device, dtype=dtA.real.dtype)
+        return torch.exp(dtA[..., None] * steps)
 
     def kernel(self, L: int, real_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The convolution kernel K (H, L), real."""

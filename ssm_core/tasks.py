@@ -135,7 +135,7 @@ def train(cfg: TaskConfig) -> dict:
                    file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     loss_ema = None
-    for step in range(cfg.steps):
+    for _ in range(cfg.steps):
         x, y = BATCHES[cfg.task](cfg, cfg.batch_size, gen)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)

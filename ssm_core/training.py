@@ -45,6 +45,12 @@ class TrainConfig:
             raise ValueError(f"--num-nodes: must be >= 1, got {self.num_nodes}")
 
 
+def mixer_field(default: str = "mamba"):
+    """The `--mixer` option every package's config has (validate it with ssm_core.check_mixer_spec)."""
+    return field(default=default, metadata={
+        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
+
+
 def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
     """Create the output folder and prove it is writable, before any work is done."""
     p = Path(path)

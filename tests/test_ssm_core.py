@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 import ssm_core
-from ssm_core import (Mamba, MambaConfig, MambaLM, MambaModel, causal_conv1d_ref, selective_scan,
-                      selective_scan_ref, selective_state_update_ref)
+from ssm_core import (
+    Mamba,
+    MambaConfig,
+    MambaLM,
+    MambaModel,
+    causal_conv1d_ref,
+    selective_scan,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 from ssm_core.reference import REF_CHUNK
 
 

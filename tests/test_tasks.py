@@ -6,8 +6,7 @@ import sys
 import torch
 
 from ssm_core import Mamba
-from ssm_core.tasks import (BLANK, FIRST_DATA, MARKER, TaskConfig, induction_batch, main,
-                            selective_copy_batch)
+from ssm_core.tasks import BLANK, FIRST_DATA, MARKER, TaskConfig, induction_batch, main, selective_copy_batch
 
 
 def test_selective_copy_batches_ask_for_the_data_tokens_in_order():

@@ -86,7 +86,7 @@ def backtest(cfg: BacktestConfig) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame["in_training_period"].any():
         warnings.warn(f"{int(frame['in_training_period'].sum())} of {len(frame)} folds start inside the "
-                      f"model's training period (up to {train_end}); their errors are optimistic")
+                      f"model's training period (up to {train_end}); their errors are optimistic", stacklevel=2)
     with atomic_path(out / "backtest.csv") as tmp:
         frame.to_csv(tmp, index=False)
     summary = {name: {m: float(frame[f"{name}_{m}"].mean()) for m in ("mse", "mae", "mae_original")}

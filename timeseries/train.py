@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError
 from ssm_core.io import atomic_path, write_json_atomic
-from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, resume_checkpoint
+from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, mixer_field, resume_checkpoint
 
 from .data import Mode, Prepared, Protocol
 from .models import ForecasterConfig, build_model, pinball_loss, point_forecast, repeat_last, seasonal_naive
@@ -56,8 +56,7 @@ class FitConfig(TrainConfig):
     d_model: int = 64
     n_layer: int = 2
     d_state: int = 8
-    mixer: str = field(default="mamba", metadata={
-        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
+    mixer: str = mixer_field()
     patch_len: int = 16
     patch_stride: int = 8
     dropout: float = 0.1

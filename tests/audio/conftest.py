@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from .audio_helpers import noise_wave, tiny_model
 
 from audio.features import save_audio
 from audio.model import export_model
+
+from .audio_helpers import noise_wave, tiny_model
 
 
 @pytest.fixture(scope="session")

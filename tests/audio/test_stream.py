@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from .audio_helpers import LABELS, noise_wave, tiny_model
 
 from audio import stream as stream_mod
 from audio.features import load_audio, save_audio
@@ -16,6 +15,8 @@ from audio.model import load_model
 from audio.stream import Detector, StreamConfig, run_stream
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import UserError, run
+
+from .audio_helpers import LABELS, noise_wave, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
