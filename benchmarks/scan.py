@@ -80,10 +80,11 @@ def make_inputs(b, d, n, L, seed=0):
     return t
 
 
-def time_scan(fn, t: dict, rep_ms: int, backward: bool = True) -> dict:
-    """Forward ms, forward+backward ms and the peak bytes a forward+backward allocates beyond its inputs."""
+def time_scan(fn, t: dict, rep_ms: int, backward: bool = True, out_like: str = "u") -> dict:
+    """Forward ms, forward+backward ms and the peak bytes a forward+backward allocates beyond its inputs.
+    The upstream gradient is random, shaped like input `out_like` (the output's shape)."""
     leaves = list(t.values())
-    dout = torch.randn_like(t["u"])
+    dout = torch.randn_like(t[out_like])
 
     def fwd():
         with torch.no_grad():

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import triton
 
-from benchmarks.scan import load_anchor
+from benchmarks.scan import load_anchor, time_scan
 
 # (batch, L) x d_state, as the issue asks.
 SHAPES = [f"{b},{L},{n}" for n in (64, 128) for b, L in ((8, 8192), (8, 2048), (1, 65536), (1, 262144))]
@@ -111,23 +110,6 @@ def bench_inputs(b, L, h, p, n):
     return {k: v.requires_grad_() for k, v in t.items()}
 
 
-def time_impl(fn, t: dict, rep_ms: int) -> dict:
-    leaves = list(t.values())
-    dy = torch.randn_like(t["x"])
-
-    def fwd():
-        with torch.no_grad():
-            return fn(**t)
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(**t), leaves, dy)
-
-    fwd_bwd()
-    torch.cuda.synchronize()
-    return dict(fwd_ms=triton.testing.do_bench(fwd, rep=rep_ms, return_mode="median"),
-                fwd_bwd_ms=triton.testing.do_bench(fwd_bwd, rep=rep_ms, return_mode="median"))
-
-
 def main(cfg: SSDBenchConfig) -> dict:
     from ssm_core.cli import UserError
     from ssm_core.io import write_json_atomic, write_text_atomic
@@ -149,10 +131,10 @@ def main(cfg: SSDBenchConfig) -> dict:
         ours = lambda _kw=kw, **a: ssd_chunk_scan(**a, **_kw)  # noqa: E731
         row = dict(batch=b, L=L, d_state=n)
         try:
-            row["project"] = time_impl(ours, t, cfg.rep_ms)
+            row["project"] = time_scan(ours, t, cfg.rep_ms, out_like="x")
             if anchor is not None:
                 anc = lambda _kw=kw, **a: anchor.mamba_chunk_scan_combined(**a, **_kw)  # noqa: E731
-                row["anchor"] = time_impl(anc, t, cfg.rep_ms)
+                row["anchor"] = time_scan(anc, t, cfg.rep_ms, out_like="x")
                 with torch.no_grad():
                     row["rel_diff_vs_anchor"] = rel(ours(**t), anc(**t))
                 # The gradients too, at the timed shape (the two kernels round differently in bf16).
@@ -182,14 +164,14 @@ def time_variants(cfg: SSDBenchConfig) -> dict:
     b, L, n = (int(v) for v in cfg.shapes[0].split(","))
     t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
     fn = lambda **a: K.ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True)  # noqa: E731
-    res = {"shape": [b, L, n], "default": time_impl(fn, t, cfg.rep_ms)}
+    res = {"shape": [b, L, n], "default": time_scan(fn, t, cfg.rep_ms, out_like="x")}
     print(f"[variant] default: {res['default']}", flush=True)
     for name, settings in VARIANTS.items():
         saved = {k: getattr(K, k) for k in settings}
         for k, v in settings.items():
             setattr(K, k, v)
         try:
-            res[name] = time_impl(fn, t, cfg.rep_ms)
+            res[name] = time_scan(fn, t, cfg.rep_ms, out_like="x")
         finally:
             for k, v in saved.items():
                 setattr(K, k, v)

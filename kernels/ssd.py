@@ -167,24 +167,32 @@ def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp
 
 
 @triton.jit
+def _bwd_tile(L, H, G, P, N, Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+              HPP: tl.constexpr):
+    """What a backward program works on: grid axis 0 is (chunk c, BM-row tile starting at r0 in it), axis 1 is
+    (batch b, group g, split of the group's heads into HPP-sized parts). Returns those, the heads per group,
+    the p/n offsets and masks, and the tile's positions t, their mask and (b * L + t) rows."""
+    blk, pid = tl.program_id(0), tl.program_id(1)
+    mpc = Q // BM
+    c, r0 = blk // mpc, (blk % mpc) * BM
+    hpg = H // G
+    nsplit = tl.cdiv(hpg, HPP)
+    bg, split = pid // nsplit, pid % nsplit
+    b, g = bg // G, bg % G
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    t = c * Q + r0 + tl.arange(0, BM)
+    mt = t < L
+    return c, r0, b, g, hpg, split, offs_p, offs_n, offs_p < P, offs_n < N, t, mt, (b * L + t).to(tl.int64)
+
+
+@triton.jit
 def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr, DD_ptr,
               L, H, G, Lp, nc, P, N,
               HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
               Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
     """Key tile j of a chunk, for HPP heads of group g: dx_j, ddt_j (direct part), d(cs_j) (key part) per head,
     and dB_j summed over those heads in registers, then added to DB."""
-    jblk, pid = tl.program_id(0), tl.program_id(1)
-    mpc = Q // BM
-    c, j0 = jblk // mpc, (jblk % mpc) * BM
-    hpg = H // G
-    nsplit = tl.cdiv(hpg, HPP)
-    bg, split = pid // nsplit, pid % nsplit
-    b, g = bg // G, bg % G
-    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
-    mp, mn = offs_p < P, offs_n < N
-    tj = c * Q + j0 + tl.arange(0, BM)
-    mj = tj < L
-    rowj = (b * L + tj).to(tl.int64)
+    c, j0, b, g, hpg, split, offs_p, offs_n, mp, mn, tj, mj, rowj = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
     Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
     dB = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
@@ -246,18 +254,7 @@ def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS
                  Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
     """Query tile i of a chunk, for HPP heads of group g: dC_i summed over those heads (added to DC), and the
     query part of d(cs_i) added to DCS (which _bwd_keys wrote first)."""
-    iblk, pid = tl.program_id(0), tl.program_id(1)
-    mpc = Q // BM
-    c, i0 = iblk // mpc, (iblk % mpc) * BM
-    hpg = H // G
-    nsplit = tl.cdiv(hpg, HPP)
-    bg, split = pid // nsplit, pid % nsplit
-    b, g = bg // G, bg % G
-    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
-    mp, mn = offs_p < P, offs_n < N
-    ti = c * Q + i0 + tl.arange(0, BM)
-    mi = ti < L
-    rowi = (b * L + ti).to(tl.int64)
+    c, i0, b, g, hpg, split, offs_p, offs_n, mp, mn, ti, mi, rowi = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
     Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
