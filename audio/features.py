@@ -69,21 +69,42 @@ class LogMel(nn.Module):
 
 
 class StreamingLogMel:
-    """Carries the overlap between chunks: push(chunk) returns the frames completed by that chunk."""
+    """Carries the overlap between chunks: push(chunk) returns the frames completed by that chunk.
+
+    The frames are computed directly rather than through the offline `LogMel` (torchaudio's STFT module,
+    ~10 ops of framing, padding checks and reshapes a call): the chunk's frames are a strided view of the
+    carried samples, one `rfft` transforms them all, one matmul applies the mel filterbank, using the
+    offline module's own window and filterbank (made once, at construction). Same arithmetic as the STFT,
+    so the frames equal the offline ones to float32 rounding."""
 
     def __init__(self, frontend: LogMel, batch_size: int = 1, device=None):
         self.frontend = frontend
         self.pending = torch.zeros(batch_size, 0, device=device)
+        spec = frontend.mel.spectrogram
+        if spec.n_fft != spec.win_length or spec.pad or spec.power != 2.0 or spec.normalized or spec.center:
+            raise ValueError("StreamingLogMel: expected the uncentred power spectrogram of LogMel")
 
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk (batch, samples) -> frames (batch, new_frames, n_mels); new_frames may be 0."""
         cfg = self.frontend.cfg
+        # A copy even when nothing is pending: the caller may reuse its chunk buffer.
         buf = torch.cat([self.pending, chunk.to(self.pending.dtype)], dim=1)
         n = cfg.num_frames(buf.shape[1])
-        frames = self.frontend(buf[:, : (n - 1) * cfg.hop_length + cfg.win_length] if n else buf[:, :0])
-        # Keep from the first sample of the next frame on: bounded by win + one chunk, so memory is flat.
-        self.pending = buf[:, n * cfg.hop_length:].clone()
-        return frames
+        # Keep from the first sample of the next frame on: a view of this chunk's buffer, bounded by
+        # win + one chunk, and dropped at the next push, so memory stays flat.
+        self.pending = buf[:, n * cfg.hop_length:]
+        if n == 0:
+            return buf.new_zeros(buf.shape[0], 0, cfg.n_mels)
+        if torch.is_autocast_enabled(buf.device.type):   # float32 whatever the autocast dtype, as LogMel
+            with torch.autocast(buf.device.type, enabled=False):
+                return self._logmel(buf)
+        return self._logmel(buf)
+
+    def _logmel(self, buf: torch.Tensor) -> torch.Tensor:
+        cfg, mel = self.frontend.cfg, self.frontend.mel
+        frames = buf.unfold(1, cfg.win_length, cfg.hop_length)                 # (batch, n, win): a view
+        power = torch.fft.rfft(frames * mel.spectrogram.window).abs().square_()
+        return torch.matmul(power, mel.mel_scale.fb).add_(LOG_FLOOR).log_()
 
 
 # --- audio files ------------------------------------------------------------------------------------

@@ -49,10 +49,14 @@ def make_model(cfg: BenchConfig, device: str) -> KeywordSpotter:
                                     d_state=cfg.d_state)).to(device).eval()
 
 
-@torch.no_grad()
 def bench_cpu(cfg: BenchConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     model = make_model(cfg, "cpu")
+    with torch.inference_mode():   # as audio.stream's loop (run_stream), the model made outside it
+        return _time_cpu_stream(cfg, model)
+
+
+def _time_cpu_stream(cfg: BenchConfig, model: KeywordSpotter) -> dict:
     sr = model.config.features.sample_rate
     chunk = int(cfg.chunk_ms * sr / 1000)
     wave = torch.randn(1, int(cfg.seconds * sr)) * 0.1

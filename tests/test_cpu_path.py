@@ -183,6 +183,70 @@ def test_short_cpu_chunks_take_the_step_path(monkeypatch):
     assert calls == [1, 2], "chunks up to STREAM_STEPS stream step by step, longer ones use the scan"
 
 
+def _streamed(m, x, T):
+    state = m.init_state(x.shape[0])
+    return torch.cat([m.stream(x[:, s:s + T], state)[0] for s in range(0, x.shape[1], T)], 1)
+
+
+def test_stream_weight_cache_follows_parameter_changes():
+    """The step path caches derived weights (transposes, conv taps, A log2 e, the dt_proj bias row) keyed on
+    the parameters: every way of changing them must be seen by the next chunk."""
+    torch.manual_seed(0)
+    m = ssm_core.Mamba(16, d_state=4).eval()
+    x = torch.randn(2, 8, 16)
+
+    def check():
+        with torch.inference_mode():
+            torch.testing.assert_close(_streamed(m, x, 2), m(x), rtol=1e-5, atol=1e-5)
+
+    check()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)     # in place, under autograd: version counters move
+    m(x).pow(2).sum().backward()
+    opt.step()
+    check()
+    other = ssm_core.Mamba(16, d_state=4)
+    m.load_state_dict(other.state_dict())            # copy_ into the same tensors
+    check()
+    m.x_proj.weight = torch.nn.Parameter(torch.randn_like(m.x_proj.weight))   # a new parameter object
+    check()
+    with torch.no_grad():
+        m.conv1d.weight.data = torch.randn_like(m.conv1d.weight)  # new storage under the same parameter
+        m.A_log.data = m.A_log.data + 0.5
+    check()
+    m.double()
+    with torch.inference_mode():
+        torch.testing.assert_close(_streamed(m, x.double(), 2), m(x.double()), rtol=1e-10, atol=1e-10)
+
+
+def test_stream_of_a_model_built_in_inference_mode():
+    """Inference tensors have no version counter: such a model streams without the cache, still exactly."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        m = ssm_core.Mamba(16, d_state=4).eval()
+        x = torch.randn(1, 6, 16)
+        torch.testing.assert_close(_streamed(m, x, 2), m(x), rtol=1e-5, atol=1e-5)
+        m.in_proj.weight.mul_(2)                      # in place, unseen by any version counter
+        torch.testing.assert_close(_streamed(m, x, 2), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stream_steps_reuse_scratch_and_return_fresh_outputs():
+    """The step path writes into scratch buffers kept in the state (no allocation a call but the output),
+    and the output it returns is never one of them: a later chunk must not overwrite an earlier result."""
+    torch.manual_seed(0)
+    m = ssm_core.Mamba(16, d_state=4).eval()
+    x = torch.randn(1, 4, 16)
+    with torch.inference_mode():
+        state = m.init_state(1)
+        y1, _ = m.stream(x[:, :2], state)
+        kept = y1.clone()
+        buffers = {k: v.data_ptr() for k, v in vars(state.scratch[2]).items() if isinstance(v, torch.Tensor)}
+        y2, _ = m.stream(x[:, 2:], state)
+        assert torch.equal(y1, kept), "the second chunk overwrote the first chunk's output"
+        assert buffers == {k: v.data_ptr() for k, v in vars(state.scratch[2]).items() if isinstance(v, torch.Tensor)}
+        assert y2.data_ptr() not in buffers.values()
+        torch.testing.assert_close(torch.cat([y1, y2], 1), m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_stream_under_autograd_matches_forward_gradients():
     """Streaming with autograd on (truncated BPTT) takes the differentiable scan; gradients equal forward's."""
     torch.manual_seed(0)

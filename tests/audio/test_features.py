@@ -29,6 +29,18 @@ def test_streaming_frames_equal_offline_frames(chunks):
     torch.testing.assert_close(streamed, offline, atol=1e-4, rtol=1e-5)
 
 
+def test_streaming_frontend_copes_with_a_reused_chunk_buffer():
+    """A live source (a microphone callback) refills one buffer: the carried samples must be a copy."""
+    torch.manual_seed(0)
+    wave = torch.randn(1, 3200)
+    fe = LogMel(FeatureConfig())
+    stream, buf, parts = StreamingLogMel(fe), torch.empty(1, 320), []
+    for pos in range(0, 3200, 320):
+        buf.copy_(wave[:, pos: pos + 320])
+        parts.append(stream.push(buf))
+    torch.testing.assert_close(torch.cat(parts, dim=1), fe(wave), atol=1e-4, rtol=1e-5)
+
+
 def test_load_audio_downmixes_and_resamples(tmp_path):
     t = np.arange(8000) / 8000
     stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], axis=1).astype(np.float32) * 0.5
