@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torchaudio
 from torch import nn
+from torch.nn import functional as F
 
 from ssm_core.cli import UserError
 
@@ -72,17 +73,22 @@ class StreamingLogMel:
     """Carries the overlap between chunks: push(chunk) returns the frames completed by that chunk.
 
     The frames are computed directly rather than through the offline `LogMel` (torchaudio's STFT module,
-    ~10 ops of framing, padding checks and reshapes a call): the chunk's frames are a strided view of the
-    carried samples, one `rfft` transforms them all, one matmul applies the mel filterbank, using the
-    offline module's own window and filterbank (made once, at construction). Same arithmetic as the STFT,
-    so the frames equal the offline ones to float32 rounding."""
+    ~10 ops of framing, padding checks and reshapes a call), in 6 ops whatever the chunk: the chunk's frames
+    are a strided view of the carried samples, windowed and transformed by one `rfft`, squared as
+    interleaved (real, imaginary) pairs, and one matmul with the filterbank (each row repeated for the
+    real and the imaginary part, so |X|^2 = re^2 + im^2 is summed inside it; LOG_FLOOR as its bias) gives
+    the mel power. The window and filterbank are the offline module's own, laid out once here. Same
+    arithmetic as the STFT, so the frames equal the offline ones to float32 rounding."""
 
     def __init__(self, frontend: LogMel, batch_size: int = 1, device=None):
         self.frontend = frontend
         self.pending = torch.zeros(batch_size, 0, device=device)
-        spec = frontend.mel.spectrogram
+        spec, fb = frontend.mel.spectrogram, frontend.mel.mel_scale.fb                 # fb (freqs, n_mels)
         if spec.n_fft != spec.win_length or spec.pad or spec.power != 2.0 or spec.normalized or spec.center:
             raise ValueError("StreamingLogMel: expected the uncentred power spectrogram of LogMel")
+        self.window = spec.window
+        self.fb_pairs = fb.repeat_interleave(2, dim=0).t().contiguous()               # (n_mels, 2 freqs)
+        self.floor = torch.full((fb.shape[1],), LOG_FLOOR, dtype=fb.dtype, device=fb.device)
 
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk (batch, samples) -> frames (batch, new_frames, n_mels); new_frames may be 0."""
@@ -101,10 +107,10 @@ class StreamingLogMel:
         return self._logmel(buf)
 
     def _logmel(self, buf: torch.Tensor) -> torch.Tensor:
-        cfg, mel = self.frontend.cfg, self.frontend.mel
+        cfg = self.frontend.cfg
         frames = buf.unfold(1, cfg.win_length, cfg.hop_length)                 # (batch, n, win): a view
-        power = torch.fft.rfft(frames * mel.spectrogram.window).abs().square_()
-        return torch.matmul(power, mel.mel_scale.fb).add_(LOG_FLOOR).log_()
+        pairs = torch.view_as_real(torch.fft.rfft(frames * self.window)).square_().flatten(-2)
+        return F.linear(pairs, self.fb_pairs, self.floor).log_()
 
 
 # --- audio files ------------------------------------------------------------------------------------

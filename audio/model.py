@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ssm_core import MambaConfig, MambaModel
 from ssm_core.cli import UserError
+from ssm_core.mamba import params_key
 from ssm_core.model import save_pretrained
 
 from .features import FeatureConfig, LogMel, StreamingLogMel
@@ -102,8 +104,29 @@ class KeywordSpotter(nn.Module):
         frames = state.frontend.push(chunk)
         if frames.shape[1] == 0:
             return frames.new_zeros(frames.shape[0], 0, len(self.labels))
-        h, state.encoder = self.encoder.stream(self.normalize(frames), state.encoder)
+        embedding = self.encoder.embedding
+        if isinstance(embedding, nn.Linear) and frames.dtype == embedding.weight.dtype:
+            # The normalisation folded into the encoder's input projection: one op for three a chunk.
+            h = F.linear(frames, *self._normalized_embedding())
+            h, state.encoder = self.encoder.stream_embedded(h, state.encoder)
+        else:
+            h, state.encoder = self.encoder.stream(self.normalize(frames), state.encoder)
         return self.head(h).float()
+
+    def _normalized_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W / std, b - (W / std) @ mean): the encoder's input Linear applied to normalised features,
+        as one Linear on the raw log-mel. Cached while the four tensors are unchanged (`params_key`)."""
+        emb = self.encoder.embedding
+        sources = [self.feat_mean, self.feat_std, emb.weight, emb.bias]
+        key = params_key(sources)
+        cache = self.__dict__.get("_embedding_cache")
+        if key is None or cache is None or cache[0] != key:
+            with torch.no_grad(), torch.inference_mode(False):
+                w = emb.weight / self.feat_std
+                cache = (key, (w, emb.bias - w @ self.feat_mean), [t.detach() for t in sources])
+            if key is not None:
+                self.__dict__["_embedding_cache"] = cache
+        return cache[1]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -21,6 +21,9 @@ from .ops import backend_for, causal_conv1d, selective_scan, selective_state_upd
 # Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
 # through the chunked scan. Both give forward's results; this only picks the faster.
 STREAM_STEPS = 16
+# A state keeps the step path's scratch buffers for at most this many chunk lengths (a live source may
+# alternate between a few, e.g. 2 and 3 frames).
+SCRATCH_LENGTHS = 4
 LOG2E = math.log2(math.e)   # exp(x) = exp2(x log2 e); exp2 is the cheaper op on a CPU
 
 
@@ -71,12 +74,16 @@ class _StepScratch:
     def __init__(self, m: Mamba, b: int, T: int, dtype: torch.dtype, device):
         di, K, N, r = m.d_inner, m.d_conv, m.d_state, m.dt_rank
         new = functools.partial(torch.empty, dtype=dtype, device=device)
-        self.xz = new(b * T, 2 * di)                                   # in_proj output
-        xz = self.xz.view(b, T, 2 * di)
+        # in_proj's output goes after K - 1 rows that take the carried conv inputs, so the u columns of
+        # the whole buffer are the conv's time-major input window without copying the chunk into it. For
+        # batch 1 its T rows are one matrix that the matmul writes; a larger batch copies them in.
+        xzw = new(b, K - 1 + T, 2 * di)
+        xz = xzw[:, K - 1:]
+        self.xz_out = xz[0] if b == 1 else new(b * T, 2 * di)
+        self.xz_copy = None if b == 1 else (xz, self.xz_out.view(b, T, 2 * di))   # (destination, source)
         self.u, self.z = xz[..., :di], xz[..., di:]
-        win = new(b, K - 1 + T, di)                                    # conv inputs, time-major
+        win = xzw[..., :di]                                            # conv inputs, time-major
         self.win_head = win[:, :K - 1].transpose(1, 2)                 # the carried tail, state.conv's layout
-        self.win_body = win[:, K - 1:]
         self.win_tail = win[:, T:].transpose(1, 2)                     # the tail to carry on
         self.taps = tuple(win[:, k:k + T] for k in range(K))           # the inputs of tap k for all T steps
         self.uc = new(b, T, di)                                        # conv + silu output
@@ -98,7 +105,7 @@ class _StepScratch:
         self.y3, self.y2 = self.y.view(b, T, di), self.y.view(b * T, di)
 
 
-def _params_key(params) -> tuple | None:
+def params_key(params) -> tuple | None:
     """What identifies the values of `params` for a cache: each one's version counter (bumped by every
     in-place update: optimiser steps, `load_state_dict`, `nn.init`) and data pointer (a new tensor: `.to()`,
     `.data = ...`). None for inference tensors (a model built under `torch.inference_mode`), which have no
@@ -207,8 +214,8 @@ class Mamba(nn.Module):
 
     def _A(self) -> torch.Tensor:
         """A = -exp(A_log) in float32. Without autograd (inference streaming) it is cached until A_log
-        changes (`_params_key`), saving two ops on every streamed chunk."""
-        key = None if torch.is_grad_enabled() else _params_key([self.A_log])
+        changes (`params_key`), saving two ops on every streamed chunk."""
+        key = None if torch.is_grad_enabled() else params_key([self.A_log])
         if key is None:
             return -torch.exp(self.A_log.float())
         cache = self.__dict__.get("_A_cache")
@@ -228,15 +235,21 @@ class Mamba(nn.Module):
                           ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
                                           dtype=torch.float64 if dtype == torch.float64 else torch.float32))
 
-    def stream(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+    def stream(self, x: torch.Tensor, state: MambaState,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, MambaState]:
         """Consume a chunk x (batch, T, d_model), T >= 1, continuing from `state` (updated in place).
-        Returns (y, state) with y equal to the matching slice of `forward` over the whole stream."""
+        Returns (y, state) with y equal to the matching slice of `forward` over the whole stream; given a
+        `residual` (batch, T, d_model), returns residual + y instead (a backbone's residual stream: on the
+        CPU step path the add rides in out_proj's matmul)."""
         self._check_input(x)
         if state.ssm.shape[0] != x.shape[0]:
             raise ValueError(f"state: built for batch {state.ssm.shape[0]}, got x with batch {x.shape[0]}")
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         T = x.shape[1]
-        if T <= STREAM_STEPS and self._steps_apply(x, state):
-            return self._stream_steps(x, state), state
+        if (T <= STREAM_STEPS and self._steps_apply(x, state)
+                and (residual is None or residual.dtype == x.dtype)):
+            return self._stream_steps(x, state, residual), state
         xz = self.in_proj(x)                                            # (b, T, 2*d_inner)
         A = self._A()
         if T == 1 and self.selective:
@@ -252,7 +265,8 @@ class Mamba(nn.Module):
                                   delta_softplus=True, h0=state.ssm, return_final_state=True)
             state.ssm.copy_(h)
             y = y.transpose(1, 2)
-        return self.out_proj(y), state
+        y = self.out_proj(y)
+        return (y if residual is None else residual + y), state
 
     def _steps_apply(self, x: torch.Tensor, state: MambaState) -> bool:
         """Whether `_stream_steps` takes this chunk: CPU, selective, autograd off (it writes buffers in
@@ -265,10 +279,10 @@ class Mamba(nn.Module):
 
     def _stream_weights(self) -> _StepWeights:
         """The weights of `_stream_steps` in the layout it wants, made once and kept until a parameter
-        changes (`_params_key` of all of them)."""
+        changes (`params_key` of all of them)."""
         # Read from the modules' parameter dicts each call (~3 us): a replaced parameter or submodule is seen.
         params = [p for mod in (self, *self._modules.values()) for p in mod._parameters.values() if p is not None]
-        key = _params_key(params)
+        key = params_key(params)
         cache = self.__dict__.get("_stream_cache")
         if key is None or cache is None or cache.key != key:
             with torch.no_grad(), torch.inference_mode(False):   # plain tensors, usable outside inference mode
@@ -277,7 +291,7 @@ class Mamba(nn.Module):
                 self.__dict__["_stream_cache"] = cache
         return cache
 
-    def _stream_steps(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+    def _stream_steps(self, x: torch.Tensor, state: MambaState, residual: torch.Tensor | None = None) -> torch.Tensor:
         """A short chunk on the CPU (e.g. a 20 ms audio chunk, 2 frames): the streaming hot path. At this
         size per-op dispatch, not FLOPs, is the cost, so everything but the state recurrence (one fused op
         a step) is vectorised over the T steps, every intermediate is written into scratch buffers kept in
@@ -288,17 +302,20 @@ class Mamba(nn.Module):
         w = self._stream_weights()
         s = state.scratch.get(T)
         if s is None:
+            if len(state.scratch) >= SCRATCH_LENGTHS:   # chunk lengths that keep changing: bounded memory
+                state.scratch.clear()
             with torch.inference_mode(False):   # plain tensors, so the state streams in and out of inference mode
                 s = state.scratch[T] = _StepScratch(self, b, T, x.dtype, x.device)
         x2 = x.view(b * T, self.d_model) if x.is_contiguous() else x.reshape(b * T, self.d_model)
         if w.in_bias is None:
-            torch.mm(x2, w.in_t, out=s.xz)
+            torch.mm(x2, w.in_t, out=s.xz_out)
         else:
-            torch.addmm(w.in_bias, x2, w.in_t, out=s.xz)
+            torch.addmm(w.in_bias, x2, w.in_t, out=s.xz_out)
+        if s.xz_copy is not None:
+            s.xz_copy[0].copy_(s.xz_copy[1])
         # Causal conv over [carried tail, chunk], time-major: one multiply-add per tap over all T steps.
         s.win_head.copy_(state.conv)
-        s.win_body.copy_(s.u)
-        state.conv.copy_(s.win_tail)
+        state.conv.copy_(s.win_tail)                                   # after the head: they overlap if T < K - 1
         uc = s.uc
         if w.conv_bias is None:
             torch.mul(s.taps[0], w.conv_taps[0], out=uc)
@@ -321,7 +338,12 @@ class Mamba(nn.Module):
         torch.bmm(s.C3, s.H3t, out=s.y)                                     # <h_t, C_t> for every step
         y = s.y3.addcmul_(uc, w.D)
         y.mul_(F.silu(s.z, inplace=True))
-        out = torch.mm(s.y2, w.out_t) if w.out_bias is None else torch.addmm(w.out_bias, s.y2, w.out_t)
+        if residual is not None:
+            out = torch.addmm(residual.reshape(b * T, self.d_model), s.y2, w.out_t)
+            if w.out_bias is not None:
+                out.add_(w.out_bias)
+        else:
+            out = torch.mm(s.y2, w.out_t) if w.out_bias is None else torch.addmm(w.out_bias, s.y2, w.out_t)
         return out.view(b, T, self.d_model)
 
     def _step(self, u: torch.Tensor, z: torch.Tensor, A: torch.Tensor, state: MambaState) -> torch.Tensor:

@@ -146,31 +146,34 @@ class RMSNorm(nn.Module):
 
 
 def _stream_norm(norm: RMSNorm, residual: torch.Tensor) -> torch.Tensor:
-    """`norm(residual.to(norm.weight.dtype))` for the streaming path in 4 ops instead of ~8: a streamed
-    chunk is a few rows, where per-op dispatch is the cost (~35 -> ~12 us a norm on one CPU thread; mean and
-    scalar add are the slow ones). The mean of squares plus eps is one baddbmm of each row with itself.
-    Same arithmetic as RMSNorm.forward up to float rounding. Other norms and dtypes: the module."""
+    """`norm(residual.to(norm.weight.dtype))` for the streaming path in 5 ops instead of ~8: a streamed
+    chunk is a few rows, where per-op dispatch is the cost (~34 -> ~11 us a norm on one CPU thread; `mean`
+    and Python-scalar operands are the slow ones, so the sum of squares is a `bmm` of each row with itself
+    and eps, 1/d are cached 0-dim tensors). Same arithmetic as RMSNorm.forward up to float
+    rounding. Other norms and dtypes: the module itself."""
     w = norm.weight
     if type(norm) is not RMSNorm or residual.dtype != w.dtype or residual.dtype not in (torch.float32, torch.float64):
         return norm(residual.to(w.dtype))
     d = residual.shape[-1]
+    eps, inv_d = _norm_constants(norm.eps, d, residual)
     rows = residual.reshape(-1, 1, d)
-    ms = torch.baddbmm(_eps_tensor(norm.eps, rows), rows, rows.transpose(1, 2), alpha=1.0 / d)   # (rows, 1, 1)
+    ms = torch.addcmul(eps, torch.bmm(rows, rows.transpose(1, 2)), inv_d)       # mean of squares + eps
     return torch.mul(rows, ms.rsqrt_()).view(residual.shape).mul_(w)
 
 
-_EPS: dict = {}
+_NORM_CONSTANTS: dict = {}
 
 
-def _eps_tensor(eps: float, like: torch.Tensor) -> torch.Tensor:
-    """eps as a (1, 1, 1) tensor, made once per (eps, dtype, device): a Python scalar operand costs a
+def _norm_constants(eps: float, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, 1/d) as 0-dim tensors, made once per (eps, d, dtype, device): a Python-scalar operand costs a
     tensor wrap on every op."""
-    key = (eps, like.dtype, like.device)
-    t = _EPS.get(key)
-    if t is None:
+    key = (eps, d, like.dtype, like.device)
+    c = _NORM_CONSTANTS.get(key)
+    if c is None:
         with torch.inference_mode(False):
-            t = _EPS[key] = torch.full((1, 1, 1), eps, dtype=like.dtype, device=like.device)
-    return t
+            c = _NORM_CONSTANTS[key] = (torch.tensor(eps, dtype=like.dtype, device=like.device),
+                                        torch.tensor(1.0 / d, dtype=like.dtype, device=like.device))
+    return c
 
 
 class RCRMSNorm(RMSNorm):
@@ -228,7 +231,10 @@ class Block(nn.Module):
         return residual + _acc(self.mixer(x))
 
     def stream(self, residual: torch.Tensor, state):
-        y, state = self.mixer.stream(_stream_norm(self.norm, residual), state)
+        x = _stream_norm(self.norm, residual)
+        if isinstance(self.mixer, Mamba):   # adds the residual itself, in its output matmul on the CPU
+            return self.mixer.stream(x, state, residual=residual)
+        y, state = self.mixer.stream(x, state)
         return residual + _acc(y), state
 
 
@@ -307,8 +313,13 @@ class MambaModel(nn.Module):
 
     def stream(self, x: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """Consume a chunk (any length >= 1) continuing from `state`; equal to `forward` on the whole stream."""
+        return self.stream_embedded(self.embed(x), state)
+
+    def stream_embedded(self, h: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """`stream` from the embedding's output (batch, T, d_model) on: for a caller that computes the
+        embedding itself (e.g. with a preceding fixed affine map folded into it)."""
         self._check_streamable()
-        residual = _acc(self.embed(x))
+        residual = _acc(h)
         for i, layer in enumerate(self.layers):
             residual, state[i] = layer.stream(residual, state[i])
         return _stream_norm(self.norm_f, residual), state

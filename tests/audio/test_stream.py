@@ -44,6 +44,25 @@ def test_streamed_posteriors_equal_offline_forward(tiny_model_dir, noise_wav, tm
     assert "summary: audio 3.30 s, real-time factor" in capsys.readouterr().out
 
 
+def test_stream_follows_changes_of_the_feature_normalisation():
+    """The streaming path folds the normalisation into the encoder's input Linear (cached): changing the
+    statistics in place, as audio.train does, must be seen by the next chunk."""
+    model = tiny_model()
+    wave = torch.from_numpy(noise_wave(0.5))[None]
+
+    def check():
+        with torch.inference_mode():
+            state = model.init_stream(1)
+            streamed = torch.cat([model.stream(wave[:, i:i + 320], state) for i in range(0, wave.shape[1], 320)], 1)
+            torch.testing.assert_close(streamed, model(wave), rtol=1e-4, atol=1e-4)
+
+    check()
+    with torch.no_grad():
+        model.feat_mean.copy_(torch.linspace(-6, -3, model.feat_mean.numel()))
+        model.feat_std.mul_(1.5)
+    check()
+
+
 def test_detector_smooths_thresholds_and_times_events():
     labels = ["yes", "no", "_silence_"]
     post = np.tile([0.0, 0.0, 1.0], (100, 1))
