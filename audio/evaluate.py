@@ -21,6 +21,7 @@ from .model import KeywordSpotter, load_model
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def evaluate_items(model: KeywordSpotter, dataset: ClipDataset, batch_size: int = 64, desc: str = "eval") -> dict:
     """Clip-level accuracy and macro-F1 (torchmetrics) and the confusion matrix (rows: true class)."""
     from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score

@@ -51,7 +51,13 @@ class SynthConfig:
     words: list[str] = field(default_factory=lambda: KEYWORDS + OTHER_WORDS)
     train_voices: list[str] = field(default_factory=lambda: [
         "en-us+m1", "en-us+f1", "en+m2", "en+f2", "en-gb-x-rp+m3", "en-gb-x-rp+f3", "en-029+m4",
-        "en-gb-scotland+m5", "en-us-nyc+m6", "en+klatt", "en-us+klatt2", "en-gb-x-gbclan+f1"])
+        "en-gb-scotland+m5", "en-us-nyc+m6", "en+klatt", "en-us+klatt2", "en-gb-x-gbclan+f1",
+        # more speakers generalise better to the held-out voices (whose variants and the gbcwmd accent
+        # appear nowhere else): espeak's named variants differ in formants, breathiness and intonation
+        "en-gb-scotland+f2", "en-us-nyc+f3", "en-029+f1", "en-gb-x-gbclan+m3", "en-us+klatt4", "en-gb-x-rp+klatt",
+        "en+Andy", "en-us+Annie", "en-gb-x-rp+david", "en+edward", "en-us+grandma", "en-gb-scotland+john",
+        "en-us+linda", "en-029+max", "en-us-nyc+paul", "en+quincy", "en-gb-x-rp+steph", "en-us+travis",
+        "en+klatt5", "en-029+klatt6", "en-gb-x-gbclan+klatt4"])
     val_voices: list[str] = field(default_factory=lambda: ["en-us+m7", "en-gb-x-rp+f4"])
     test_voices: list[str] = field(default_factory=lambda: ["en-gb-x-gbcwmd+m8", "en-us+f5", "en-029+klatt3"])
     rates: list[int] = field(default_factory=lambda: [125, 160, 200])    # words per minute

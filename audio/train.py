@@ -66,6 +66,10 @@ class AudioTrainConfig(TrainConfig):
     snr_db: list[float] = field(default_factory=lambda: [0.0, 20.0])
     time_shift_ms: float = 100.0
     gain_db: float = 6.0
+    freq_warp: float = field(default=0.1, metadata={
+        "help": "stretch each example's mel axis by a random factor in 1 +- this (VTLP-like speaker warp; 0: off)"})
+    speed_perturb: float = field(default=0.1, metadata={
+        "help": "resample clips by a random factor in 1 +- this (tempo and pitch together; 0: off)"})
     freq_mask: int = field(default=10, metadata={"help": "SpecAugment: widest frequency mask (mel bins)"})
     time_mask: int = field(default=10, metadata={"help": "SpecAugment: widest time mask (frames)"})
     val_every: int = field(default=200, metadata={"help": "validate every N training steps"})
@@ -77,6 +81,10 @@ class AudioTrainConfig(TrainConfig):
             raise ValueError(f"--lr: must be > 0, got {self.lr}")
         if len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]:
             raise ValueError(f"--snr-db: expected two values LOW HIGH, got {self.snr_db}")
+        if not 0 <= self.freq_warp < 0.5:
+            raise ValueError(f"--freq-warp: expected 0 <= value < 0.5, got {self.freq_warp}")
+        if not 0 <= self.speed_perturb < 0.5:
+            raise ValueError(f"--speed-perturb: expected 0 <= value < 0.5, got {self.speed_perturb}")
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"--noise-prob: expected 0 to 1, got {self.noise_prob}")
 
@@ -93,6 +101,25 @@ def time_shift(wave: torch.Tensor, max_shift: int) -> torch.Tensor:
     return torch.gather(wave, 1, src.clamp(0, n - 1)) * valid
 
 
+def speed_perturb(wave: torch.Tensor, max_change: float, groups: int = 4) -> torch.Tensor:
+    """Resample each of `groups` slices of the batch by its own factor in [1 - max_change, 1 + max_change]
+    (Kaldi-style speed perturbation: tempo and pitch move together, a cheap stand-in for new speakers), then
+    cut or zero-pad back to the clip length. Factors are multiples of 1/20 so the polyphase filter stays small."""
+    if max_change <= 0:
+        return wave
+    import torchaudio.functional as AF
+    n = wave.shape[1]
+    steps = max(1, int(max_change * 20))
+    out = []
+    for part in wave.chunk(groups):
+        new = 20 + int(torch.randint(-steps, steps + 1, ()))
+        if new != 20:
+            part = AF.resample(part, 20, new)[:, :n]
+            part = F.pad(part, (0, n - part.shape[1]))
+        out.append(part)
+    return torch.cat(out)
+
+
 def mix_noise(wave: torch.Tensor, bank: torch.Tensor, prob: float, snr_db: list[float]) -> torch.Tensor:
     """Add a random cut of the noise bank to a share `prob` of the clips, at a random SNR."""
     b, n = wave.shape
@@ -106,6 +133,22 @@ def mix_noise(wave: torch.Tensor, bank: torch.Tensor, prob: float, snr_db: list[
     scale = torch.sqrt(p_sig / (p_noise * 10 ** (snr / 10)))
     use = (torch.rand(b, 1, device=wave.device) < prob).float()
     return wave + use * scale * noise
+
+
+def freq_warp(feats: torch.Tensor, max_change: float) -> torch.Tensor:
+    """Stretch or squeeze each example's mel axis by a factor in [1 - max_change, 1 + max_change] (linear
+    interpolation between bins, edge bin repeated): a vocal-tract-length change moves the formants this way
+    while leaving the timing alone. feats (b, frames, mels)."""
+    if max_change <= 0:
+        return feats
+    b, _, m = feats.shape
+    alpha = 1 + (torch.rand(b, 1, device=feats.device) * 2 - 1) * max_change
+    pos = (torch.arange(m, device=feats.device, dtype=feats.dtype) / alpha).clamp(0, m - 1)   # (b, mels)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=m - 1)
+    frac = (pos - lo).unsqueeze(1)
+    lo_v, hi_v = (feats.gather(2, i.unsqueeze(1).expand(-1, feats.shape[1], -1)) for i in (lo, hi))
+    return torch.lerp(lo_v, hi_v, frac)
 
 
 def spec_augment(feats: torch.Tensor, freq_mask: int, time_mask: int) -> torch.Tensor:
@@ -140,6 +183,7 @@ def _lightning_module():
             wave, y = batch
             c, m = self.cfg, self.model
             sr = m.config.features.sample_rate
+            wave = speed_perturb(wave, c["speed_perturb"])
             wave = time_shift(wave, int(c["time_shift_ms"] * sr / 1000))
             wave = wave * 10 ** (torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"] / 20)
             wave = mix_noise(wave, self.noise_bank, c["noise_prob"], c["snr_db"])
@@ -147,7 +191,8 @@ def _lightning_module():
             # the state another word left behind, as on a stream. (The whole clip: a word may sit anywhere
             # before its label frames, so a cut-down prefix could lose the word its label names.)
             prefix = wave.roll(1, 0)
-            feats = spec_augment(m.features(torch.cat([prefix, wave], dim=1)), c["freq_mask"], c["time_mask"])
+            feats = freq_warp(m.features(torch.cat([prefix, wave], dim=1)), c["freq_warp"])
+            feats = spec_augment(feats, c["freq_mask"], c["time_mask"])
             logits = m.classify(feats)
             k, t1 = m.config.label_frames, m.config.features.num_frames(prefix.shape[1])
             loss = 0.5 * (F.cross_entropy(logits[:, -k:].flatten(0, 1), y.repeat_interleave(k))
@@ -230,6 +275,7 @@ def main(cfg: AudioTrainConfig) -> dict:
     best = out / "checkpoints" / "best.ckpt"
     model = load_model(best if best.is_file() else out / "checkpoints" / "last.ckpt")
     export_model(model, out / "model")
+    model.to(trainer.strategy.root_device)     # evaluate where training ran (the GPU if any)
     metrics = {"labels": labels, "num_parameters": model.num_parameters(), "steps": trainer.global_step,
                "data": str(root)}
     for split in ("validation", "testing"):

@@ -106,3 +106,35 @@ def test_train_config_errors(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert run(train.main, train.AudioTrainConfig, ["--snr-db", "20", "0"], prog="audio.train") == 2
     assert "--snr-db" in capsys.readouterr().err
+
+
+def test_full_synthetic_set_holds_out_its_test_voices():
+    cfg = synth.SynthConfig()
+    splits = [set(cfg.train_voices), set(cfg.val_voices), set(cfg.test_voices)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    # neither the variant nor the gbcwmd accent of a test voice is heard in training
+    train_parts = {part for v in cfg.train_voices for part in v.split("+")}
+    assert not any(v.split("+")[1] in train_parts for v in cfg.test_voices)
+    assert "en-gb-x-gbcwmd" not in train_parts
+
+
+def test_speed_perturb_and_freq_warp():
+    torch.manual_seed(0)
+    wave = torch.randn(8, 1600)
+    assert torch.equal(train.speed_perturb(wave, 0.0), wave)
+    out = train.speed_perturb(wave, 0.2, groups=8)
+    assert out.shape == wave.shape and not torch.equal(out, wave)
+    # a group resampled by 20 -> 20 + k keeps its first sample and plays the clip slower (k > 0) or faster
+    tone = torch.sin(torch.arange(1600) * 0.05).expand(2, -1)
+    slow = torch.cat([train.speed_perturb(tone[:1], 0.2, groups=1) for _ in range(20)])
+    assert (slow[:, :800] - tone[0, :800]).abs().amax(1).max() > 0.1    # some draw changed the tone
+
+    feats = torch.randn(4, 30, 80)
+    assert torch.equal(train.freq_warp(feats, 0.0), feats)
+    ramp = torch.arange(80.0).expand(4, 30, 80)
+    warped = train.freq_warp(ramp, 0.1)
+    # each example's bins are a linear map i -> i / alpha of the ramp, alpha in [0.9, 1.1], clamped at the top
+    slope = warped[:, 0, 1] - warped[:, 0, 0]
+    assert ((slope >= 1 / 1.1 - 1e-5) & (slope <= 1 / 0.9 + 1e-5)).all()
+    assert torch.allclose(warped[:, :, :40], slope[:, None, None] * torch.arange(40.0), atol=1e-4)
+    assert (warped <= 79).all()
