@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
+from .ops import _forced, causal_conv1d, selective_scan, selective_state_update
 
 # Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
 # through the chunked scan. Both give forward's results; this only picks the faster.
@@ -50,6 +50,9 @@ class _StepWeights:
         # Holding the parameters keeps their memory from being reused by a new tensor at the same address,
         # which would otherwise match the cache key.
         self.key, self.params = key, tuple(p.detach() for p in params)
+        # The step path runs in one dtype; a module whose parameters mix dtypes takes the general path.
+        dtypes = {p.dtype for p in params}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else None
         self.in_t, self.in_bias = m.in_proj.weight.detach().t(), _detached(m.in_proj.bias)
         self.conv_taps = m.conv1d.weight.detach()[:, 0].t().contiguous().unbind(0)     # K x (d_inner,)
         self.conv_bias = _detached(m.conv1d.bias)
@@ -247,9 +250,9 @@ class Mamba(nn.Module):
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"residual: expected shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         T = x.shape[1]
-        if (T <= STREAM_STEPS and self._steps_apply(x, state)
-                and (residual is None or residual.dtype == x.dtype)):
-            return self._stream_steps(x, state, residual), state
+        w = self._step_weights(x, state, residual) if T <= STREAM_STEPS else None
+        if w is not None:
+            return self._stream_steps(x, state, residual, w), state
         xz = self.in_proj(x)                                            # (b, T, 2*d_inner)
         A = self._A()
         if T == 1 and self.selective:
@@ -268,14 +271,23 @@ class Mamba(nn.Module):
         y = self.out_proj(y)
         return (y if residual is None else residual + y), state
 
-    def _steps_apply(self, x: torch.Tensor, state: MambaState) -> bool:
-        """Whether `_stream_steps` takes this chunk: CPU, selective, autograd off (it writes buffers in
-        place, which autograd cannot record: streaming for training, e.g. truncated BPTT, takes the chunked
-        scan, whose autograd.Function can), and one dtype throughout (float32 or float64 parameters, input
-        and state; half types and autocast take the general path, which computes the SSM in float32)."""
-        dtype = self.in_proj.weight.dtype
-        return (self.selective and not _records_grad(x, self) and x.dtype == dtype == state.ssm.dtype
-                == state.conv.dtype and not torch.is_autocast_enabled(x.device.type) and backend_for(x) == "cpu")
+    def _step_weights(self, x: torch.Tensor, state: MambaState, residual: torch.Tensor | None) -> _StepWeights | None:
+        """The weights for `_stream_steps` if it takes this chunk, else None. It takes: CPU tensors, the
+        selective SSM, autograd off (it writes buffers in place, which autograd cannot record: streaming for
+        training, e.g. truncated BPTT, takes the chunked scan, whose autograd.Function can), no autocast, the
+        "cpu" backend (not forced to the reference), and one dtype throughout (float32 or float64: parameters,
+        input, state and residual; half types take the general path, which computes the SSM in float32).
+        Cheap checks first, and no nn.Module attribute lookups (~1.5 us each): this runs on every chunk."""
+        # For a CPU tensor `backend_for` is "cpu" unless SSM_CORE_BACKEND forces another backend; asking
+        # `_forced` alone skips its import check of ssm_core.cpu (~2 us), which this path does not use.
+        if (not self.selective or not x.is_cpu or _records_grad(x, self) or torch.is_autocast_enabled("cpu")
+                or _forced() != "auto"):
+            return None
+        w = self._stream_weights()
+        dtype = x.dtype
+        if w.dtype == dtype == state.ssm.dtype == state.conv.dtype and (residual is None or residual.dtype == dtype):
+            return w
+        return None
 
     def _stream_weights(self) -> _StepWeights:
         """The weights of `_stream_steps` in the layout it wants, made once and kept until a parameter
@@ -291,22 +303,23 @@ class Mamba(nn.Module):
                 self.__dict__["_stream_cache"] = cache
         return cache
 
-    def _stream_steps(self, x: torch.Tensor, state: MambaState, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _stream_steps(self, x: torch.Tensor, state: MambaState, residual: torch.Tensor | None,
+                      w: _StepWeights) -> torch.Tensor:
         """A short chunk on the CPU (e.g. a 20 ms audio chunk, 2 frames): the streaming hot path. At this
         size per-op dispatch, not FLOPs, is the cost, so everything but the state recurrence (one fused op
         a step) is vectorised over the T steps, every intermediate is written into scratch buffers kept in
         the state (no allocation per call but the returned output), the views of those buffers are made
         once, and the weights come pre-laid-out from `_stream_weights`. Same arithmetic as `forward` but
-        exp(dt A) computed as exp2(dt A log2 e), which is ~2x faster here. x (b, T, d_model) -> y."""
+        exp(dt A) computed as exp2(dt A log2 e), which is ~2x faster here. x (b, T, d_model) -> y
+        (plus `residual` if given); `w` from `_step_weights`."""
         b, T, _ = x.shape
-        w = self._stream_weights()
         s = state.scratch.get(T)
         if s is None:
             if len(state.scratch) >= SCRATCH_LENGTHS:   # chunk lengths that keep changing: bounded memory
                 state.scratch.clear()
             with torch.inference_mode(False):   # plain tensors, so the state streams in and out of inference mode
                 s = state.scratch[T] = _StepScratch(self, b, T, x.dtype, x.device)
-        x2 = x.view(b * T, self.d_model) if x.is_contiguous() else x.reshape(b * T, self.d_model)
+        x2 = x.reshape(b * T, self.d_model)
         if w.in_bias is None:
             torch.mm(x2, w.in_t, out=s.xz_out)
         else:

@@ -180,7 +180,10 @@ def test_short_cpu_chunks_take_the_step_path(monkeypatch):
         state = m.init_state(1)
         for n in (1, 2, 20):
             m.stream(torch.randn(1, n, 8), state)
-    assert calls == [1, 2], "chunks up to STREAM_STEPS stream step by step, longer ones use the scan"
+        assert calls == [1, 2], "chunks up to STREAM_STEPS stream step by step, longer ones use the scan"
+        monkeypatch.setenv("SSM_CORE_BACKEND", "reference")
+        m.stream(torch.randn(1, 2, 8), state)
+    assert calls == [1, 2], "a backend forced to the reference streams through the reference"
 
 
 def _streamed(m, x, T):
