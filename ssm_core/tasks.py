@@ -49,6 +49,7 @@ class TaskConfig:
     lr: float = 1e-2
     seed: int = 0
     eval_examples: int = 1024
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, or auto (cuda when available)"})
     output_dir: str | None = field(default=None, metadata={"help": "write metrics.json here"})
     progress: bool = True
 
@@ -61,6 +62,12 @@ class TaskConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
         check_mixer_spec(self.mixer)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected cpu, cuda or auto, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +115,7 @@ def evaluate(model: MambaLM, cfg: TaskConfig, seed: int = 1234) -> dict:
     correct = total = exact = n = 0
     for start in range(0, cfg.eval_examples, cfg.batch_size):
         b = min(cfg.batch_size, cfg.eval_examples - start)
-        x, y = BATCHES[cfg.task](cfg, b, gen)
+        x, y = (t.to(cfg.device) for t in BATCHES[cfg.task](cfg, b, gen))
         pred = model(x).argmax(-1)
         mask = y != -100
         hit = (pred == y) & mask
@@ -123,7 +130,7 @@ def evaluate(model: MambaLM, cfg: TaskConfig, seed: int = 1234) -> dict:
 def train(cfg: TaskConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -136,7 +143,7 @@ def train(cfg: TaskConfig) -> dict:
     t0 = time.perf_counter()
     loss_ema = None
     for _ in range(cfg.steps):
-        x, y = BATCHES[cfg.task](cfg, cfg.batch_size, gen)
+        x, y = (t.to(cfg.device) for t in BATCHES[cfg.task](cfg, cfg.batch_size, gen))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,3 +70,11 @@ def test_shipped_task_configs_parse():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/ssm_core/*.yaml")):
         cfg = parse_config(TaskConfig, ["--config", str(path), "--steps", "3"])
         assert cfg.steps == 3 and cfg.task in ("selective-copy", "induction")
+
+
+def test_device_flag():
+    assert TaskConfig(device="cpu").device == "cpu"
+    assert TaskConfig(device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+    r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "selective-copy", "--device", "tpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--device" in r.stderr and "Traceback" not in r.stderr
