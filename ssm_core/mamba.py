@@ -101,6 +101,7 @@ class _StepScratch:
         self.dt = new(b * T, di)
         self.dt3, self.dt4 = self.dt.view(b, T, di), self.dt.view(b, T, di, 1)
         self.du = new(b, T, di)                                        # dt * u
+        self.du4 = self.du.unsqueeze(-1)
         self.dA, self.H = new(b, T, di, N), new(b, T, di, N)
         self.dA_steps, self.H_steps = self.dA.unbind(1), self.H.unbind(1)
         self.H3t = self.H.view(b * T, di, N).transpose(1, 2)
@@ -343,7 +344,8 @@ class Mamba(nn.Module):
         torch._C._nn.softplus(dt, 1, 20, out=dt)
         # Discretise, dA = exp(dt A) and dt u B, then the recurrence in place: H becomes the states.
         torch.mul(s.dt4, w.A_log2e, out=s.dA).exp2_()
-        torch.mul(torch.mul(s.dt3, uc, out=s.du).unsqueeze(-1), s.B4, out=s.H)
+        torch.mul(s.dt3, uc, out=s.du)
+        torch.mul(s.du4, s.B4, out=s.H)
         s.H_steps[0].addcmul_(s.dA_steps[0], state.ssm)
         for t in range(1, T):
             s.H_steps[t].addcmul_(s.dA_steps[t], s.H_steps[t - 1])

@@ -147,33 +147,27 @@ class RMSNorm(nn.Module):
 
 def _stream_norm(norm: RMSNorm, residual: torch.Tensor) -> torch.Tensor:
     """`norm(residual.to(norm.weight.dtype))` for the streaming path in 5 ops instead of ~8: a streamed
-    chunk is a few rows, where per-op dispatch is the cost (~34 -> ~11 us a norm on one CPU thread; `mean`
-    and Python-scalar operands are the slow ones, so the sum of squares is a `bmm` of each row with itself
-    and eps, 1/d are cached 0-dim tensors). Same arithmetic as RMSNorm.forward up to float
-    rounding. Other norms and dtypes: the module itself."""
-    w = norm.weight
+    chunk is a few rows, where per-op dispatch is the cost (~34 -> ~10 us a norm on one CPU thread; `mean`
+    and Python-scalar tensor operands are the slow ones, so the mean of squares + eps is one addcmul of the
+    rows' 2-norms with a cached 0-dim eps). Same arithmetic as RMSNorm.forward up to float rounding.
+    Other norms and dtypes: the module itself."""
+    w = norm._parameters["weight"]   # not norm.weight: nn.Module.__getattr__ costs ~1 us
     if type(norm) is not RMSNorm or residual.dtype != w.dtype or residual.dtype not in (torch.float32, torch.float64):
         return norm(residual.to(w.dtype))
-    d = residual.shape[-1]
-    eps, inv_d = _norm_constants(norm.eps, d, residual)
-    rows = residual.reshape(-1, 1, d)
-    ms = torch.addcmul(eps, torch.bmm(rows, rows.transpose(1, 2)), inv_d)       # mean of squares + eps
-    return torch.mul(rows, ms.rsqrt_()).view(residual.shape).mul_(w)
+    n = torch.linalg.vector_norm(residual, dim=-1, keepdim=True)
+    ms = torch.addcmul(_eps_tensor(norm, residual), n, n, value=1.0 / residual.shape[-1])   # mean square + eps
+    return torch.mul(residual, ms.rsqrt_()).mul_(w)
 
 
-_NORM_CONSTANTS: dict = {}
-
-
-def _norm_constants(eps: float, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, 1/d) as 0-dim tensors, made once per (eps, d, dtype, device): a Python-scalar operand costs a
-    tensor wrap on every op."""
-    key = (eps, d, like.dtype, like.device)
-    c = _NORM_CONSTANTS.get(key)
-    if c is None:
+def _eps_tensor(norm: RMSNorm, like: torch.Tensor) -> torch.Tensor:
+    """norm.eps as a 0-dim tensor of `like`'s dtype and device, kept on the module: a Python float operand
+    costs a tensor wrap on every op."""
+    cached = norm.__dict__.get("_eps_tensor")
+    if cached is None or cached[0] != norm.eps or cached[1].dtype != like.dtype or cached[1].device != like.device:
         with torch.inference_mode(False):
-            c = _NORM_CONSTANTS[key] = (torch.tensor(eps, dtype=like.dtype, device=like.device),
-                                        torch.tensor(1.0 / d, dtype=like.dtype, device=like.device))
-    return c
+            cached = norm.__dict__["_eps_tensor"] = (norm.eps, torch.tensor(norm.eps, dtype=like.dtype,
+                                                                             device=like.device))
+    return cached[1]
 
 
 class RCRMSNorm(RMSNorm):
