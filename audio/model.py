@@ -104,26 +104,32 @@ class KeywordSpotter(nn.Module):
         frames = state.frontend.push(chunk)
         if frames.shape[1] == 0:
             return frames.new_zeros(frames.shape[0], 0, len(self.labels))
-        embedding = self.encoder.embedding
+        # Submodules and tensors from the modules' dicts: nn.Module.__getattr__ costs ~1 us a lookup.
+        encoder, head = self._modules["encoder"], self._modules["head"]
+        embedding = encoder._modules["embedding"]
         if isinstance(embedding, nn.Linear) and frames.dtype == embedding.weight.dtype:
             # The normalisation folded into the encoder's input projection: one op for three a chunk.
-            h = F.linear(frames, *self._normalized_embedding())
-            h, state.encoder = self.encoder.stream_embedded(h, state.encoder)
+            h = F.linear(frames, *self._normalized_embedding(embedding))
+            h, state.encoder = encoder.stream_embedded(h, state.encoder)
         else:
-            h, state.encoder = self.encoder.stream(self.normalize(frames), state.encoder)
-        return self.head(h).float()
+            h, state.encoder = encoder.stream(self.normalize(frames), state.encoder)
+        return F.linear(h, head._parameters["weight"], head._parameters["bias"]).float()
 
-    def _normalized_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W / std, b - (W / std) @ mean): the encoder's input Linear applied to normalised features,
-        as one Linear on the raw log-mel. Cached while the four tensors are unchanged (`params_key`)."""
-        emb = self.encoder.embedding
-        sources = [self.feat_mean, self.feat_std, emb.weight, emb.bias]
+    def _normalized_embedding(self, emb: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W / std, b - (W / std) @ mean): the encoder's input Linear `emb` applied to normalised
+        features, as one Linear on the raw log-mel. Cached while the four tensors are unchanged
+        (`params_key`)."""
+        mean, std = self._buffers["feat_mean"], self._buffers["feat_std"]
+        weight, bias = emb._parameters["weight"], emb._parameters["bias"]
+        sources = [t for t in (mean, std, weight, bias) if t is not None]
         key = params_key(sources)
         cache = self.__dict__.get("_embedding_cache")
         if key is None or cache is None or cache[0] != key:
             with torch.no_grad(), torch.inference_mode(False):
-                w = emb.weight / self.feat_std
-                cache = (key, (w, emb.bias - w @ self.feat_mean), [t.detach() for t in sources])
+                w = weight / std
+                shift = -(w @ mean) if bias is None else bias - w @ mean
+                # The sources are held so that no new tensor can take their addresses while cached.
+                cache = (key, (w, shift), [t.detach() for t in sources])
             if key is not None:
                 self.__dict__["_embedding_cache"] = cache
         return cache[1]
