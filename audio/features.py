@@ -89,26 +89,29 @@ class StreamingLogMel:
         self.window = spec.window
         self.fb_pairs = fb.repeat_interleave(2, dim=0).t().contiguous()               # (n_mels, 2 freqs)
         self.floor = torch.full((fb.shape[1],), LOG_FLOOR, dtype=fb.dtype, device=fb.device)
+        # Plain ints and strings: the config's properties recompute them on every access, per chunk.
+        cfg = frontend.cfg
+        self.win, self.hop, self.n_mels = cfg.win_length, cfg.hop_length, cfg.n_mels
+        self.device_type = self.pending.device.type
 
     def push(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk (batch, samples) -> frames (batch, new_frames, n_mels); new_frames may be 0."""
-        cfg = self.frontend.cfg
         # A copy even when nothing is pending: the caller may reuse its chunk buffer.
         buf = torch.cat([self.pending, chunk.to(self.pending.dtype)], dim=1)
-        n = cfg.num_frames(buf.shape[1])
+        samples, win, hop = buf.shape[1], self.win, self.hop
+        n = 0 if samples < win else 1 + (samples - win) // hop                 # FeatureConfig.num_frames
         # Keep from the first sample of the next frame on: a view of this chunk's buffer, bounded by
         # win + one chunk, and dropped at the next push, so memory stays flat.
-        self.pending = buf[:, n * cfg.hop_length:]
+        self.pending = buf[:, n * hop:]
         if n == 0:
-            return buf.new_zeros(buf.shape[0], 0, cfg.n_mels)
-        if torch.is_autocast_enabled(buf.device.type):   # float32 whatever the autocast dtype, as LogMel
-            with torch.autocast(buf.device.type, enabled=False):
+            return buf.new_zeros(buf.shape[0], 0, self.n_mels)
+        if torch.is_autocast_enabled(self.device_type):   # float32 whatever the autocast dtype, as LogMel
+            with torch.autocast(self.device_type, enabled=False):
                 return self._logmel(buf)
         return self._logmel(buf)
 
     def _logmel(self, buf: torch.Tensor) -> torch.Tensor:
-        cfg = self.frontend.cfg
-        frames = buf.unfold(1, cfg.win_length, cfg.hop_length)                 # (batch, n, win): a view
+        frames = buf.unfold(1, self.win, self.hop)                             # (batch, n, win): a view
         pairs = torch.view_as_real(torch.fft.rfft(frames * self.window)).square_().flatten(-2)
         return F.linear(pairs, self.fb_pairs, self.floor).log_()
 
