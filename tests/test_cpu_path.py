@@ -250,6 +250,26 @@ def test_stream_steps_reuse_scratch_and_return_fresh_outputs():
         torch.testing.assert_close(torch.cat([y1, y2], 1), m(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_rmsnorm_equals_the_module_with_gradients(dtype):
+    """Block.stream's 5-op RMSNorm (`_stream_norm`): the module's values and gradients (streaming under
+    autograd goes through it too), and the module itself for the half types it leaves to it."""
+    from ssm_core.model import RMSNorm, _stream_norm
+    torch.manual_seed(0)
+    norm = RMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+    x = (torch.randn(2, 3, 16, dtype=dtype) * 4).requires_grad_()
+    want, got = norm(x), _stream_norm(norm, x)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad(got.pow(3).sum(), [x, norm.weight]),
+                    torch.autograd.grad(want.pow(3).sum(), [x, norm.weight])):
+        torch.testing.assert_close(a, b, **tol)
+    xb = x.detach().bfloat16()
+    assert torch.equal(_stream_norm(norm.bfloat16(), xb), norm(xb))
+
+
 def test_stream_under_autograd_matches_forward_gradients():
     """Streaming with autograd on (truncated BPTT) takes the differentiable scan; gradients equal forward's."""
     torch.manual_seed(0)
