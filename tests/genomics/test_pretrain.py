@@ -60,7 +60,8 @@ def test_pretrain_loss_falls_and_writes_outputs(trained):
     assert m["val_bits_per_base"] < first_train - 1.0          # and it learned
     assert (trained / "loss_curve.png").stat().st_size > 1000
     assert (trained / "checkpoints" / "best.ckpt").is_file()
-    assert MambaLM.from_pretrained(trained / "model").config.vocab_size == tok.VOCAB_SIZE
+    # the default feeds the soft-mask as input: lower-case ids 12-15 widen the vocabulary
+    assert MambaLM.from_pretrained(trained / "model").config.vocab_size == tok.SOFTMASK_VOCAB_SIZE
 
 
 def _weights(ckpt: Path) -> dict:
@@ -181,3 +182,15 @@ def test_rc_model_embeddings_are_strand_invariant(tmp_path):
              for i in range(0, 130, 40)]
     n_real = [int((tok.unmask(seqs[1][i:i + 40]) != tok.N).sum()) for i in range(0, 130, 40)]
     np.testing.assert_allclose(long, np.average(parts, axis=0, weights=n_real), rtol=1e-4, atol=1e-5)
+
+
+def test_demo_yaml_spells_out_the_defaults():
+    """configs/genomics/demo.yaml claims to be the embedded default run: every value it sets must be the
+    PretrainConfig default, and it must set every option of the recipe (so the docs' table stays true)."""
+    from ssm_core.cli import load_yaml_config
+    spelled = load_yaml_config(PretrainConfig, str(REPO / "configs/genomics/demo.yaml"))
+    defaults = PretrainConfig()
+    assert {k: getattr(defaults, k) for k in spelled} == spelled
+    recipe = {"max_steps", "batch_size", "seq_len", "keep_softmask", "d_model", "n_layer", "d_state", "expand",
+              "lr", "weight_decay", "warmup_steps", "val_batches"}
+    assert recipe <= spelled.keys(), recipe - spelled.keys()
