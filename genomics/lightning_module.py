@@ -48,7 +48,7 @@ class DNALightningModule(L.LightningModule):
         self.train_tokens = torchmetrics.SumMetric()
         self.history: dict[str, list] = {"train": [], "valid": []}   # (step, bits/base) for the loss curve
         self.last_val: dict[str, float] = {}
-        self._timed_tokens, self._timed_seconds, self._t0 = 0, 0.0, None
+        self._timed_tokens, self._timed_seconds, self._t0, self._timing = 0, 0.0, None, False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids.long())
@@ -68,19 +68,21 @@ class DNALightningModule(L.LightningModule):
         return loss
 
     # Throughput: wall-clock of training only (data loading included, validation excluded), from the third
-    # batch on so one-off start-up (worker spawn, kernel compilation) stays out of tokens_per_second.
+    # batch on so one-off start-up (worker spawn, kernel compilation) stays out of tokens_per_second. The
+    # clock pauses at each validation and resumes at the next training batch; tokens are zeroed only once.
     def on_train_batch_start(self, batch, batch_idx):
-        if self._t0 is None and batch_idx >= 2:
-            self._t0, self._timed_tokens = time.perf_counter(), 0
+        if self._t0 is not None:
+            return
+        if not self._timing:
+            if batch_idx < 2:
+                return
+            self._timing, self._timed_tokens = True, 0
+        self._t0 = time.perf_counter()
 
     def on_validation_start(self):
         if self._t0 is not None:
             self._timed_seconds += time.perf_counter() - self._t0
             self._t0 = None
-
-    def on_validation_end(self):
-        if self.trainer.training:
-            self._t0 = time.perf_counter()
 
     def on_train_end(self):
         if self._t0 is not None:

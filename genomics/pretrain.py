@@ -51,8 +51,10 @@ class PretrainConfig(TrainConfig):
     skip_short_records: bool = field(default=False, metadata={"help": "drop records shorter than a window"})
     max_n_frac: float = field(default=0.1, metadata={"help": "redraw windows with more N than this"})
     # On for the demo: the repeat annotation tells the model where copying (tandem repeats) pays, which a
-    # few-minute run does not learn from the bases alone (docs/genomics.md); --no-keep-softmask turns it off.
-    keep_softmask: bool = field(default=True, metadata={"help": "feed soft-masking as input (lower-case ids)"})
+    # few-minute run does not learn from the bases alone (docs/genomics.md). Off for a user's FASTA, which is
+    # upper-cased as HyenaDNA and Caduceus do, unless asked for.
+    keep_softmask: bool | None = field(default=None, metadata={
+        "help": "feed soft-masking as input (lower-case ids); default: on for the demo genome, off with --fasta"})
     rc_augment: bool = field(default=False, metadata={
         "help": "reverse-complement half of the training windows (for strand-symmetric genomes: hg38 config)"})
     seq_len: int = 1024        # long windows: fewer bases scored with little context (GC drift, repeats)
@@ -86,6 +88,8 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_mixer_spec(self.mixer)
+        if self.keep_softmask is None:
+            self.keep_softmask = not self.fasta
         if self.seq_len < 2:
             raise ValueError(f"--seq-len: must be >= 2, got {self.seq_len}")
         if self.objective == "mlm" and not (self.bidirectional or self.rc_equivariant):

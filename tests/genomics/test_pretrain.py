@@ -61,7 +61,8 @@ def test_pretrain_loss_falls_and_writes_outputs(trained):
     assert (trained / "loss_curve.png").stat().st_size > 1000
     assert (trained / "checkpoints" / "best.ckpt").is_file()
     # the default feeds the soft-mask as input: lower-case ids 12-15 widen the vocabulary
-    assert MambaLM.from_pretrained(trained / "model").config.vocab_size == tok.SOFTMASK_VOCAB_SIZE
+    # a user's FASTA is upper-cased by default (the soft-mask is an input only for the demo genome)
+    assert MambaLM.from_pretrained(trained / "model").config.vocab_size == tok.VOCAB_SIZE
 
 
 def _weights(ckpt: Path) -> dict:
@@ -194,3 +195,32 @@ def test_demo_yaml_spells_out_the_defaults():
     recipe = {"max_steps", "batch_size", "seq_len", "keep_softmask", "d_model", "n_layer", "d_state", "expand",
               "lr", "weight_decay", "warmup_steps", "val_batches"}
     assert recipe <= spelled.keys(), recipe - spelled.keys()
+
+
+def test_tokens_per_second_counts_training_time_across_validations(monkeypatch):
+    from genomics import lightning_module as lm
+    clock = iter(range(0, 1000, 1))              # each hook call that reads the clock advances it by 1 s
+    monkeypatch.setattr(lm.time, "perf_counter", lambda: float(next(clock)))
+    m = lm.DNALightningModule(MambaConfig(d_model=8, n_layer=1, vocab_size=tok.VOCAB_SIZE).to_dict())
+
+    def train_batch(i, tokens=100):
+        m.on_train_batch_start(None, i)
+        m._timed_tokens += tokens                 # what training_step adds
+
+    for i in range(4):                            # batches 0, 1 are start-up: not timed
+        train_batch(i)
+    m.on_validation_start()                       # pause: 1 s since batch 2 started (clock 0 -> 1)
+    next(clock), next(clock)                      # validation takes time that must not count
+    for i in range(4, 6):
+        train_batch(i)
+    m.on_train_end()
+    # timed: batches 2-5 = 400 tokens over 1 s (before validation) + 1 s (after it)
+    assert m._timed_tokens == 400
+    assert m.tokens_per_second() == pytest.approx(400 / 2)
+
+
+def test_softmask_input_defaults_on_for_the_demo_only():
+    assert PretrainConfig().keep_softmask is True
+    assert PretrainConfig(fasta=["x.fa"]).keep_softmask is False
+    assert PretrainConfig(fasta=["x.fa"], keep_softmask=True).keep_softmask is True
+    assert PretrainConfig(keep_softmask=False).keep_softmask is False
