@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import _forced, causal_conv1d, selective_scan, selective_state_update
+from .ops import causal_conv1d, forced_backend, selective_scan, selective_state_update
 
 # Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
 # through the chunked scan. Both give forward's results; this only picks the faster.
@@ -280,9 +280,9 @@ class Mamba(nn.Module):
         input, state and residual; half types take the general path, which computes the SSM in float32).
         Cheap checks first, and no nn.Module attribute lookups (~1.5 us each): this runs on every chunk."""
         # For a CPU tensor `backend_for` is "cpu" unless SSM_CORE_BACKEND forces another backend; asking
-        # `_forced` alone skips its import check of ssm_core.cpu (~2 us), which this path does not use.
+        # `forced_backend` alone skips its import check of ssm_core.cpu (~2 us), which this path does not use.
         if (not self.selective or not x.is_cpu or _records_grad(x, self) or torch.is_autocast_enabled("cpu")
-                or _forced() != "auto"):
+                or forced_backend() != "auto"):
             return None
         w = self._stream_weights()
         dtype = x.dtype

@@ -21,7 +21,8 @@ from . import reference
 _BACKENDS = ("auto", "reference", "triton")
 
 
-def _forced() -> str:
+def forced_backend() -> str:
+    """SSM_CORE_BACKEND, checked: "auto", "reference" or "triton"."""
     b = os.environ.get("SSM_CORE_BACKEND", "auto").strip().lower() or "auto"
     if b not in _BACKENDS:
         raise ValueError(f"SSM_CORE_BACKEND: expected one of {_BACKENDS}, got {b!r}")
@@ -37,7 +38,7 @@ def _module(name: str):
 
 def backend_for(x: torch.Tensor) -> str:
     """'triton', 'cpu' or 'reference': where an op on tensor `x` runs."""
-    forced = _forced()
+    forced = forced_backend()
     if forced != "auto":
         return forced
     if x.is_cuda:
