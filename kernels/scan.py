@@ -1,18 +1,26 @@
 """Fused Triton selective scan (Mamba-1), forward and backward.
 
-One program owns one (batch, block of BLOCK_D channels) and walks the sequence in chunks of BLOCK_T
-steps. Per chunk it discretises (softplus(delta + bias), exp(delta A), delta B u) into a (BLOCK_D,
-BLOCK_T, N) register tile, runs an associative scan along time, adds the carried state, contracts with
-C, applies the D skip and the silu(z) gate, and writes y. The (batch, dim, L, N) state never touches
-global memory: the forward saves only the state at every CKPT_CHUNKS-th chunk boundary.
+Layout. A program owns one batch row and BLOCK_D channels; each lane of a warp holds one channel and
+(N / LANES_N) of its states in registers, where LANES_N = 32 * warps / BLOCK_D lanes share a channel (1 for
+N <= 16). A chunk of BLOCK_T steps is loaded as (BLOCK_T, BLOCK_D) tiles whose time axis sits in each
+thread's registers (one 16-byte load per lane), and the chunk is unrolled step by step:
+    a = exp(dt A),  h = a h + dt u B,  y = sum_n h C
+so the time recurrence is one FMA chain per state, the N contraction stays in the thread, and the
+softplus and the silu(z) gate run once per (step, channel). Nothing crosses lanes in the forward when
+LANES_N = 1. The (batch, dim, L, N) state never reaches global memory: the forward saves the state every
+`ckpt_steps` steps, in (N, dim) layout so a warp's lanes write consecutive channels.
 
-The backward walks the checkpoint segments in reverse. For each segment it re-runs the forward from the
-checkpoint, parking the chunk-start states in a small per-program scratch (L2 resident), then walks the
-segment's chunks backwards: recompute h_t in the chunk, reverse-scan the adjoint
-    g_t = C_t dy_t + a_{t+1} g_{t+1}
-and accumulate every gradient. The reverse recurrence needs a_{t+1} beside dy_t C_t; instead of
-shifting a register tile, the scan element carries its own first `a` (see `_rev_combine`).
-dB and dC are sums over channels: each program adds its partial tile with fp32 atomics.
+Backward. Walks the checkpoint spans in reverse: re-runs the forward over a span to park each chunk's
+start state in a per-program scratch (L2 resident), then walks the span's chunks backwards: recomputes
+h_t for the chunk (kept in registers), and runs the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} step by step,
+accumulating du, ddelta, dz, dA, dD, d(delta_bias) in the thread; dB and dC are sums over channels
+(a butterfly over the lanes, then fp32 atomics across programs).
+
+Long sequences at small batch. B * dim / BLOCK_D programs cannot fill the GPU at batch 1, so the
+sequence is cut into segments run in parallel: a summary pass gives each segment's end state from zero
+and its sum of dt; a short sequential pass over the segments carries the states, h_in(s+1) =
+exp(A sum dt(s)) h_in(s) + h_loc(s); then every segment runs from its true start state. The backward
+does the same with the adjoint, whose carry over a segment is also exp(A sum dt).
 """
 from __future__ import annotations
 
@@ -28,32 +36,56 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_combine(a_l, b_l, a_r, b_r):
-    # h = a_r * (a_l * h0 + b_l) + b_r: left segment first.
-    return a_l * a_r, a_r * b_l + b_r
+def _row(x, offs_t, i):
+    """x[i] of a (BLOCK_T, BLOCK_D) tile whose time axis sits in each thread's registers: a register pick."""
+    return tl.sum(tl.where((offs_t == i)[:, None], x, 0.), axis=0)[None, :]
 
 
 @triton.jit
-def _rev_combine(af_r, p_r, g_r, af_l, p_l, g_l):
-    # Reverse scan: Triton passes the later segment first. A segment [i..k] carries
-    #   af = a_i (its first a), p = a_{i+1}...a_k, g = sum_{s=i..k} a_{i+1}...a_s * dyC_s.
-    # Joining [i..k] + [k+1..m] multiplies the right part by p_l * a_{k+1}.
-    f = p_l * af_r
-    return af_l, f * p_r, g_l + f * g_r
+def _put_row(x, offs_t, i, v):
+    return tl.where((offs_t == i)[:, None], v, x)
 
 
 @triton.jit
-def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, t0, L,
-                offs_d, mask_d, offs_t, offs_n, mask_n,
-                s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Loads and discretises one chunk. Padded steps (t >= L) and channels get dt = 0, so a = 1 and
-    bu = 0: they carry the state through unchanged and contribute nothing."""
-    t = t0 + offs_t
-    mask_t = t < L
+def _program(DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_T: tl.constexpr):
+    """This program's batch, segment, channels, states, the (N, dim) state offsets and its B/C group.
+    s_sn (= dim) is passed unspecialised: Triton then cannot vectorise state loads along channels, and lays
+    state tiles out with the lanes on channels and the states in registers (the layout the scan wants)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2) + seg_base
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    st = offs_n.to(tl.int64)[:, None] * s_sn + offs_d[None, :]
+    mst = mask_n[:, None] & mask_d[None, :]
+    grp = (pid_d * BLOCK_D) // CH_PER_GROUP  # BLOCK_D divides CH_PER_GROUP when grouped
+    return pid_b, seg, offs_d, mask_d, offs_n, mask_n, tl.arange(0, BLOCK_T), st, mst, grp
+
+
+@triton.jit
+def _channel_vector(x_ptr, offs_d, mask_d, BLOCK_D: tl.constexpr, PRESENT: tl.constexpr):
+    """delta_bias or D for this program's channels in fp32; zeros when absent."""
+    if PRESENT:
+        return tl.load(x_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
+    return tl.zeros([BLOCK_D], tl.float32)
+
+
+@triton.jit
+def _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u and dt = softplus(delta + bias) of one chunk as (BLOCK_T, BLOCK_D) fp32 tiles. Padded steps and
+    channels get dt = 0 and u = 0: a = 1 and dt u B = 0 carry the state through unchanged."""
     m2 = mask_t[:, None] & mask_d[None, :]
-    d64 = offs_d.to(tl.int64)[None, :]
     u = tl.load(u_ptr + d64 * s_ud + t[:, None] * s_ul, mask=m2, other=0.).to(tl.float32)
+    dr, dt = _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
+    return m2, u, dr, dt
+
+
+@triton.jit
+def _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     dr = tl.load(dl_ptr + d64 * s_dd + t[:, None] * s_dl, mask=m2, other=0.).to(tl.float32)
     if HAS_BIAS:
         dr += bias[None, :]
@@ -61,206 +93,276 @@ def _load_chunk(u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, t0, L,
         dt = tl.where(dr > 20., dr, tl.log(1. + tl.exp(dr)))  # torch's softplus threshold
     else:
         dt = dr
-    dt = tl.where(m2, dt, 0.)
-    mbc = mask_t[:, None] & mask_n[None, :]
-    Bt = tl.load(B_ptr + t[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mbc, other=0.).to(tl.float32)
-    Ct = tl.load(C_ptr + t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mbc, other=0.).to(tl.float32)
-    # Tiles are (BLOCK_T, BLOCK_D, BLOCK_N), time slowest: Triton's default layout spreads the lanes over
-    # N then D and leaves time in registers, so the scan along time is (mostly) sequential per thread.
-    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    return dr, tl.where(m2, dt, 0.)
+
+
+@triton.jit
+def _step_in(X_ptr, offs_n, mask_n, ti, L, s_xn, s_xl):
+    """B[:, ti] or C[:, ti] as an (N, 1) column: every lane reads the same addresses (an L1 broadcast)."""
+    return tl.load(X_ptr + offs_n.to(tl.int64)[:, None] * s_xn + ti * s_xl,
+                   mask=mask_n[:, None] & (ti < L), other=0.).to(tl.float32)
+
+
+@triton.jit
+def _decay(dt_i, A2, reset_ptr, ti, L, HAS_RESET: tl.constexpr):
+    a = tl.exp2(dt_i * A2)
     if HAS_RESET:  # packed sequences: a step that starts a sequence forgets the state before it
-        starts = tl.load(reset_ptr + t, mask=mask_t, other=0) != 0
-        a = tl.where(starts[:, None, None], 0., a)
-    bu = (dt * u)[:, :, None] * Bt[:, None, :]
-    return t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu
+        a = tl.where(tl.load(reset_ptr + ti, mask=ti < L, other=0) != 0, 0., a)
+    return a
 
 
 @triton.jit
-def _last_step(x, offs_t, BLOCK_T: tl.constexpr):
-    """x[BLOCK_T - 1] of a (BLOCK_T, BLOCK_D, BLOCK_N) tile."""
-    return tl.sum(tl.where((offs_t == BLOCK_T - 1)[:, None, None], x, 0.), axis=0)
+def _gate(y, z_ptr, t, d64, m2, s_zd, s_zl):
+    zt = tl.load(z_ptr + d64 * s_zd + t[:, None] * s_zl, mask=m2, other=0.).to(tl.float32)
+    return y * zt * tl.sigmoid(zt)
 
 
-@triton.jit
-def _program_tiles(DIM, N, CH_PER_GROUP, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """This program's batch, channel block, (channel, state) offsets/masks and B/C group."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mdn = mask_d[:, None] & mask_n[None, :]
-    dn = offs_d.to(tl.int64)[:, None] * N + offs_n[None, :]
-    grp = (pid_d * BLOCK_D) // CH_PER_GROUP  # BLOCK_D divides CH_PER_GROUP when grouped
-    return pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, tl.arange(0, BLOCK_T), mdn, dn, grp
-
-
-@triton.jit
-def _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
-    """A (BLOCK_D, N), delta_bias and D (BLOCK_D,) in fp32; zeros for the absent ones."""
-    A = tl.load(A_ptr + dn, mask=mdn, other=0.).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-    return A, bias, Dv
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["s_sn"])
 def _scan_fwd_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr,
-        L, DIM, N, CH_PER_GROUP, n_chunks, n_ckpt,
+        u_ptr, dl_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, hin_ptr, y_ptr, hout_ptr,
+        ck_ptr, dts_ptr,
+        L, DIM, N, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        CKPT_CHUNKS: tl.constexpr):
-    pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
-        DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
+        HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_CHUNKS: tl.constexpr):
+    """One segment of seg_chunks chunks per program (grid axis 2): y, the checkpoints, the segment's end
+    state and its sum of dt. SUMMARY: only the end state from zero and the sum of dt (for the carry pass)."""
+    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
+    d64 = offs_d.to(tl.int64)[None, :]
     u_ptr += pid_b * s_ub
     dl_ptr += pid_b * s_db
+    z_ptr += pid_b * s_zb
     B_ptr += pid_b * s_bb + grp * s_bg
     C_ptr += pid_b * s_cb + grp * s_cg
     y_ptr += pid_b * DIM * L
-    A, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D, HAS_BIAS, HAS_D)
-    A2 = A * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
+    slot = (pid_b * n_seg + seg) * N * DIM
+    A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
+    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * DIM * N + dn, mask=mdn, other=0.)
+        h = tl.load(hin_ptr + slot + st, mask=mst, other=0.)
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dts = tl.zeros([BLOCK_D], tl.float32)
+    c0 = seg * seg_chunks
+    for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
+        if not SUMMARY:
+            if c % CKPT_CHUNKS == 0:
+                tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * N * DIM + st, h, mask=mst)
+        t = c * BLOCK_T + offs_t
+        m2, u, _, dt = _discretise(u_ptr, dl_ptr, bias, t, t < L, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
+                                   HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        dts += tl.sum(dt, axis=0)
+        y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for i in tl.static_range(BLOCK_T):
+            ti = c * BLOCK_T + i
+            a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
+            h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+            if not SUMMARY:
+                Ci = _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl)
+                y = _put_row(y, offs_t, i, tl.sum(h * Ci, axis=0)[None, :])
+        if not SUMMARY:
+            if HAS_D:
+                y += Dv[None, :] * u
+            if HAS_Z:
+                y = _gate(y, z_ptr, t, d64, m2, s_zd, s_zl)
+            tl.store(y_ptr + d64 * L + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
+    tl.store(hout_ptr + slot + st, h, mask=mst)
+    tl.store(dts_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dts, mask=mask_d)
 
-    for c in range(n_chunks):
-        if c % CKPT_CHUNKS == 0:
-            tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * DIM * N + dn, h, mask=mdn)
-        t, _, m2, u, _, _, _, Ct, a, bu = _load_chunk(
-            u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t, offs_n,
-            mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS, HAS_RESET)
-        P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
-        hs = H + P * h[None, :, :]
-        h = _last_step(hs, offs_t, BLOCK_T)
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
-        if HAS_D:
-            y += Dv[None, :] * u
+
+@triton.jit(do_not_specialize=["s_sn"])
+def _segment_carry_kernel(loc_ptr, dts_ptr, A2_ptr, first_ptr, out_ptr, DIM, N, n_seg, s_sn,
+                          HAS_FIRST: tl.constexpr, REVERSE: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The sequential pass over the S segments. Forward: out[0] = first, out[s+1] = exp(A dts[s]) out[s] +
+    loc[s] for s < S-1. Reverse (adjoint): out[S-1] = first, out[s-1] = exp(A dts[s]) out[s] + loc[s], s >= 1."""
+    pid_b, _, offs_d, mask_d, offs_n, mask_n, _, st, mst, _ = _program(DIM, N, DIM, s_sn, 0, BLOCK_D, BLOCK_N, 1)
+    A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
+    if HAS_FIRST:
+        h = tl.load(first_ptr + pid_b * N * DIM + st, mask=mst, other=0.)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    tl.store(out_ptr + (pid_b * n_seg + (n_seg - 1 if REVERSE else 0)) * N * DIM + st, h, mask=mst)
+    for k in range(n_seg - 1):
+        s = n_seg - 1 - k if REVERSE else k
+        dts = tl.load(dts_ptr + (pid_b * n_seg + s) * DIM + offs_d, mask=mask_d, other=0.)
+        loc = tl.load(loc_ptr + (pid_b * n_seg + s) * N * DIM + st, mask=mst, other=0.)
+        h = tl.exp2(dts[None, :] * A2) * h + loc
+        tl.store(out_ptr + (pid_b * n_seg + (s - 1 if REVERSE else s + 1)) * N * DIM + st, h, mask=mst)
+
+
+@triton.jit(do_not_specialize=["s_sn"])
+def _adjoint_summary_kernel(
+        dl_ptr, A2_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, dy_ptr, kout_ptr,
+        L, DIM, N, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, s_sn,
+        s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_cb, s_cg, s_cn, s_cl,
+        HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each segment's adjoint carry-out a_first * g_first with nothing flowing in from its right: the
+    reverse recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} needs no forward state."""
+    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
+    d64 = offs_d.to(tl.int64)[None, :]
+    dl_ptr += pid_b * s_db
+    z_ptr += pid_b * s_zb
+    C_ptr += pid_b * s_cb + grp * s_cg
+    dy_ptr += pid_b * DIM * L
+    A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
+    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    K = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+    for cr in range(c1 - c0):
+        c = c1 - 1 - cr
+        t = c * BLOCK_T + offs_t
+        m2 = (t < L)[:, None] & mask_d[None, :]
+        _, dt = _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
+        dy = tl.load(dy_ptr + d64 * L + t[:, None], mask=m2, other=0.).to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_ptr + pid_b * s_zb + offs_d.to(tl.int64)[None, :] * s_zd + t[:, None] * s_zl,
-                         mask=m2, other=0.).to(tl.float32)
-            y *= zt * tl.sigmoid(zt)
-        tl.store(y_ptr + offs_d.to(tl.int64)[None, :] * L + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
-    tl.store(hT_ptr + pid_b * DIM * N + dn, h, mask=mdn)
+            dy = _gate(dy, z_ptr, t, d64, m2, s_zd, s_zl)
+        for ir in tl.static_range(BLOCK_T):
+            r = BLOCK_T - 1 - ir
+            ti = c * BLOCK_T + r
+            g = K + _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl) * _row(dy, offs_t, r)
+            K = _decay(_row(dt, offs_t, r), A2, reset_ptr, ti, L, HAS_RESET) * g
+    tl.store(kout_ptr + (pid_b * n_seg + seg) * N * DIM + st, K, mask=mst)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_sn", "s_scr"])
 def _scan_bwd_kernel(
-        u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ck_ptr, dy_ptr, dhT_ptr,
-        scr_ptr,
-        du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-        L, DIM, N, G, CH_PER_GROUP, n_chunks, n_ckpt,
+        u_ptr, dl_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ck_ptr, dy_ptr, kin_ptr,
+        scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, kout_ptr,
+        L, DIM, N, G, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn, s_scr,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_RESET: tl.constexpr, HAS_DHT: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        CKPT_CHUNKS: tl.constexpr):
-    pid_b, pid_d, offs_d, mask_d, offs_n, mask_n, offs_t, mdn, dn, grp = _program_tiles(
-        DIM, N, CH_PER_GROUP, BLOCK_D, BLOCK_N, BLOCK_T)
+        HAS_RESET: tl.constexpr, HAS_KIN: tl.constexpr, LANE_ATOMICS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPAN_CHUNKS: tl.constexpr):
+    """One segment per program (grid axis 2), its chunks in reverse. K is the adjoint flowing into the
+    current chunk from its right (a_{t+1} g_{t+1} of the next step); seeded from kin (dLoss/dh_final, or
+    the carry pass's value for an inner segment); its value at the segment start is dLoss/dh0."""
+    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
     d64 = offs_d.to(tl.int64)[None, :]
-
     u_ptr += pid_b * s_ub
     dl_ptr += pid_b * s_db
+    z_ptr += pid_b * s_zb
     B_ptr += pid_b * s_bb + grp * s_bg
     C_ptr += pid_b * s_cb + grp * s_cg
-    dy_ptr += pid_b * DIM * L
-    du_ptr += pid_b * DIM * L
-    ddl_ptr += pid_b * DIM * L
-    dz_ptr += pid_b * DIM * L
+    io = pid_b * DIM * L
     dB_ptr += (pid_b * G + grp) * N * L
     dC_ptr += (pid_b * G + grp) * N * L
-    # Per-program scratch for the chunk-start states of one checkpoint segment.
-    scr_ptr += ((pid_b * tl.num_programs(1) + pid_d) * CKPT_CHUNKS) * BLOCK_D * BLOCK_N
-    sdn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-
-    A, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, dn, mdn, offs_d, mask_d, BLOCK_D, HAS_BIAS, HAS_D)
-    A2 = A * 1.4426950408889634
-    # carry = a_s * g_s of the chunk after the current one: what flows back into its last state.
-    if HAS_DHT:
-        carry = tl.load(dhT_ptr + pid_b * DIM * N + dn, mask=mdn, other=0.)
+    # Per-program scratch: the chunk-start states of one checkpoint span.
+    scr_ptr += ((pid_b * n_seg + seg) * tl.num_programs(1) + tl.program_id(1)) * SPAN_CHUNKS * BLOCK_N * BLOCK_D
+    sst = tl.arange(0, BLOCK_N)[:, None] * s_scr + tl.arange(0, BLOCK_D)[None, :]  # s_scr = BLOCK_D, unspecialised
+    slot = (pid_b * n_seg + seg) * N * DIM
+    A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
+    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
+    if HAS_KIN:
+        K = tl.load(kin_ptr + slot + st, mask=mst, other=0.)
     else:
-        carry = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        K = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
 
-    n_seg = tl.cdiv(n_chunks, CKPT_CHUNKS)
-    for s in range(n_seg):
-        seg = n_seg - 1 - s
-        h = tl.load(ck_ptr + (pid_b * n_ckpt + seg) * DIM * N + dn, mask=mdn, other=0.)
-        # Re-run the forward over the segment to recover each chunk's start state.
-        for k in range(CKPT_CHUNKS - 1):
-            tl.store(scr_ptr + k * BLOCK_D * BLOCK_N + sdn, h)
-            c = seg * CKPT_CHUNKS + k
-            if c < n_chunks:
-                _, _, _, _, _, _, _, _, a, bu = _load_chunk(
-                    u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t,
-                    offs_n, mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS,
-                    HAS_RESET)
-                P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
-                h = _last_step(H + P * h[None, :, :], offs_t, BLOCK_T)
-        tl.store(scr_ptr + (CKPT_CHUNKS - 1) * BLOCK_D * BLOCK_N + sdn, h)
+    c0 = seg * seg_chunks
+    c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+    k0 = c0 // SPAN_CHUNKS
+    k1 = tl.cdiv(c1, SPAN_CHUNKS)
+    for kk in range(k1 - k0):
+        k = k1 - 1 - kk
+        cs = k * SPAN_CHUNKS
+        ce = tl.minimum(cs + SPAN_CHUNKS, c1)
+        h = tl.load(ck_ptr + (pid_b * n_ckpt + k) * N * DIM + st, mask=mst, other=0.)
+        # Re-run the forward over the span to recover each chunk's start state.
+        for c in range(cs, ce):
+            tl.store(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst, h)
+            if c < ce - 1:
+                t = c * BLOCK_T + offs_t
+                _, u, _, dt = _discretise(u_ptr, dl_ptr, bias, t, t < L, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
+                                          HAS_BIAS, SOFTPLUS)
+                dtu = dt * u
+                for i in tl.static_range(BLOCK_T):
+                    ti = c * BLOCK_T + i
+                    a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
+                    h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
         tl.debug_barrier()
 
-        for kr in range(CKPT_CHUNKS):
-            k = CKPT_CHUNKS - 1 - kr
-            c = seg * CKPT_CHUNKS + k
-            if c < n_chunks:
-                h_start = tl.load(scr_ptr + k * BLOCK_D * BLOCK_N + sdn)
-                t, mask_t, m2, u, dr, dt, Bt, Ct, a, bu = _load_chunk(
-                    u_ptr, dl_ptr, B_ptr, C_ptr, reset_ptr, bias, A2, c * BLOCK_T, L, offs_d, mask_d, offs_t,
-                    offs_n, mask_n, s_ud, s_ul, s_dd, s_dl, s_bn, s_bl, s_cn, s_cl, HAS_BIAS, SOFTPLUS,
-                    HAS_RESET)
-                P, H = tl.associative_scan((a, bu), 0, _fwd_combine)
-                hs = H + P * h_start[None, :, :]                        # h_t
-                io = d64 * L + t[:, None]                               # (BLOCK_T, BLOCK_D) offsets
-                dy = tl.load(dy_ptr + io, mask=m2, other=0.).to(tl.float32)
+        for cr in range(ce - cs):
+            c = ce - 1 - cr
+            h = tl.load(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst)
+            t = c * BLOCK_T + offs_t
+            mask_t = t < L
+            m2, u, dr, dt = _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
+                                        HAS_BIAS, SOFTPLUS)
+            dtu = dt * u
+            dy = tl.load(dy_ptr + io + d64 * L + t[:, None], mask=m2, other=0.).to(tl.float32)
+            # Forward through the chunk, keeping every step's state (a tuple of register tiles).
+            hs = ()
+            y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for i in tl.static_range(BLOCK_T):
+                ti = c * BLOCK_T + i
+                a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
+                h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+                hs = hs + (h,)
                 if HAS_Z:
-                    zt = tl.load(z_ptr + pid_b * s_zb + d64 * s_zd + t[:, None] * s_zl,
-                                 mask=m2, other=0.).to(tl.float32)
-                    sig = tl.sigmoid(zt)
-                    y = tl.sum(hs * Ct[:, None, :], axis=2) + Dv[None, :] * u
-                    dz = dy * y * sig * (1. + zt * (1. - sig))
-                    tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-                    dy = dy * zt * sig
-                dD_acc += tl.sum(dy * u, axis=0)
-                dyC = dy[:, :, None] * Ct[:, None, :]
-                ones = tl.full([BLOCK_T, BLOCK_D, BLOCK_N], 1., tl.float32)
-                _, Pr, Gr = tl.associative_scan((a, ones, dyC), 0, _rev_combine, reverse=True)
-                g = Gr + Pr * carry[None, :, :]                         # dLoss/dh_t
-                carry = tl.sum(tl.where((offs_t == 0)[:, None, None], a * g, 0.), axis=0)
-                mtn = mask_t[:, None] & mask_n[None, :]
-                tn = offs_n[None, :] * L + t[:, None]
-                tl.atomic_add(dC_ptr + tn, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
-                gd = g * (hs - bu)                                      # g_t * a_t * h_{t-1}
-                dA_acc += tl.sum(gd * dt[:, :, None], axis=0)
-                gB = tl.sum(g * Bt[:, None, :], axis=2)
-                tl.atomic_add(dB_ptr + tn, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mtn, sem="relaxed")
-                du = dy * Dv[None, :] + dt * gB
-                ddt = tl.sum(gd * A[None, :, :], axis=2) + u * gB
-                if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(dr)
-                ddt = tl.where(m2, ddt, 0.)
-                dbias_acc += tl.sum(ddt, axis=0)
-                tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=m2)
-                tl.store(ddl_ptr + io, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
+                    y = _put_row(y, offs_t, i, tl.sum(h * _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl),
+                                                      axis=0)[None, :])
+            if HAS_Z:
+                zt = tl.load(z_ptr + d64 * s_zd + t[:, None] * s_zl, mask=m2, other=0.).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                y += Dv[None, :] * u
+                tl.store(dz_ptr + io + d64 * L + t[:, None],
+                         (dy * y * sig * (1. + zt * (1. - sig))).to(dz_ptr.dtype.element_ty), mask=m2)
+                dy = dy * zt * sig
+            dD_acc += tl.sum(dy * u, axis=0)
+            du = dy * Dv[None, :]
+            ddt = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for ir in tl.static_range(BLOCK_T):
+                r = BLOCK_T - 1 - ir
+                ti = c * BLOCK_T + r
+                dt_i = _row(dt, offs_t, r)
+                dtu_i = _row(dtu, offs_t, r)
+                dy_i = _row(dy, offs_t, r)
+                Bi = _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+                g = K + _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl) * dy_i      # dLoss/dh_t
+                h_i = hs[BLOCK_T - 1 - ir]
+                mn = mask_n & (ti < L)
+                if LANE_ATOMICS:  # every lane adds its own channel's term
+                    mnd = mn[:, None] & mask_d[None, :]
+                    tn = offs_n.to(tl.int64)[:, None] * L + ti + 0 * offs_d[None, :]
+                    tl.atomic_add(dC_ptr + tn, h_i * dy_i, mask=mnd, sem="relaxed")
+                    tl.atomic_add(dB_ptr + tn, g * dtu_i, mask=mnd, sem="relaxed")
+                else:  # a butterfly over the lanes, then one atomic per state
+                    tn = offs_n.to(tl.int64) * L + ti
+                    tl.atomic_add(dC_ptr + tn, tl.sum(h_i * dy_i, axis=1), mask=mn, sem="relaxed")
+                    tl.atomic_add(dB_ptr + tn, tl.sum(g * dtu_i, axis=1), mask=mn, sem="relaxed")
+                gh = g * (h_i - dtu_i * Bi)                                             # g_t a_t h_{t-1}
+                dA_acc += gh * dt_i
+                gB = tl.sum(g * Bi, axis=0)[None, :]
+                du = _put_row(du, offs_t, r, _row(du, offs_t, r) + dt_i * gB)
+                ddt = _put_row(ddt, offs_t, r, tl.sum(gh * A2, axis=0)[None, :] * 0.6931471805599453
+                               + _row(u, offs_t, r) * gB)                       # A = A2 ln 2
+                K = _decay(dt_i, A2, reset_ptr, ti, L, HAS_RESET) * g
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dr)
+            ddt = tl.where(m2, ddt, 0.)
+            dbias_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + io + d64 * L + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddl_ptr + io + d64 * L + t[:, None], ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
 
-    tl.store(dh0_ptr + pid_b * DIM * N + dn, carry, mask=mdn)
-    tl.store(dA_ptr + pid_b * DIM * N + dn, dA_acc, mask=mdn)
-    tl.store(dD_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+    tl.store(kout_ptr + slot + st, K, mask=mst)
+    tl.store(dA_ptr + slot + st, dA_acc, mask=mst)
+    tl.store(dD_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dbias_acc, mask=mask_d)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -268,13 +370,26 @@ def _scan_bwd_kernel(
 # ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ScanConfig:
-    """Tile sizes. BLOCK_T is shared by forward and backward (checkpoints sit on chunk boundaries)."""
-    block_t: int
-    block_d_fwd: int
-    block_d_bwd: int
-    ckpt_chunks: int      # checkpoint every ckpt_chunks * block_t steps
-    warps_fwd: int = 4
-    warps_bwd: int = 4
+    """Tiles. block_d channels per program (32 * warps / block_d lanes share a channel's states);
+    block_t / block_t_bwd steps per unrolled chunk; a checkpoint every ckpt_chunks forward chunks;
+    seg_chunks > 0 cuts the sequence into segments of that many forward chunks run in parallel (a multiple
+    of ckpt_chunks; 0 = one segment)."""
+    block_t: int = 8
+    block_t_bwd: int = 4
+    block_d: int = 32
+    ckpt_chunks: int = 8
+    seg_chunks: int = 0
+    warps: int = 1
+    lane_atomics: bool = False   # backward: dB/dC added per lane instead of a butterfly over the lanes
+    bc_transposed_bwd: bool = True  # backward reads B and C through an (L, N)-major copy: vector loads per step
+    stages: int = 3
+
+    def __post_init__(self):
+        span = self.block_t * self.ckpt_chunks
+        if self.block_t % self.block_t_bwd or span % self.block_t_bwd or (
+                self.seg_chunks and self.seg_chunks % self.ckpt_chunks):
+            raise ValueError(f"ScanConfig: block_t_bwd must divide block_t, and seg_chunks must be a multiple of "
+                             f"ckpt_chunks; got {self}")
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -285,31 +400,35 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, warps: int | None = None,
-                   block_t: int | None = None, ckpt_bytes_per_step: float = 1.5) -> ScanConfig:
-    """Tiles matched to Triton's default layout of a (BLOCK_T, BLOCK_D, BLOCK_N) tensor: the 32 lanes of a
-    warp cover N (then D), the warps cover D, time stays in each thread's registers. So BLOCK_D is
-    (lanes left over by N) * warps, and BLOCK_T is sized to keep the backward's ~8 live tiles in registers.
-    Few warps per program when batch * dim is small, so that the grid still fills the GPU.
-    Checkpoints cost N*4/(ckpt_chunks*block_t) bytes per (batch, channel, step): about ckpt_bytes_per_step,
-    which keeps the saved state plus y below what the anchor saves (y and y*silu(z))."""
+def _sm_count() -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, block_t: int = 8,
+                   block_t_bwd: int = 4, states_per_thread: int = 8, split_below: float = 2.0,
+                   programs_per_sm: float = 8.0, ckpt_bytes_per_step: float = 1.5) -> ScanConfig:
+    """At most `states_per_thread` states in a lane (more lanes share a channel when N is larger), one warp
+    per program. Checkpoints cost N*4/(ckpt_chunks*block_t) bytes per (batch, channel, step): about
+    ckpt_bytes_per_step, which keeps them plus y under what the anchor saves. When batch * dim / block_d
+    programs give fewer than `split_below` per SM, the sequence is cut into parallel segments, enough for
+    `programs_per_sm` (measured on an H100 at (1, 1536, 16, 65536): forward 6.1 ms with 6 segments, 2.2 ms
+    with 22; at batch 8, 3 segments were slower than none: the summary pass costs more than it gains)."""
     bn = triton.next_power_of_2(N)
-    lanes_d = max(1, 32 // bn)
-    per_thread_n = max(1, bn // 32)
-    if warps is None:
-        # Measured on an H100 at (8, 1536, 16, 2048), forward+backward: 1 warp 4.6 ms, 2 warps 8.1, 4 warps
-        # 8.3 (one warp per program needs no cross-warp reductions for dB, dC and the N contraction).
-        warps = 1 if bn <= 32 else 4
-        while warps > 1 and batch * dim / (lanes_d * warps) < 4 * 132:
-            warps //= 2
-    # 32 steps per thread for N <= 32 (measured faster than 16 despite some backward spills).
-    bt = block_t or (32 if bn <= 32 else max(2, 16 // per_thread_n))
-    bt = max(2, min(bt, triton.next_power_of_2(L)))
-    bd = min(lanes_d * warps, triton.next_power_of_2(dim))
+    lanes_n = min(32, max(1, bn // states_per_thread))
+    bd = min(32 // lanes_n, triton.next_power_of_2(dim))
     if groups > 1:  # a program's channels must share one B/C group
         bd = _pow2_divisor(dim // groups, bd)
-    ckpt_chunks = max(1, min(16, math.ceil(N * 4 / (ckpt_bytes_per_step * bt)), triton.cdiv(L, bt)))
-    return ScanConfig(bt, bd, bd, ckpt_chunks, warps, warps)
+    bt = max(1, min(block_t, triton.next_power_of_2(L)))
+    btb = max(1, min(block_t_bwd, bt))
+    ckpt_chunks = max(1, min(256 // bt, math.ceil(N * 4 / (ckpt_bytes_per_step * bt))))
+    n_spans = triton.cdiv(triton.cdiv(L, bt), ckpt_chunks)
+    programs = batch * triton.cdiv(dim, bd)
+    sms = _sm_count()
+    n_seg = min(n_spans, math.ceil(programs_per_sm * sms / programs)) if programs < split_below * sms else 1
+    seg_chunks = triton.cdiv(n_spans, n_seg) * ckpt_chunks if n_seg > 1 else 0
+    return ScanConfig(bt, btb, bd, ckpt_chunks, seg_chunks)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -333,77 +452,129 @@ def _flags(D, z, delta_bias, softplus, reset):
                 SOFTPLUS=bool(softplus), HAS_RESET=reset is not None)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, reset, cfg: ScanConfig):
-    b, dim, L = u.shape
-    N = A.shape[1]
-    G = 1 if B.dim() == 3 else B.shape[1]
+def _segments(cfg: ScanConfig, L: int, reset) -> tuple[int, int, int]:
+    """(forward chunks, chunks per segment, segments). Packed sequences run as one segment."""
     n_chunks = triton.cdiv(L, cfg.block_t)
-    n_ckpt = triton.cdiv(n_chunks, cfg.ckpt_chunks)
-    y = torch.empty(b, dim, L, device=u.device, dtype=u.dtype)
-    hT = torch.empty(b, dim, N, device=u.device, dtype=torch.float32)
-    ck = torch.empty(b, n_ckpt, dim, N, device=u.device, dtype=torch.float32)
-    zz = z if z is not None else u
-    grid = (b, triton.cdiv(dim, cfg.block_d_fwd))
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, zz, delta_bias, reset, h0, y, hT, ck,
-        L, dim, N, dim // G, n_chunks, n_ckpt,
-        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        HAS_H0=h0 is not None, BLOCK_D=cfg.block_d_fwd, BLOCK_T=cfg.block_t,
-        BLOCK_N=triton.next_power_of_2(N), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps_fwd,
-        **_flags(D, z, delta_bias, softplus, reset))
-    return y, hT, ck
+    seg_chunks = cfg.seg_chunks if cfg.seg_chunks and reset is None else n_chunks
+    return n_chunks, seg_chunks, triton.cdiv(n_chunks, seg_chunks)
 
 
-def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, softplus, reset, ck, dy, dhT, cfg: ScanConfig):
+def _carry(loc, dts, A2t, first, out, reverse: bool):
+    b, n_seg, N, dim = out.shape
+    bd = min(128, triton.next_power_of_2(dim))
+    _segment_carry_kernel[(b, triton.cdiv(dim, bd), 1)](
+        loc, dts, A2t, first, out, dim, N, n_seg, dim, HAS_FIRST=first is not None, REVERSE=reverse,
+        BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), num_warps=4)
+
+
+def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: ScanConfig):
+    """y, final state (b, dim, N), checkpoints (b, n_ckpt, N, dim) and per-segment sums of dt (b, S, dim)."""
     b, dim, L = u.shape
-    N = A.shape[1]
+    N = A2t.shape[0]
+    G = 1 if B.dim() == 3 else B.shape[1]
+    n_chunks, seg_chunks, n_seg = _segments(cfg, L, reset)
+    n_ckpt = triton.cdiv(n_chunks, cfg.ckpt_chunks)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    y = torch.empty(b, dim, L, device=u.device, dtype=u.dtype)
+    hout = torch.empty(b, n_seg, N, dim, **f32)
+    ck = torch.empty(b, n_ckpt, N, dim, **f32)
+    dts = torch.empty(b, n_seg, dim, **f32)
+    zz = z if z is not None else u
+
+    def launch(n_programs, hin, out, summary):
+        _scan_fwd_kernel[(b, triton.cdiv(dim, cfg.block_d), n_programs)](
+            u, delta, A2t, B, C, D, zz, delta_bias, reset, hin, y, out, ck, dts,
+            L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 0, n_ckpt, dim,
+            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
+            HAS_H0=hin is not None, SUMMARY=summary, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t,
+            BLOCK_N=triton.next_power_of_2(N), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps,
+            num_stages=cfg.stages, **_flags(D, z, delta_bias, softplus, reset))
+
+    if n_seg > 1:
+        hloc = torch.empty(b, n_seg, N, dim, **f32)
+        launch(n_seg - 1, None, hloc, True)          # segments 0..S-2 from zero: end states, sums of dt
+        hin = torch.empty(b, n_seg, N, dim, **f32)
+        _carry(hloc, dts, A2t, h0t, hin, reverse=False)
+        launch(n_seg, hin, hout, False)
+    else:
+        launch(1, h0t, hout, False)
+    return y, hout[:, -1].transpose(1, 2), ck, dts
+
+
+def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, dy, dhT, cfg: ScanConfig):
+    b, dim, L = u.shape
+    N = A2t.shape[0]
     G = 1 if B.dim() == 3 else B.shape[1]
     dev = u.device
-    n_chunks = triton.cdiv(L, cfg.block_t)
-    bn = triton.next_power_of_2(N)
-    n_db = triton.cdiv(dim, cfg.block_d_bwd)
     f32 = dict(device=dev, dtype=torch.float32)
-    scratch = torch.empty(b * n_db * cfg.ckpt_chunks * cfg.block_d_bwd * bn, **f32)
+    _, seg_chunks, n_seg = _segments(cfg, L, reset)
+    ratio = cfg.block_t // cfg.block_t_bwd      # backward chunks per forward chunk
+    n_chunks = triton.cdiv(L, cfg.block_t_bwd)
+    seg_chunks *= ratio
+    span = cfg.ckpt_chunks * ratio
+    bn = triton.next_power_of_2(N)
+    n_db = triton.cdiv(dim, cfg.block_d)
+    zz = z if z is not None else u
+    dhTt = dhT.transpose(1, 2).contiguous() if dhT is not None else None
+    common = dict(BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t_bwd, BLOCK_N=bn, num_warps=cfg.warps,
+                  num_stages=cfg.stages)
+    if n_seg > 1:
+        kloc = torch.empty(b, n_seg, N, dim, **f32)
+        _adjoint_summary_kernel[(b, n_db, n_seg - 1)](   # segments 1..S-1, nothing flowing in from the right
+            delta, A2t, C, zz, delta_bias, reset, dy, kloc,
+            L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 1, dim,
+            *delta.stride(), *zz.stride(), *_bc_strides(C),
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+            HAS_RESET=reset is not None, **common)
+        kin = torch.empty(b, n_seg, N, dim, **f32)
+        _carry(kloc, dts, A2t, dhTt, kin, reverse=True)
+    else:
+        kin = dhTt
+    scratch = torch.empty(b * n_seg * n_db * span * bn * cfg.block_d, **f32)
     du = torch.empty(b, dim, L, device=dev, dtype=u.dtype)
     ddelta = torch.empty(b, dim, L, device=dev, dtype=delta.dtype)
     dz = torch.empty(b, dim, L, device=dev, dtype=z.dtype) if z is not None else du
     dB = torch.zeros(b, G, N, L, **f32)
     dC = torch.zeros(b, G, N, L, **f32)
-    dA = torch.empty(b, dim, N, **f32)
-    dD = torch.empty(b, dim, **f32)
-    dbias = torch.empty(b, dim, **f32)
-    dh0 = torch.empty(b, dim, N, **f32)
-    zz = z if z is not None else u
-    _scan_bwd_kernel[(b, n_db)](
-        u, delta, A, B, C, D, zz, delta_bias, reset, ck, dy, dhT, scratch,
-        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0,
-        L, dim, N, G, dim // G, n_chunks, ck.shape[1],
+    kout = torch.empty(b, n_seg, N, dim, **f32)
+    dA = torch.empty(b, n_seg, N, dim, **f32)
+    dD = torch.empty(b, n_seg, dim, **f32)
+    dbias = torch.empty(b, n_seg, dim, **f32)
+    _scan_bwd_kernel[(b, n_db, n_seg)](
+        u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
+        du, ddelta, dz, dA, dB, dC, dD, dbias, kout,
+        L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, cfg.block_d,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
-        HAS_DHT=dhT is not None, BLOCK_D=cfg.block_d_bwd, BLOCK_T=cfg.block_t, BLOCK_N=bn,
-        CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps_bwd, **_flags(D, z, delta_bias, softplus, reset))
+        HAS_KIN=kin is not None, SPAN_CHUNKS=span, LANE_ATOMICS=cfg.lane_atomics, **common, **_flags(D, z, delta_bias, softplus, reset))
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
-    return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz if z is not None else None, dbias.sum(0), dh0)
+    return (du, ddelta, dA.sum((0, 1)).t(), dB, dC, dD.sum((0, 1)), dz if z is not None else None,
+            dbias.sum((0, 1)), kout[:, 0].transpose(1, 2))
 
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg, reset):
-        y, hT, ck = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, reset, cfg)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
+        A2t = (A.float() * LOG2E).t().contiguous()  # (N, dim): exp(dt A) = exp2(dt A log2 e)
+        h0t = h0.float().transpose(1, 2).contiguous() if h0 is not None else None
+        y, hT, ck, dts = _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck, dts)
         ctx.softplus, ctx.cfg, ctx.reset = softplus, cfg, reset
         ctx.set_materialize_grads(False)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        u, delta, A, B, C, D, z, delta_bias, ck = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, ck, dts = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         dy = dy.contiguous()
-        dhT = dhT.float().contiguous() if dhT is not None else None
+        dhT = dhT.float() if dhT is not None else None
+        A2t = (A.float() * LOG2E).t().contiguous()
+        if ctx.cfg.bc_transposed_bwd:  # the same (.., N, L) views with the states unit-stride
+            B, C = (X.transpose(-1, -2).contiguous().transpose(-1, -2) for X in (B, C))
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dy, dhT, ctx.cfg)
+            u, delta, A2t, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dts, dy, dhT, ctx.cfg)
         grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0)
         inputs = (u, delta, A, B, C, D, z, delta_bias, None)  # saved_tensors may be unpacked only once (checkpoint)
         grads = tuple(g.to(x.dtype) if (g is not None and x is not None and need) else (g if need else None)
@@ -465,8 +636,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     G = 1 if B.dim() == 3 else B.shape[1]
     cfg = config or default_config(dim, L, A.shape[1], G, batch=b)
     if G > 1:  # a program's channels must share one B/C group
-        cfg = dataclasses.replace(cfg, block_d_fwd=_pow2_divisor(dim // G, cfg.block_d_fwd),
-                                  block_d_bwd=_pow2_divisor(dim // G, cfg.block_d_bwd))
+        cfg = dataclasses.replace(cfg, block_d=_pow2_divisor(dim // G, cfg.block_d))
     u, delta, z, B, C = (_last_contig(t) for t in (u, delta, z, B, C))
     A = A.float().contiguous() if A.dtype != torch.float32 or not A.is_contiguous() else A
     D = D.float().contiguous() if D is not None else None

@@ -78,8 +78,25 @@ def test_scan_matches_reference_cpu(case):
 def test_scan_checkpoint_segments_cpu():
     # 4-step chunks, a checkpoint every 3 chunks: 23 steps = 6 chunks = 2 segments, the last one partial;
     # backward recomputes each segment from its checkpoint.
-    cfg = ScanConfig(block_t=4, block_d_fwd=4, block_d_bwd=2, ckpt_chunks=3)
+    cfg = ScanConfig(block_t=4, block_t_bwd=2, block_d=4, ckpt_chunks=3)
     check_scan(scan_inputs(b=1, d=4, L=23, n=2, groups=2), softplus=True, tol=1e-4, config=cfg)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_scan_parallel_segments_cpu(groups):
+    # The sequence cut into segments run side by side (the batch-1 path): 37 steps = 10 chunks of 4, a
+    # checkpoint every 2 chunks, segments of 2 chunks (the last one partial). The summary pass, the carry
+    # pass and the adjoint's carry must give exactly the one-segment result, h0 and final state included.
+    cfg = ScanConfig(block_t=4, block_t_bwd=2, block_d=4, ckpt_chunks=2, seg_chunks=2)
+    check_scan(scan_inputs(b=2, d=4, L=37, n=3, groups=groups, seed=7), softplus=True, tol=1e-4, config=cfg)
+
+
+def test_default_config_cuts_long_sequences_into_segments():
+    small = kernels.default_config(1536, 65536, 16, batch=1)
+    assert small.seg_chunks > 0 and small.seg_chunks % small.ckpt_chunks == 0
+    assert kernels.default_config(1536, 2048, 16, batch=8).seg_chunks == 0
+    assert kernels.default_config(1536, 2048, 16, batch=8).block_d == 16  # 2 lanes per channel, 8 states each
+    assert kernels.default_config(1536, 16384, 64, batch=2).block_d == 4
 
 
 def test_scan_under_activation_checkpointing_cpu():
