@@ -11,7 +11,6 @@ Writes scan.json and scan.md under --out-dir.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -117,16 +116,16 @@ def check_against_anchor(ours, anchor, t) -> float:
 
 
 def variants(b, d, n, L):
-    """Tuning sweep around the default: warps per program (BLOCK_D follows), BLOCK_T, checkpoint spacing;
+    """Tuning sweep around the default: states per lane (BLOCK_D follows), backward chunk, segment count;
     each timed forward+backward, as {name: ScanConfig}."""
     import kernels
     out = {"default": kernels.default_config(d, L, n, batch=b)}
-    for w in (1, 2, 4):
-        for bt in (16, 32):
-            cfg = kernels.default_config(d, L, n, batch=b, warps=w, block_t=bt)
-            for ck in sorted({1, cfg.ckpt_chunks}):
-                name = f"w{w} bd{cfg.block_d_fwd} bt{cfg.block_t} ck{ck}"
-                out.setdefault(name, dataclasses.replace(cfg, ckpt_chunks=ck))
+    for spt in (4, 8, 16):
+        for btb in (4, 8):
+            for ppsm in (4.0, 8.0, 16.0):
+                cfg = kernels.default_config(d, L, n, batch=b, states_per_thread=spt, block_t_bwd=btb,
+                                             programs_per_sm=ppsm)
+                out.setdefault(f"bd{cfg.block_d} btb{cfg.block_t_bwd} seg{cfg.seg_chunks}", cfg)
     return out
 
 
