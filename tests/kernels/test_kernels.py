@@ -82,12 +82,13 @@ def test_scan_checkpoint_segments_cpu():
     check_scan(scan_inputs(b=1, d=4, L=23, n=2, groups=2), softplus=True, tol=1e-4, config=cfg)
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-def test_scan_parallel_segments_cpu(groups):
+@pytest.mark.parametrize("groups,bc_transposed_bwd", [(None, True), (2, False)])
+def test_scan_parallel_segments_cpu(groups, bc_transposed_bwd):
     # The sequence cut into segments run side by side (the batch-1 path): 37 steps = 10 chunks of 4, a
     # checkpoint every 2 chunks, segments of 2 chunks (the last one partial). The summary pass, the carry
     # pass and the adjoint's carry must give exactly the one-segment result, h0 and final state included.
-    cfg = ScanConfig(block_t=4, block_t_bwd=2, block_d=4, ckpt_chunks=2, seg_chunks=2)
+    cfg = ScanConfig(block_t=4, block_t_bwd=2, block_d=4, ckpt_chunks=2, seg_chunks=2,
+                     bc_transposed_bwd=bc_transposed_bwd)
     check_scan(scan_inputs(b=2, d=4, L=37, n=3, groups=groups, seed=7), softplus=True, tol=1e-4, config=cfg)
 
 
