@@ -1,14 +1,14 @@
 """Fused Triton selective scan (Mamba-1), forward and backward.
 
 Layout. A program owns one batch row and BLOCK_D channels; each lane of a warp holds one channel and
-(N / LANES_N) of its states in registers, where LANES_N = 32 * warps / BLOCK_D lanes share a channel (1 for
-N <= 16). A chunk of BLOCK_T steps is loaded as (BLOCK_T, BLOCK_D) tiles whose time axis sits in each
+(N / LANES_N) of its states in registers, where LANES_N = 32 * warps / BLOCK_D lanes share a channel (by
+default 8 states per lane: 2 lanes per channel at N = 16, which doubles the programs). A chunk of BLOCK_T steps is loaded as (BLOCK_T, BLOCK_D) tiles whose time axis sits in each
 thread's registers (one 16-byte load per lane), and the chunk is unrolled step by step:
     a = exp(dt A),  h = a h + dt u B,  y = sum_n h C
 so the time recurrence is one FMA chain per state, the N contraction stays in the thread, and the
-softplus and the silu(z) gate run once per (step, channel). Nothing crosses lanes in the forward when
-LANES_N = 1. The (batch, dim, L, N) state never reaches global memory: the forward saves the state every
-`ckpt_steps` steps, in (N, dim) layout so a warp's lanes write consecutive channels.
+softplus and the silu(z) gate run once per (step, channel) and lane. Across lanes the forward only sums
+y over the LANES_N lanes of a channel. The (batch, dim, L, N) state never reaches global memory: the forward saves the state every
+ckpt_chunks * BLOCK_T steps, in (N, dim) layout so a warp's lanes write consecutive channels.
 
 Backward. Walks the checkpoint spans in reverse: re-runs the forward over a span to park each chunk's
 start state in a per-program scratch (L2 resident), then walks the span's chunks backwards: recomputes
