@@ -74,6 +74,21 @@ def _channel_vector(x_ptr, offs_d, mask_d, BLOCK_D: tl.constexpr, PRESENT: tl.co
 
 
 @triton.jit
+def _state_or_zeros(x_ptr, off, mst, PRESENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """An (N, BLOCK_D) fp32 state tile read at `off`, or zeros when the input is absent."""
+    if PRESENT:
+        return tl.load(x_ptr + off, mask=mst, other=0.)
+    return tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+
+@triton.jit
+def _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp, s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg):
+    """u, delta, z, B, C moved to this program's batch row (and B/C group)."""
+    return (u_ptr + pid_b * s_ub, dl_ptr + pid_b * s_db, z_ptr + pid_b * s_zb,
+            B_ptr + pid_b * s_bb + grp * s_bg, C_ptr + pid_b * s_cb + grp * s_cg)
+
+
+@triton.jit
 def _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """u and dt = softplus(delta + bias) of one chunk as (BLOCK_T, BLOCK_D) fp32 tiles. Padded steps and
@@ -132,20 +147,14 @@ def _scan_fwd_kernel(
     pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
         DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
     d64 = offs_d.to(tl.int64)[None, :]
-    u_ptr += pid_b * s_ub
-    dl_ptr += pid_b * s_db
-    z_ptr += pid_b * s_zb
-    B_ptr += pid_b * s_bb + grp * s_bg
-    C_ptr += pid_b * s_cb + grp * s_cg
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
+                                                        s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
     y_ptr += pid_b * DIM * L
     slot = (pid_b * n_seg + seg) * N * DIM
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
     bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
-    if HAS_H0:
-        h = tl.load(hin_ptr + slot + st, mask=mst, other=0.)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    h = _state_or_zeros(hin_ptr, slot + st, mst, HAS_H0, BLOCK_N, BLOCK_D)
     dts = tl.zeros([BLOCK_D], tl.float32)
     c0 = seg * seg_chunks
     for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
@@ -183,10 +192,7 @@ def _segment_carry_kernel(loc_ptr, dts_ptr, A2_ptr, first_ptr, out_ptr, DIM, N, 
     loc[s] for s < S-1. Reverse (adjoint): out[S-1] = first, out[s-1] = exp(A dts[s]) out[s] + loc[s], s >= 1."""
     pid_b, _, offs_d, mask_d, offs_n, mask_n, _, st, mst, _ = _program(DIM, N, DIM, s_sn, 0, BLOCK_D, BLOCK_N, 1)
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
-    if HAS_FIRST:
-        h = tl.load(first_ptr + pid_b * N * DIM + st, mask=mst, other=0.)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    h = _state_or_zeros(first_ptr, pid_b * N * DIM + st, mst, HAS_FIRST, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + (pid_b * n_seg + (n_seg - 1 if REVERSE else 0)) * N * DIM + st, h, mask=mst)
     for k in range(n_seg - 1):
         s = n_seg - 1 - k if REVERSE else k
@@ -249,11 +255,8 @@ def _scan_bwd_kernel(
     pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
         DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
     d64 = offs_d.to(tl.int64)[None, :]
-    u_ptr += pid_b * s_ub
-    dl_ptr += pid_b * s_db
-    z_ptr += pid_b * s_zb
-    B_ptr += pid_b * s_bb + grp * s_bg
-    C_ptr += pid_b * s_cb + grp * s_cg
+    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
+                                                        s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
     io = pid_b * DIM * L
     dB_ptr += (pid_b * G + grp) * N * L
     dC_ptr += (pid_b * G + grp) * N * L
@@ -264,10 +267,7 @@ def _scan_bwd_kernel(
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
     bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
-    if HAS_KIN:
-        K = tl.load(kin_ptr + slot + st, mask=mst, other=0.)
-    else:
-        K = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    K = _state_or_zeros(kin_ptr, slot + st, mst, HAS_KIN, BLOCK_N, BLOCK_D)
     dA_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], tl.float32)
