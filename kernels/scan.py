@@ -138,7 +138,7 @@ def _scan_fwd_kernel(
         ck_ptr, dts_ptr,
         L, DIM, N, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
-        s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
+        s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_CHUNKS: tl.constexpr):
@@ -149,7 +149,7 @@ def _scan_fwd_kernel(
     d64 = offs_d.to(tl.int64)[None, :]
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
                                                         s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
-    y_ptr += pid_b * DIM * L
+    y_ptr += pid_b * s_ob
     slot = (pid_b * n_seg + seg) * N * DIM
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
     bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
@@ -179,7 +179,7 @@ def _scan_fwd_kernel(
                 y += Dv[None, :] * u
             if HAS_Z:
                 y = _gate(y, z_ptr, t, d64, m2, s_zd, s_zl)
-            tl.store(y_ptr + d64 * L + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
+            tl.store(y_ptr + d64 * s_od + t[:, None] * s_ol, y.to(y_ptr.dtype.element_ty), mask=m2)
     tl.store(hout_ptr + slot + st, h, mask=mst)
     tl.store(dts_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dts, mask=mask_d)
 
@@ -206,7 +206,7 @@ def _segment_carry_kernel(loc_ptr, dts_ptr, A2_ptr, first_ptr, out_ptr, DIM, N, 
 def _adjoint_summary_kernel(
         dl_ptr, A2_ptr, C_ptr, z_ptr, bias_ptr, reset_ptr, dy_ptr, kout_ptr,
         L, DIM, N, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, s_sn,
-        s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_cb, s_cg, s_cn, s_cl,
+        s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """Each segment's adjoint carry-out a_first * g_first with nothing flowing in from its right: the
@@ -217,7 +217,7 @@ def _adjoint_summary_kernel(
     dl_ptr += pid_b * s_db
     z_ptr += pid_b * s_zb
     C_ptr += pid_b * s_cb + grp * s_cg
-    dy_ptr += pid_b * DIM * L
+    dy_ptr += pid_b * s_ob
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
     bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     K = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -228,7 +228,7 @@ def _adjoint_summary_kernel(
         t = c * BLOCK_T + offs_t
         m2 = (t < L)[:, None] & mask_d[None, :]
         _, dt = _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-        dy = tl.load(dy_ptr + d64 * L + t[:, None], mask=m2, other=0.).to(tl.float32)
+        dy = tl.load(dy_ptr + d64 * s_od + t[:, None] * s_ol, mask=m2, other=0.).to(tl.float32)
         if HAS_Z:
             dy = _gate(dy, z_ptr, t, d64, m2, s_zd, s_zl)
         for ir in tl.static_range(BLOCK_T):
@@ -245,7 +245,7 @@ def _scan_bwd_kernel(
         scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, kout_ptr,
         L, DIM, N, G, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn, s_scr,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
-        s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl,
+        s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_RESET: tl.constexpr, HAS_KIN: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPAN_CHUNKS: tl.constexpr):
@@ -257,7 +257,7 @@ def _scan_bwd_kernel(
     d64 = offs_d.to(tl.int64)[None, :]
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
                                                         s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
-    io = pid_b * DIM * L
+    io = pid_b * s_ob
     dB_ptr += (pid_b * G + grp) * N * L
     dC_ptr += (pid_b * G + grp) * N * L
     # Per-program scratch: the chunk-start states of one checkpoint span.
@@ -303,7 +303,8 @@ def _scan_bwd_kernel(
             m2, u, dr, dt = _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
                                         HAS_BIAS, SOFTPLUS)
             dtu = dt * u
-            dy = tl.load(dy_ptr + io + d64 * L + t[:, None], mask=m2, other=0.).to(tl.float32)
+            oo = io + d64 * s_od + t[:, None] * s_ol
+            dy = tl.load(dy_ptr + oo, mask=m2, other=0.).to(tl.float32)
             # Forward through the chunk, keeping every step's state (a tuple of register tiles).
             hs = ()
             y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -319,7 +320,7 @@ def _scan_bwd_kernel(
                 zt = tl.load(z_ptr + d64 * s_zd + t[:, None] * s_zl, mask=m2, other=0.).to(tl.float32)
                 sig = tl.sigmoid(zt)
                 y += Dv[None, :] * u
-                tl.store(dz_ptr + io + d64 * L + t[:, None],
+                tl.store(dz_ptr + oo,
                          (dy * y * sig * (1. + zt * (1. - sig))).to(dz_ptr.dtype.element_ty), mask=m2)
                 dy = dy * zt * sig
             dD_acc += tl.sum(dy * u, axis=0)
@@ -351,8 +352,8 @@ def _scan_bwd_kernel(
                 ddt = ddt * tl.sigmoid(dr)
             ddt = tl.where(m2, ddt, 0.)
             dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + io + d64 * L + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
-            tl.store(ddl_ptr + io + d64 * L + t[:, None], ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
+            tl.store(du_ptr + oo, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddl_ptr + oo, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
 
     tl.store(kout_ptr + slot + st, K, mask=mst)
@@ -430,10 +431,18 @@ def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, bl
 # Host side
 # ------------------------------------------------------------------------------------------------------
 def _last_contig(x: torch.Tensor | None) -> torch.Tensor | None:
-    # Chunks read along L: keep that axis unit-stride (as the anchor does).
+    # Chunks read along L: keep that axis unit-stride (as the anchor does). Other strides are free, so a
+    # slice of a (channels, batch * L) matrix (the fused block's layout) is read in place.
     if x is None or x.stride(-1) == 1:
         return x
     return x.contiguous()
+
+
+def _io_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x with the strides of `like` (y, dy and the gradients share one layout in the kernels)."""
+    if x.stride() == like.stride():
+        return x
+    return torch.empty_strided(like.shape, like.stride(), device=x.device, dtype=x.dtype).copy_(x)
 
 
 def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
@@ -462,15 +471,16 @@ def _carry(loc, dts, A2t, first, out, reverse: bool):
         BLOCK_D=bd, BLOCK_N=triton.next_power_of_2(N), num_warps=4)
 
 
-def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: ScanConfig):
-    """y, final state (b, dim, N), checkpoints (b, n_ckpt, N, dim) and per-segment sums of dt (b, S, dim)."""
+def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: ScanConfig, y=None):
+    """y, final state (b, dim, N), checkpoints (b, n_ckpt, N, dim) and per-segment sums of dt (b, S, dim).
+    y may be given (any layout with unit stride along L)."""
     b, dim, L = u.shape
     N = A2t.shape[0]
     G = 1 if B.dim() == 3 else B.shape[1]
     n_chunks, seg_chunks, n_seg = _segments(cfg, L, reset)
     n_ckpt = triton.cdiv(n_chunks, cfg.ckpt_chunks)
     f32 = dict(device=u.device, dtype=torch.float32)
-    y = torch.empty(b, dim, L, device=u.device, dtype=u.dtype)
+    y = torch.empty(b, dim, L, device=u.device, dtype=u.dtype) if y is None else y
     hout = torch.empty(b, n_seg, N, dim, **f32)
     ck = torch.empty(b, n_ckpt, N, dim, **f32)
     dts = torch.empty(b, n_seg, dim, **f32)
@@ -480,7 +490,7 @@ def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: 
         _scan_fwd_kernel[(b, triton.cdiv(dim, cfg.block_d), n_programs)](
             u, delta, A2t, B, C, D, zz, delta_bias, reset, hin, y, out, ck, dts,
             L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 0, n_ckpt, dim,
-            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
+            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *y.stride(),
             HAS_H0=hin is not None, SUMMARY=summary, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t,
             BLOCK_N=triton.next_power_of_2(N), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps,
             num_stages=cfg.stages, **_flags(D, z, delta_bias, softplus, reset))
@@ -496,7 +506,9 @@ def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: 
     return y, hout[:, -1].transpose(1, 2), ck, dts
 
 
-def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, dy, dhT, cfg: ScanConfig):
+def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, dy, dhT, cfg: ScanConfig,
+              du=None, ddelta=None, dz=None):
+    """Gradients; du, ddelta, dz may be given (one shared layout, unit stride along L; dy is brought to it)."""
     b, dim, L = u.shape
     N = A2t.shape[0]
     G = 1 if B.dim() == 3 else B.shape[1]
@@ -513,12 +525,19 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     dhTt = dhT.transpose(1, 2).contiguous() if dhT is not None else None
     common = dict(BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t_bwd, BLOCK_N=bn, num_warps=cfg.warps,
                   num_stages=cfg.stages)
+    du = torch.empty(b, dim, L, device=dev, dtype=u.dtype) if du is None else du
+    ddelta = torch.empty_like(du, dtype=delta.dtype) if ddelta is None else ddelta
+    if z is not None and dz is None:
+        dz = torch.empty_like(du, dtype=z.dtype)
+    if ddelta.stride() != du.stride() or (dz is not None and dz.stride() != du.stride()) or du.stride(-1) != 1:
+        raise ValueError("_scan_bwd: du, ddelta and dz must share one layout with unit stride along L")
+    dy = _io_like(dy, du)
     if n_seg > 1:
         kloc = torch.empty(b, n_seg, N, dim, **f32)
         _adjoint_summary_kernel[(b, n_db, n_seg - 1)](   # segments 1..S-1, nothing flowing in from the right
             delta, A2t, C, zz, delta_bias, reset, dy, kloc,
             L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 1, dim,
-            *delta.stride(), *zz.stride(), *_bc_strides(C),
+            *delta.stride(), *zz.stride(), *_bc_strides(C), *dy.stride(),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             HAS_RESET=reset is not None, **common)
         kin = torch.empty(b, n_seg, N, dim, **f32)
@@ -526,9 +545,6 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     else:
         kin = dhTt
     scratch = torch.empty(b * n_seg * n_db * span * bn * cfg.block_d, **f32)
-    du = torch.empty(b, dim, L, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(b, dim, L, device=dev, dtype=delta.dtype)
-    dz = torch.empty(b, dim, L, device=dev, dtype=z.dtype) if z is not None else du
     dB = torch.zeros(b, G, N, L, **f32)
     dC = torch.zeros(b, G, N, L, **f32)
     kout = torch.empty(b, n_seg, N, dim, **f32)
@@ -537,9 +553,9 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     dbias = torch.empty(b, n_seg, dim, **f32)
     _scan_bwd_kernel[(b, n_db, n_seg)](
         u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
-        du, ddelta, dz, dA, dB, dC, dD, dbias, kout,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
         L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, cfg.block_d,
-        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
+        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *du.stride(),
         HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
@@ -563,7 +579,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, ck, dts = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        dy = dy.contiguous()
         dhT = dhT.float() if dhT is not None else None
         A2t = (A.float() * LOG2E).t().contiguous()
         if ctx.cfg.bc_transposed_bwd:  # the same (.., N, L) views with the states unit-stride

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import causal_conv1d, forced_backend, selective_scan, selective_state_update
+from .ops import causal_conv1d, forced_backend, mamba_inner, selective_scan, selective_state_update
 
 # Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
 # through the chunked scan. Both give forward's results; this only picks the faster.
@@ -207,11 +207,15 @@ class Mamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
         self._check_input(x)
+        A = -torch.exp(self.A_log.float())
+        if self.selective:
+            return mamba_inner(x, self.in_proj.weight, self.in_proj.bias, self._conv_weight(), self.conv1d.bias,
+                               self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, A, self.D.float(),
+                               self.out_proj.weight, self.out_proj.bias)
         xz = self.in_proj(x).transpose(1, 2)                           # (b, 2*d_inner, L)
         u, z = xz.chunk(2, dim=1)
         u = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, activation="silu")
         delta, B, C = self._ssm_inputs(u)
-        A = -torch.exp(self.A_log.float())
         y = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                            delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))

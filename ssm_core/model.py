@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .io import DIR_MODE, FILE_MODE
 from .mamba import Mamba
+from .ops import rms_norm
 
 
 @dataclass
@@ -136,10 +137,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = _acc(x)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self._weight().to(xf.dtype)).to(x.dtype)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Normalised in float32 whatever x's dtype; returned in out_dtype (default x's): the backbone
+        normalises its float32 residual stream straight into the mixers' dtype (one fused kernel on CUDA)."""
+        return rms_norm(x, self._weight(), self.eps, out_dtype)
 
     def _weight(self) -> torch.Tensor:
         return self.weight
@@ -220,9 +221,9 @@ class Block(nn.Module):
         self.norm = (RCRMSNorm if cfg.rc_equivariant else RMSNorm)(cfg.d_model, cfg.norm_eps)
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        # residual is float32; the mixer runs in the parameters' (or autocast's) dtype.
-        x = self.norm(residual.to(self.norm.weight.dtype))
-        return residual + _acc(self.mixer(x))
+        # residual is float32; the mixer runs in the parameters' (or autocast's) dtype. The sum promotes
+        # its output back to float32 in the same kernel.
+        return residual + self.mixer(self.norm(residual, out_dtype=self.norm.weight.dtype))
 
     def stream(self, residual: torch.Tensor, state):
         # Submodules from _modules: nn.Module.__getattr__ costs ~1 us a lookup, on every chunk and layer.
@@ -294,7 +295,7 @@ class MambaModel(nn.Module):
                 residual = checkpoint(layer, residual, use_reentrant=False)
             else:
                 residual = layer(residual)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return self.norm_f(residual, out_dtype=self.norm_f.weight.dtype)
 
     # --- streaming --------------------------------------------------------------------------------------
     def _check_streamable(self) -> None:

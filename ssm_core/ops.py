@@ -78,6 +78,25 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
                                      return_final_states=return_final_states, activation=activation)
 
 
+def mamba_inner(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None):
+    """The selective Mamba block from its parameters; semantics of `mamba_inner_ref`. On CUDA one fused
+    autograd function (kernels.mamba_inner: no layout copies, recomputes instead of saving); elsewhere
+    the reference composition over this backend's scan and conv."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("x: expected a torch.Tensor of shape (batch, L, d_model)")
+    args = (x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+            A, D, out_proj_weight, out_proj_bias)
+    if backend_for(x) == "triton":
+        return _impl(x, "mamba_inner")(*args)
+    return reference.mamba_inner_ref(*args, scan=_impl(x, "selective_scan"), conv=_impl(x, "causal_conv1d"))
+
+
+def rms_norm(x, weight, eps=1e-5, out_dtype=None):
+    """RMSNorm over the last axis in float32, output in out_dtype (default x's); `rms_norm_ref` semantics."""
+    return _impl(x, "rms_norm")(x, weight, eps, out_dtype)
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decoding step, updating `state` in place; semantics of `selective_state_update_ref`."""
     return _impl(x, "selective_state_update")(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,

@@ -178,3 +178,32 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(x.dtype)
+
+
+def mamba_inner_ref(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                    dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None, scan=None, conv=None):
+    """The selective Mamba block from its parameters (mamba_ssm's `mamba_inner_ref`): x (batch, L, d_model)
+    -> in_proj -> (u, z); u = silu(causal conv(u)); (dt, B, C) = x_proj(u); delta = dt_proj(dt) without
+    its bias (the scan adds it before the softplus); y = scan(...) gated by silu(z); out_proj(y).
+    `scan` and `conv` default to this module's ops (the CPU dispatch passes its faster ones)."""
+    scan = scan or selective_scan_ref
+    conv = conv or causal_conv1d_ref
+    d_in, n = A.shape
+    r = dt_proj_weight.shape[1]
+    xz = F.linear(x, in_proj_weight, in_proj_bias).transpose(1, 2)        # (b, 2 d_in, L)
+    u, z = xz.chunk(2, dim=1)
+    u = conv(u, conv_weight, conv_bias, activation="silu")
+    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)                   # (b, L, r + 2N)
+    dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+    delta = (dt @ dt_proj_weight.t()).transpose(1, 2)
+    y = scan(u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D=D, z=z,
+             delta_bias=dt_proj_bias.float(), delta_softplus=True)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def rms_norm_ref(x, weight, eps=1e-5, out_dtype=None):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in float32 (float64 stays float64)
+    and returned in out_dtype (default x's dtype)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(xf.dtype)).to(out_dtype or x.dtype)

@@ -14,7 +14,13 @@ import torch
 import kernels
 import ssm_core
 from kernels import ScanConfig
-from ssm_core.reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
+from ssm_core.reference import (
+    causal_conv1d_ref,
+    mamba_inner_ref,
+    rms_norm_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -137,8 +143,8 @@ def test_scan_in_segments_equals_whole_sequence_cpu():
 
 @pytest.mark.parametrize("K,init,act,bias",
                          [(4, True, "silu", True), (4, False, None, False), (3, True, None, True)])
-def test_causal_conv1d_matches_reference_cpu(K, init, act, bias):
-    b, d, L = 2, 3, 9
+def test_causal_conv1d_matches_reference_cpu(K, init, act, bias, L=9):
+    b, d = 2, 3
     g = torch.Generator().manual_seed(K)
     args = [torch.randn(b, d, L, generator=g), torch.randn(d, K, generator=g),
             torch.randn(d, generator=g) if bias else None,
@@ -155,6 +161,14 @@ def test_causal_conv1d_matches_reference_cpu(K, init, act, bias):
     for x_k, x_r in zip(a_k, a_r):
         if x_k is not None:
             assert rel(x_k.grad, x_r.grad) < 1e-5
+
+
+def test_causal_conv1d_spans_cpu(monkeypatch):
+    # One 32-step tile per program: 75 steps are three programs along L (windows, the next steps' dpre and
+    # the carried tail's gradient cross program boundaries), a partial last tile.
+    monkeypatch.setattr(kernels.conv, "FWD_SPAN", 1)
+    monkeypatch.setattr(kernels.conv, "BWD_SPAN", 1)
+    test_causal_conv1d_matches_reference_cpu(4, True, "silu", True, L=75)
 
 
 @pytest.mark.parametrize("groups", [None, 2])
@@ -182,14 +196,89 @@ def test_mamba_streams_on_the_kernels_cpu(monkeypatch):
     monkeypatch.setenv("SSM_CORE_BACKEND", "triton")
     assert ssm_core.backend_for(x) == "triton"
     calls = []
-    for op in ("selective_scan", "causal_conv1d", "selective_state_update"):
+    for op in ("selective_scan", "causal_conv1d", "selective_state_update", "mamba_inner"):
         fn = getattr(kernels, op)
         monkeypatch.setattr(kernels, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
     assert rel(m(x), y_ref) < 1e-5
     state = m.init_state(1)
     outs = [m.stream(x[:, s:e], state)[0] for s, e in ((0, 3), (3, 4), (4, 6))]
     assert rel(torch.cat(outs, 1), y_ref) < 1e-5
-    assert set(calls) == {"selective_scan", "causal_conv1d", "selective_state_update"}
+    assert set(calls) == {"selective_scan", "causal_conv1d", "selective_state_update", "mamba_inner"}
+
+
+def mamba_inner_params(d_model, d_inner, n, r, K=4, biases=False, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r_ = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    return dict(in_proj_weight=r_(2 * d_inner, d_model) / d_model ** 0.5,
+                in_proj_bias=r_(2 * d_inner) * 0.1 if biases else None,
+                conv_weight=r_(d_inner, K) * 0.5, conv_bias=r_(d_inner) * 0.1,
+                x_proj_weight=r_(r + 2 * n, d_inner) / d_inner ** 0.5, dt_proj_weight=r_(d_inner, r) / r ** 0.5,
+                dt_proj_bias=r_(d_inner) * 0.3 - 2, A=-torch.rand(d_inner, n, generator=g, device=device) * 2 - 0.1,
+                D=r_(d_inner), out_proj_weight=r_(d_model, d_inner) / d_inner ** 0.5,
+                out_proj_bias=r_(d_model) * 0.1 if biases else None)
+
+
+def check_mamba_inner(b, L, d_model, d_inner, n, r, biases, device, dtype, tol, seed=0):
+    """kernels.mamba_inner (fp32 parameters, `dtype` autocast on CUDA) vs mamba_inner_ref in float64: the
+    output and the gradient of the input and of every parameter."""
+    p = mamba_inner_params(d_model, d_inner, n, r, biases=biases, device=device, seed=seed)
+    x = torch.randn(b, L, d_model, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1))
+    p_k = {k: v.clone().requires_grad_() for k, v in p.items() if v is not None}
+    p_r = {k: v.double().requires_grad_() for k, v in p.items() if v is not None}
+    x_k, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y = kernels.mamba_inner(x_k, **{k: p_k.get(k) for k in p})
+    y_r = mamba_inner_ref(x_r, **{k: p_r.get(k) for k in p})
+    assert y.shape == y_r.shape and rel(y, y_r) < tol
+    gy = torch.randn(y_r.shape, device=device, dtype=torch.float64,
+                     generator=torch.Generator(device=device).manual_seed(seed + 2))
+    (y.double() * gy).sum().backward()
+    (y_r * gy).sum().backward()
+    errs = {k: rel(p_k[k].grad, p_r[k].grad) for k in p_k} | {"x": rel(x_k.grad, x_r.grad)}
+    assert all(p_k[k].grad.dtype == torch.float32 for k in p_k)
+    limit = dict.fromkeys(errs, tol)
+    if dtype != torch.float32:
+        # Half-precision GEMMs over the whole block round more than one kernel does: the bound is then the
+        # error of the same block composed from the separately tested ops under the same autocast.
+        p_c = {k: v.clone().requires_grad_() for k, v in p.items() if v is not None}
+        x_c = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            y_c = mamba_inner_ref(x_c, **{k: p_c.get(k) for k in p}, scan=kernels.selective_scan,
+                                  conv=kernels.causal_conv1d)
+        (y_c.double() * gy).sum().backward()
+        comp = {k: rel(p_c[k].grad, p_r[k].grad) for k in p_c} | {"x": rel(x_c.grad, x_r.grad)}
+        limit = {k: max(tol, 1.5 * comp[k]) for k in errs}
+    assert all(errs[k] < limit[k] for k in errs), (errs, limit)
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_mamba_inner_matches_reference_cpu(biases):
+    """The fused block (one layout, no copies, conv and delta recomputed in the backward) equals the
+    composition of reference ops, output and every gradient (interpreter, tiny shapes, 2 chunks + tail)."""
+    check_mamba_inner(b=2, L=19, d_model=6, d_inner=8, n=4, r=3, biases=biases, device="cpu",
+                      dtype=torch.float32, tol=1e-4)
+
+
+def check_rms_norm(shape, in_dtype, out_dtype, device, tol):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(*shape, generator=g, device=device) * 3).to(in_dtype)
+    w = torch.randn(shape[-1], generator=g, device=device)
+    x_k, w_k = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x_r, w_r = x.double().requires_grad_(), w.double().requires_grad_()
+    y = kernels.rms_norm(x_k, w_k, 1e-5, out_dtype=out_dtype)
+    y_r = rms_norm_ref(x_r, w_r, 1e-5)
+    assert y.dtype == out_dtype and rel(y, y_r) < tol
+    gy = torch.randn(y_r.shape, generator=g, device=device, dtype=torch.float64)
+    (y.double() * gy).sum().backward()
+    (y_r * gy).sum().backward()
+    assert x_k.grad.dtype == in_dtype and rel(x_k.grad, x_r.grad) < tol and rel(w_k.grad, w_r.grad) < tol
+
+
+@pytest.mark.parametrize("shape,in_dtype,out_dtype", [((3, 5, 24), torch.float32, torch.float32),
+                                                      ((37, 6), torch.float32, torch.bfloat16)])
+def test_rms_norm_matches_reference_cpu(shape, in_dtype, out_dtype):
+    """Rows padded to a power of two and several programs; a float32 residual normalised into bf16."""
+    check_rms_norm(shape, in_dtype, out_dtype, "cpu", 1e-5 if out_dtype == torch.float32 else 1e-2)
 
 
 def test_model_streams_on_the_kernels_cpu(monkeypatch):
@@ -287,6 +376,23 @@ def test_conv_and_state_update_cuda(dtype):
     y_r = selective_state_update_ref(s_r, *(v.double() for v in (xs, dt, A, B, C)), D=w[:, 0].double(),
                                      z=z.double(), dt_bias=bias.double(), dt_softplus=True)
     assert rel(y, y_r) < TOL[dtype] and rel(s_k, s_r) < 1e-4
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,L", [(torch.float32, 2048), (torch.bfloat16, 4096), (torch.bfloat16, 65536)])
+def test_mamba_inner_cuda(dtype, L):
+    check_mamba_inner(b=2 if L < 65536 else 1, L=L, d_model=64, d_inner=128, n=16, r=4, biases=True,
+                      device="cuda", dtype=dtype, tol=TOL[dtype])
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,in_dtype,out_dtype", [((4, 1000, 256), torch.float32, torch.bfloat16),
+                                                      ((3, 77, 1536), torch.bfloat16, torch.bfloat16),
+                                                      ((5, 40), torch.float32, torch.float32)])
+def test_rms_norm_cuda(shape, in_dtype, out_dtype):
+    check_rms_norm(shape, in_dtype, out_dtype, "cuda", 1e-5 if out_dtype == torch.float32 else 1e-2)
 
 
 @cuda
