@@ -240,8 +240,7 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
         raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
     if K == 1:
         initial_states = None  # no tail to carry
-    x_c = x if x.stride(-1) == 1 else x.contiguous()
-    out = _CausalConv1dFn.apply(x_c, weight.contiguous(), bias.contiguous() if bias is not None else None,
+    out = _CausalConv1dFn.apply(_unit_l(x), weight.contiguous(), bias.contiguous() if bias is not None else None,
                                 initial_states, activation == "silu")
     if not return_final_states:
         return out

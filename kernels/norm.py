@@ -49,7 +49,7 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, M, D, s
 def _meta(D: int) -> tuple[int, int, int]:
     block = triton.next_power_of_2(D)
     rows = max(1, min(16, 4096 // block))     # about 4k elements a program
-    return block, rows, 4 if block * rows >= 2048 else 2
+    return block, rows, max(2, min(16, block * rows // 1024))   # ~256 elements a thread at most
 
 
 class _RMSNormFn(torch.autograd.Function):
