@@ -24,7 +24,7 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .conv import conv_bwd, conv_fwd
-from .scan import LOG2E, _scan_bwd, _scan_fwd, default_config
+from .scan import _a2t, _scan_bwd, _scan_fwd, default_config
 
 
 def _rows(m: torch.Tensor, b: int, L: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ class _MambaInnerFn(torch.autograd.Function):
         u, x_dbl, delta = _conv_and_projections(xz, conv_w, conv_b, xp_w, dt_w, b, L)
         B, C = (_rows(x_dbl[r + i * N:r + (i + 1) * N], b, L) for i in range(2))
         cfg = default_config(d_in, L, N, 1, batch=b)
-        A2t = (A.float() * LOG2E).t().contiguous()
+        A2t = _a2t(A)
         y = torch.empty(d_in, b * L, device=x.device, dtype=cd)
         z = _rows(xz[d_in:], b, L)
         _, _, ck, dts = _scan_fwd(_rows(u, b, L), _rows(delta, b, L), A2t, B, C, D, z, dt_b, True, None, None,
@@ -86,7 +86,7 @@ class _MambaInnerFn(torch.autograd.Function):
         dxz = torch.empty_like(xz)
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)
-        A2t = (A.float() * LOG2E).t().contiguous()
+        A2t = _a2t(A)
         _, _, dA, dB, dC, dD, _, dbias, _ = _scan_bwd(
             _rows(u, b, L), _rows(delta, b, L), A2t, B, C, D, _rows(xz[d_in:], b, L), dt_b, True, None, ck,
             dts, _rows(dy, b, L), None, cfg, du=_rows(du, b, L), ddelta=_rows(ddelta, b, L),

@@ -445,6 +445,11 @@ def _io_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(like.shape, like.stride(), device=x.device, dtype=x.dtype).copy_(x)
 
 
+def _a2t(A: torch.Tensor) -> torch.Tensor:
+    """(N, dim) fp32 A * log2(e): exp(dt A) = exp2(dt A2), states laid out like the kernels' state tiles."""
+    return (A.float() * LOG2E).t().contiguous()
+
+
 def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
     if X.dim() == 3:
         return X.stride(0), 0, X.stride(1), X.stride(2)
@@ -566,7 +571,7 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg, reset):
-        A2t = (A.float() * LOG2E).t().contiguous()  # (N, dim): exp(dt A) = exp2(dt A log2 e)
+        A2t = _a2t(A)
         h0t = h0.float().transpose(1, 2).contiguous() if h0 is not None else None
         y, hT, ck, dts = _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck, dts)
@@ -580,7 +585,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(u)
         dhT = dhT.float() if dhT is not None else None
-        A2t = (A.float() * LOG2E).t().contiguous()
+        A2t = _a2t(A)
         if ctx.cfg.bc_transposed_bwd:  # the same (.., N, L) views with the states unit-stride
             B, C = (X.transpose(-1, -2).contiguous().transpose(-1, -2) for X in (B, C))
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import causal_conv1d, forced_backend, mamba_inner, selective_scan, selective_state_update
+from .reference import selective_inputs_ref
 
 # Chunks up to this many steps stream step by step on the CPU (Mamba._stream_steps); longer ones go
 # through the chunked scan. Both give forward's results; this only picks the faster.
@@ -185,10 +186,7 @@ class Mamba(nn.Module):
         """x (batch, d_inner, L) after the conv -> (delta before bias, B, C) as the scan wants them."""
         b, _, L = x.shape
         if self.selective:
-            x_dbl = self.x_proj(x.transpose(1, 2))                      # (b, L, r + 2N)
-            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-            delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)     # bias is added inside the scan
-            return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+            return selective_inputs_ref(x, self.x_proj.weight, self.dt_proj.weight)
         delta = x.new_zeros(b, self.d_inner, L)
         B = self.B_lti.to(x.dtype)[None, :, None].expand(b, -1, L)
         C = self.C_lti.to(x.dtype)[None, :, None].expand(b, -1, L)

@@ -180,6 +180,17 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     return y.to(x.dtype)
 
 
+def selective_inputs_ref(u, x_proj_weight, dt_proj_weight):
+    """The selection: u (batch, d_inner, L) after the conv -> (delta without dt_proj's bias, B, C) in the
+    scan's layout. x_proj_weight (dt_rank + 2N, d_inner), dt_proj_weight (d_inner, dt_rank)."""
+    r = dt_proj_weight.shape[1]
+    n = (x_proj_weight.shape[0] - r) // 2
+    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)                   # (b, L, r + 2N)
+    dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+    delta = (dt @ dt_proj_weight.t()).transpose(1, 2)                    # the bias is added inside the scan
+    return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+
+
 def mamba_inner_ref(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                     dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None, scan=None, conv=None):
     """The selective Mamba block from its parameters (mamba_ssm's `mamba_inner_ref`): x (batch, L, d_model)
@@ -188,16 +199,11 @@ def mamba_inner_ref(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_p
     `scan` and `conv` default to this module's ops (the CPU dispatch passes its faster ones)."""
     scan = scan or selective_scan_ref
     conv = conv or causal_conv1d_ref
-    d_in, n = A.shape
-    r = dt_proj_weight.shape[1]
     xz = F.linear(x, in_proj_weight, in_proj_bias).transpose(1, 2)        # (b, 2 d_in, L)
     u, z = xz.chunk(2, dim=1)
     u = conv(u, conv_weight, conv_bias, activation="silu")
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)                   # (b, L, r + 2N)
-    dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
-    delta = (dt @ dt_proj_weight.t()).transpose(1, 2)
-    y = scan(u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D=D, z=z,
-             delta_bias=dt_proj_bias.float(), delta_softplus=True)
+    delta, B, C = selective_inputs_ref(u, x_proj_weight, dt_proj_weight)
+    y = scan(u, delta, A, B, C, D=D, z=z, delta_bias=dt_proj_bias.float(), delta_softplus=True)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
