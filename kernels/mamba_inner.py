@@ -24,7 +24,7 @@ import torch
 from torch.amp import custom_bwd, custom_fwd
 
 from .conv import conv_bwd, conv_fwd
-from .scan import _a2t, _scan_bwd, _scan_fwd, default_config
+from .scan import _a2t, _scan_bwd, _scan_fwd, bc_lmajor, default_config
 
 
 def _rows(m: torch.Tensor, b: int, L: int) -> torch.Tensor:
@@ -34,6 +34,13 @@ def _rows(m: torch.Tensor, b: int, L: int) -> torch.Tensor:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def _bc_rows(x_dbl: torch.Tensor, r: int, N: int, b: int, L: int, lmajor: bool):
+    """B and C as (b, N, L) views of x_dbl's rows; with `lmajor`, of (L, N)-major copies (the scan reads a
+    step's states as one vector load)."""
+    B, C = (_rows(x_dbl[r + i * N:r + (i + 1) * N], b, L) for i in range(2))
+    return (bc_lmajor(B), bc_lmajor(C)) if lmajor else (B, C)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -55,8 +62,8 @@ class _MambaInnerFn(torch.autograd.Function):
         if in_b is not None:
             xz += in_b[:, None]
         u, x_dbl, delta = _conv_and_projections(xz, conv_w, conv_b, xp_w, dt_w, b, L)
-        B, C = (_rows(x_dbl[r + i * N:r + (i + 1) * N], b, L) for i in range(2))
         cfg = default_config(d_in, L, N, 1, batch=b)
+        B, C = (_bc_rows(x_dbl, r, N, b, L, cfg.bc_transposed_fwd))
         A2t = _a2t(A)
         y = torch.empty(d_in, b * L, device=x.device, dtype=cd)
         z = _rows(xz[d_in:], b, L)
@@ -80,9 +87,7 @@ class _MambaInnerFn(torch.autograd.Function):
         u, _, delta = _conv_and_projections(xz, conv_w, conv_b, xp_w, dt_w, b, L, x_dbl=x_dbl)
         dy = out_w.t() @ dout.t()                                       # (d_in, bL)
         d_out_w = dout.t() @ y.t()
-        # The scan's backward reads B and C one step at a time: an (L, N)-major copy gives vector loads.
-        B, C = (x_dbl[r + i * N:r + (i + 1) * N].t().contiguous().t() for i in range(2))
-        B, C = (_rows(X, b, L) for X in (B, C))
+        B, C = _bc_rows(x_dbl, r, N, b, L, cfg.bc_transposed_bwd)
         dxz = torch.empty_like(xz)
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)

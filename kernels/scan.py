@@ -89,19 +89,14 @@ def _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp, s_ub, s_db, s_
 
 
 @triton.jit
-def _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """u and dt = softplus(delta + bias) of one chunk as (BLOCK_T, BLOCK_D) fp32 tiles. Padded steps and
-    channels get dt = 0 and u = 0: a = 1 and dt u B = 0 carry the state through unchanged."""
-    m2 = mask_t[:, None] & mask_d[None, :]
-    u = tl.load(u_ptr + d64 * s_ud + t[:, None] * s_ul, mask=m2, other=0.).to(tl.float32)
-    dr, dt = _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
-    return m2, u, dr, dt
+def _tile(x_ptr, t, m2, d64, s_d, s_l):
+    """A (BLOCK_T, BLOCK_D) tile of a (dim, L) row in its own dtype (masked entries 0)."""
+    return tl.load(x_ptr + d64 * s_d + t[:, None] * s_l, mask=m2, other=0.)
 
 
 @triton.jit
-def _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    dr = tl.load(dl_ptr + d64 * s_dd + t[:, None] * s_dl, mask=m2, other=0.).to(tl.float32)
+def _delta(dl_raw, bias, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    dr = dl_raw.to(tl.float32)
     if HAS_BIAS:
         dr += bias[None, :]
     if SOFTPLUS:
@@ -156,14 +151,28 @@ def _scan_fwd_kernel(
     Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
     h = _state_or_zeros(hin_ptr, slot + st, mst, HAS_H0, BLOCK_N, BLOCK_D)
     dts = tl.zeros([BLOCK_D], tl.float32)
+    GATE: tl.constexpr = HAS_Z and not SUMMARY
     c0 = seg * seg_chunks
+    # The chunk's u, delta, z tiles are loaded one chunk ahead: with one or two warps per scheduler, a
+    # load issued when its chunk starts leaves the warp idle for a whole memory latency.
+    t = c0 * BLOCK_T + offs_t
+    m2 = (t < L)[:, None] & mask_d[None, :]
+    u_nx = _tile(u_ptr, t, m2, d64, s_ud, s_ul)
+    dl_nx = _tile(dl_ptr, t, m2, d64, s_dd, s_dl)
+    z_nx = _tile(z_ptr, t, m2, d64, s_zd, s_zl) if GATE else u_nx
     for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
         if not SUMMARY:
             if c % CKPT_CHUNKS == 0:
                 tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * N * DIM + st, h, mask=mst)
         t = c * BLOCK_T + offs_t
-        m2, u, _, dt = _discretise(u_ptr, dl_ptr, bias, t, t < L, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
-                                   HAS_BIAS, SOFTPLUS)
+        m2 = (t < L)[:, None] & mask_d[None, :]
+        u_raw, dl_raw, z_raw = u_nx, dl_nx, z_nx
+        mn = (t + BLOCK_T < L)[:, None] & mask_d[None, :]
+        u_nx = _tile(u_ptr, t + BLOCK_T, mn, d64, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, t + BLOCK_T, mn, d64, s_dd, s_dl)
+        z_nx = _tile(z_ptr, t + BLOCK_T, mn, d64, s_zd, s_zl) if GATE else u_nx
+        u = u_raw.to(tl.float32)
+        _, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         dts += tl.sum(dt, axis=0)
         y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -178,7 +187,8 @@ def _scan_fwd_kernel(
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                y = _gate(y, z_ptr, t, d64, m2, s_zd, s_zl)
+                zt = z_raw.to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
             tl.store(y_ptr + d64 * s_od + t[:, None] * s_ol, y.to(y_ptr.dtype.element_ty), mask=m2)
     tl.store(hout_ptr + slot + st, h, mask=mst)
     tl.store(dts_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dts, mask=mask_d)
@@ -227,7 +237,7 @@ def _adjoint_summary_kernel(
         c = c1 - 1 - cr
         t = c * BLOCK_T + offs_t
         m2 = (t < L)[:, None] & mask_d[None, :]
-        _, dt = _delta(dl_ptr, bias, t, m2, d64, s_dd, s_dl, HAS_BIAS, SOFTPLUS)
+        _, dt = _delta(_tile(dl_ptr, t, m2, d64, s_dd, s_dl), bias, m2, HAS_BIAS, SOFTPLUS)
         dy = tl.load(dy_ptr + d64 * s_od + t[:, None] * s_ol, mask=m2, other=0.).to(tl.float32)
         if HAS_Z:
             dy = _gate(dy, z_ptr, t, d64, m2, s_zd, s_zl)
@@ -281,30 +291,52 @@ def _scan_bwd_kernel(
         cs = k * SPAN_CHUNKS
         ce = tl.minimum(cs + SPAN_CHUNKS, c1)
         h = tl.load(ck_ptr + (pid_b * n_ckpt + k) * N * DIM + st, mask=mst, other=0.)
-        # Re-run the forward over the span to recover each chunk's start state.
+        # Re-run the forward over the span to recover each chunk's start state (tiles loaded a chunk ahead).
+        t = cs * BLOCK_T + offs_t
+        u_nx = _tile(u_ptr, t, (t < L)[:, None] & mask_d[None, :], d64, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, t, (t < L)[:, None] & mask_d[None, :], d64, s_dd, s_dl)
         for c in range(cs, ce):
             tl.store(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst, h)
             if c < ce - 1:
                 t = c * BLOCK_T + offs_t
-                _, u, _, dt = _discretise(u_ptr, dl_ptr, bias, t, t < L, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
-                                          HAS_BIAS, SOFTPLUS)
-                dtu = dt * u
+                m2 = (t < L)[:, None] & mask_d[None, :]
+                u_raw, dl_raw = u_nx, dl_nx
+                mn = (t + BLOCK_T < L)[:, None] & mask_d[None, :]
+                u_nx = _tile(u_ptr, t + BLOCK_T, mn, d64, s_ud, s_ul)
+                dl_nx = _tile(dl_ptr, t + BLOCK_T, mn, d64, s_dd, s_dl)
+                _, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+                dtu = dt * u_raw.to(tl.float32)
                 for i in tl.static_range(BLOCK_T):
                     ti = c * BLOCK_T + i
                     a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
                     h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
         tl.debug_barrier()
 
+        # Then its chunks backwards, the tiles again loaded a chunk ahead. (The start state is read where it
+        # is used: carried like the tiles, it made Triton compute the state tiles in two layouts.)
+        t = (ce - 1) * BLOCK_T + offs_t
+        m2 = (t < L)[:, None] & mask_d[None, :]
+        u_nx = _tile(u_ptr, t, m2, d64, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, t, m2, d64, s_dd, s_dl)
+        dy_nx = _tile(dy_ptr + io, t, m2, d64, s_od, s_ol)
+        z_nx = _tile(z_ptr, t, m2, d64, s_zd, s_zl) if HAS_Z else dy_nx
         for cr in range(ce - cs):
             c = ce - 1 - cr
             h = tl.load(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst)
             t = c * BLOCK_T + offs_t
-            mask_t = t < L
-            m2, u, dr, dt = _discretise(u_ptr, dl_ptr, bias, t, mask_t, d64, mask_d, s_ud, s_ul, s_dd, s_dl,
-                                        HAS_BIAS, SOFTPLUS)
+            m2 = (t < L)[:, None] & mask_d[None, :]
+            u_raw, dl_raw, dy_raw, z_raw = u_nx, dl_nx, dy_nx, z_nx
+            tp = t - BLOCK_T
+            mp = (tp >= 0)[:, None] & mask_d[None, :]
+            u_nx = _tile(u_ptr, tp, mp, d64, s_ud, s_ul)
+            dl_nx = _tile(dl_ptr, tp, mp, d64, s_dd, s_dl)
+            dy_nx = _tile(dy_ptr + io, tp, mp, d64, s_od, s_ol)
+            z_nx = _tile(z_ptr, tp, mp, d64, s_zd, s_zl) if HAS_Z else dy_nx
+            u = u_raw.to(tl.float32)
+            dr, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
             dtu = dt * u
             oo = io + d64 * s_od + t[:, None] * s_ol
-            dy = tl.load(dy_ptr + oo, mask=m2, other=0.).to(tl.float32)
+            dy = dy_raw.to(tl.float32)
             # Forward through the chunk, keeping every step's state (a tuple of register tiles).
             hs = ()
             y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -317,7 +349,7 @@ def _scan_bwd_kernel(
                     y = _put_row(y, offs_t, i, tl.sum(h * _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl),
                                                       axis=0)[None, :])
             if HAS_Z:
-                zt = tl.load(z_ptr + d64 * s_zd + t[:, None] * s_zl, mask=m2, other=0.).to(tl.float32)
+                zt = z_raw.to(tl.float32)
                 sig = tl.sigmoid(zt)
                 y += Dv[None, :] * u
                 tl.store(dz_ptr + oo,
@@ -378,6 +410,7 @@ class ScanConfig:
     seg_chunks: int = 0
     warps: int = 1
     bc_transposed_bwd: bool = True  # backward reads B and C through an (L, N)-major copy: vector loads per step
+    bc_transposed_fwd: bool = False  # the forward too (faster when several lanes share a channel, N >= 32)
     stages: int = 3
 
     def __post_init__(self):
@@ -402,7 +435,7 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, block_t: int = 8,
+def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, block_t: int | None = None,
                    block_t_bwd: int = 4, states_per_thread: int = 8, split_below: float = 2.0,
                    programs_per_sm: float = 8.0, ckpt_bytes_per_step: float = 1.5) -> ScanConfig:
     """At most `states_per_thread` states in a lane (more lanes share a channel when N is larger), one warp
@@ -410,21 +443,25 @@ def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, bl
     ckpt_bytes_per_step, which keeps them plus y under what the anchor saves. When batch * dim / block_d
     programs give fewer than `split_below` per SM, the sequence is cut into parallel segments, enough for
     `programs_per_sm` (measured on an H100 at (1, 1536, 16, 65536): forward 6.1 ms with 6 segments, 2.2 ms
-    with 22; at batch 8, 3 segments were slower than none: the summary pass costs more than it gains)."""
+    with 22; at batch 8, 3 segments were slower than none: the summary pass costs more than it gains).
+    Forward chunks of 16 steps on the segment path, else 8 (H100: 2.35 vs 2.56 ms forward at (1, 1536, 16,
+    65536); 0.477 vs 0.471 at (8, 1536, 16, 2048)). B and C are read (L, N)-major in the forward too when
+    more than two lanes share a channel (N = 64: forward 5.7 vs 11.0 ms; N = 16: 0.74 vs 0.51 ms)."""
     bn = triton.next_power_of_2(N)
     lanes_n = min(32, max(1, bn // states_per_thread))
     bd = min(32 // lanes_n, triton.next_power_of_2(dim))
     if groups > 1:  # a program's channels must share one B/C group
         bd = _pow2_divisor(dim // groups, bd)
-    bt = max(1, min(block_t, triton.next_power_of_2(L)))
+    programs = batch * triton.cdiv(dim, bd)
+    sms = _sm_count()
+    split = programs < split_below * sms
+    bt = max(1, min(block_t or (16 if split else 8), triton.next_power_of_2(L)))
     btb = max(1, min(block_t_bwd, bt))
     ckpt_chunks = max(1, min(256 // bt, math.ceil(N * 4 / (ckpt_bytes_per_step * bt))))
     n_spans = triton.cdiv(triton.cdiv(L, bt), ckpt_chunks)
-    programs = batch * triton.cdiv(dim, bd)
-    sms = _sm_count()
-    n_seg = min(n_spans, math.ceil(programs_per_sm * sms / programs)) if programs < split_below * sms else 1
+    n_seg = min(n_spans, math.ceil(programs_per_sm * sms / programs)) if split else 1
     seg_chunks = triton.cdiv(n_spans, n_seg) * ckpt_chunks if n_seg > 1 else 0
-    return ScanConfig(bt, btb, bd, ckpt_chunks, seg_chunks)
+    return ScanConfig(bt, btb, bd, ckpt_chunks, seg_chunks, bc_transposed_fwd=lanes_n > 2)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -448,6 +485,11 @@ def _io_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _a2t(A: torch.Tensor) -> torch.Tensor:
     """(N, dim) fp32 A * log2(e): exp(dt A) = exp2(dt A2), states laid out like the kernels' state tiles."""
     return (A.float() * LOG2E).t().contiguous()
+
+
+def bc_lmajor(X: torch.Tensor) -> torch.Tensor:
+    """The same (..., N, L) view of B or C with the states unit-stride: a step's states are one vector load."""
+    return X if X.stride(-2) == 1 else X.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
@@ -573,7 +615,8 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg, reset):
         A2t = _a2t(A)
         h0t = h0.float().transpose(1, 2).contiguous() if h0 is not None else None
-        y, hT, ck, dts = _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg)
+        Bf, Cf = (bc_lmajor(X) for X in (B, C)) if cfg.bc_transposed_fwd else (B, C)
+        y, hT, ck, dts = _scan_fwd(u, delta, A2t, Bf, Cf, D, z, delta_bias, softplus, h0t, reset, cfg)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck, dts)
         ctx.softplus, ctx.cfg, ctx.reset = softplus, cfg, reset
         ctx.set_materialize_grads(False)
@@ -586,8 +629,8 @@ class _SelectiveScanFn(torch.autograd.Function):
             dy = torch.zeros_like(u)
         dhT = dhT.float() if dhT is not None else None
         A2t = _a2t(A)
-        if ctx.cfg.bc_transposed_bwd:  # the same (.., N, L) views with the states unit-stride
-            B, C = (X.transpose(-1, -2).contiguous().transpose(-1, -2) for X in (B, C))
+        if ctx.cfg.bc_transposed_bwd:
+            B, C = (bc_lmajor(X) for X in (B, C))
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
             u, delta, A2t, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dts, dy, dhT, ctx.cfg)
         grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0)
