@@ -36,11 +36,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
-def _bc_rows(x_dbl: torch.Tensor, r: int, N: int, b: int, L: int, lmajor: bool):
-    """B and C as (b, N, L) views of x_dbl's rows; with `lmajor`, of (L, N)-major copies (the scan reads a
-    step's states as one vector load)."""
-    B, C = (_rows(x_dbl[r + i * N:r + (i + 1) * N], b, L) for i in range(2))
-    return (bc_lmajor(B), bc_lmajor(C)) if lmajor else (B, C)
+def _bc_rows(x_dbl: torch.Tensor, r: int, N: int, b: int, L: int):
+    """B and C as (b, N, L) views of (L, N)-major copies of x_dbl's rows: the scan reads a step's states as
+    one vector load."""
+    return tuple(bc_lmajor(_rows(x_dbl[r + i * N:r + (i + 1) * N], b, L)) for i in range(2))
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -63,7 +62,7 @@ class _MambaInnerFn(torch.autograd.Function):
             xz += in_b[:, None]
         u, x_dbl, delta = _conv_and_projections(xz, conv_w, conv_b, xp_w, dt_w, b, L)
         cfg = default_config(d_in, L, N, 1, batch=b)
-        B, C = (_bc_rows(x_dbl, r, N, b, L, cfg.bc_transposed_fwd))
+        B, C = _bc_rows(x_dbl, r, N, b, L)
         A2t = _a2t(A)
         y = torch.empty(d_in, b * L, device=x.device, dtype=cd)
         z = _rows(xz[d_in:], b, L)
@@ -87,7 +86,7 @@ class _MambaInnerFn(torch.autograd.Function):
         u, _, delta = _conv_and_projections(xz, conv_w, conv_b, xp_w, dt_w, b, L, x_dbl=x_dbl)
         dy = out_w.t() @ dout.t()                                       # (d_in, bL)
         d_out_w = dout.t() @ y.t()
-        B, C = _bc_rows(x_dbl, r, N, b, L, cfg.bc_transposed_bwd)
+        B, C = _bc_rows(x_dbl, r, N, b, L)
         dxz = torch.empty_like(xz)
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)

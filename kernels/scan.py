@@ -1,14 +1,19 @@
 """Fused Triton selective scan (Mamba-1), forward and backward.
 
-Layout. A program owns one batch row and BLOCK_D channels; each lane of a warp holds one channel and
-(N / LANES_N) of its states in registers, where LANES_N = 32 * warps / BLOCK_D lanes share a channel (by
-default 8 states per lane: 2 lanes per channel at N = 16, which doubles the programs). A chunk of BLOCK_T steps is loaded as (BLOCK_T, BLOCK_D) tiles whose time axis sits in each
-thread's registers (one 16-byte load per lane), and the chunk is unrolled step by step:
+Layout. A program is one warp; it owns one batch row and BLOCK_D channels. LANES = 32 / BLOCK_D lanes share
+a channel, each holding SPT = N / LANES of its states in registers (by default 8: 2 lanes per channel at
+N = 16, 8 at N = 64). Every tile is 3-D with the same pattern, (LANES, registers, BLOCK_D), so Triton gives
+them all one layout: states (LANES, SPT, BLOCK_D), and a chunk of BLOCK_T steps of u, delta, z as
+(LANES, BLOCK_T, BLOCK_D), loaded replicated in the lanes of a channel (one 16-byte load per lane in bf16).
+The chunk is unrolled step by step:
     a = exp(dt A),  h = a h + dt u B,  y = sum_n h C
-so the time recurrence is one FMA chain per state, the N contraction stays in the thread, and the
-softplus and the silu(z) gate run once per (step, channel) and lane. Across lanes the forward only sums
-y over the LANES_N lanes of a channel. The (batch, dim, L, N) state never reaches global memory: the forward saves the state every
-ckpt_chunks * BLOCK_T steps, in (N, dim) layout so a warp's lanes write consecutive channels.
+so the time recurrence is one FMA chain per state, a step's row of a time tile is a register pick, the N
+contraction stays in the thread but for one butterfly over the LANES lanes of a channel, and softplus and
+the silu(z) gate run once per (step, channel) and lane. B and C are read through (L, N)-major copies (a
+step's states of a lane: one 16-byte load), a whole chunk of them, like u, delta and z, one chunk ahead
+of its use: with one warp per program only one or two warps share a scheduler, and a load issued where
+its step needs it leaves the warp waiting a full memory latency. The (batch, dim, L, N) state never
+reaches global memory: the forward saves the state every ckpt_chunks * BLOCK_T steps, in (N, dim) layout.
 
 Backward. Walks the checkpoint spans in reverse: re-runs the forward over a span to park each chunk's
 start state in a per-program scratch (L2 resident), then walks the span's chunks backwards: recomputes
@@ -37,48 +42,62 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _row(x, offs_t, i):
-    """x[i] of a (BLOCK_T, BLOCK_D) tile whose time axis sits in each thread's registers: a register pick."""
-    return tl.sum(tl.where((offs_t == i)[:, None], x, 0.), axis=0)[None, :]
+    """x[:, i] of a (LANES, BLOCK_T, BLOCK_D) tile whose time axis sits in each thread's registers: a register
+    pick, (LANES, 1, BLOCK_D)."""
+    return tl.sum(tl.where((offs_t == i)[None, :, None], x, 0.), axis=1)[:, None, :]
 
 
 @triton.jit
 def _put_row(x, offs_t, i, v):
-    return tl.where((offs_t == i)[:, None], v, x)
+    return tl.where((offs_t == i)[None, :, None], v, x)
 
 
 @triton.jit
-def _program(DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_T: tl.constexpr):
+def _nsum(x):
+    """Sum over the states of a (LANES, SPT, BLOCK_D) tile: in the thread, then over the lanes that share a
+    channel. (1, 1, BLOCK_D)."""
+    return tl.sum(tl.sum(x, axis=1), axis=0)[None, None, :]
+
+
+@triton.jit
+def _program(DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D: tl.constexpr, LANES: tl.constexpr,
+             SPT: tl.constexpr, BLOCK_T: tl.constexpr):
     """This program's batch, segment, channels, states, the (N, dim) state offsets and its B/C group.
-    s_sn (= dim) is passed unspecialised: Triton then cannot vectorise state loads along channels, and lays
-    state tiles out with the lanes on channels and the states in registers (the layout the scan wants)."""
+
+    Tiles are 3-D with one shape pattern, so Triton gives them one layout: (LANES, registers, BLOCK_D).
+    States: (LANES, SPT, BLOCK_D), lane l of a channel holding states l*SPT .. l*SPT + SPT - 1. Time tiles:
+    (LANES, BLOCK_T, BLOCK_D), the same steps in every lane of a channel (loaded replicated), so picking a
+    step's row is a register move whatever N is. s_sn (= dim) is passed unspecialised: Triton then cannot
+    vectorise state loads along channels, which would put states on the lanes."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2) + seg_base
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    st = offs_n.to(tl.int64)[:, None] * s_sn + offs_d[None, :]
-    mst = mask_n[:, None] & mask_d[None, :]
+    d3 = offs_d.to(tl.int64)[None, None, :]
+    md3 = (offs_d < DIM)[None, None, :]
+    lane = tl.arange(0, LANES)[:, None, None]
+    n3 = lane * SPT + tl.arange(0, SPT)[None, :, None]
+    st = n3.to(tl.int64) * s_sn + d3
+    mst = (n3 < N) & md3
     grp = (pid_d * BLOCK_D) // CH_PER_GROUP  # BLOCK_D divides CH_PER_GROUP when grouped
-    return pid_b, seg, offs_d, mask_d, offs_n, mask_n, tl.arange(0, BLOCK_T), st, mst, grp
+    return pid_b, seg, d3, md3, lane, n3, tl.arange(0, BLOCK_T), st, mst, grp
 
 
 @triton.jit
-def _channel_vector(x_ptr, offs_d, mask_d, BLOCK_D: tl.constexpr, PRESENT: tl.constexpr):
-    """delta_bias or D for this program's channels in fp32; zeros when absent."""
+def _channel_vector(x_ptr, d3, md3, BLOCK_D: tl.constexpr, PRESENT: tl.constexpr):
+    """delta_bias or D for this program's channels in fp32, (1, 1, BLOCK_D); zeros when absent."""
     if PRESENT:
-        return tl.load(x_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
-    return tl.zeros([BLOCK_D], tl.float32)
+        return tl.load(x_ptr + d3, mask=md3, other=0.).to(tl.float32)
+    return tl.zeros([1, 1, BLOCK_D], tl.float32)
 
 
 @triton.jit
-def _state_or_zeros(x_ptr, off, mst, PRESENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """An (N, BLOCK_D) fp32 state tile read at `off`, or zeros when the input is absent."""
+def _state_or_zeros(x_ptr, off, mst, PRESENT: tl.constexpr, LANES: tl.constexpr, SPT: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """A (LANES, SPT, BLOCK_D) fp32 state tile read at `off`, or zeros when the input is absent."""
     if PRESENT:
         return tl.load(x_ptr + off, mask=mst, other=0.)
-    return tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    return tl.zeros([LANES, SPT, BLOCK_D], tl.float32)
 
 
 @triton.jit
@@ -89,28 +108,56 @@ def _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp, s_ub, s_db, s_
 
 
 @triton.jit
-def _tile(x_ptr, t, m2, d64, s_d, s_l):
-    """A (BLOCK_T, BLOCK_D) tile of a (dim, L) row in its own dtype (masked entries 0)."""
-    return tl.load(x_ptr + d64 * s_d + t[:, None] * s_l, mask=m2, other=0.)
+def _steps(c, offs_t, L, md3, BLOCK_T: tl.constexpr):
+    """Positions (1, BLOCK_T, 1) of chunk c and the (1, BLOCK_T, BLOCK_D) mask of real steps and channels."""
+    t3 = c * BLOCK_T + offs_t[None, :, None]
+    return t3, (t3 >= 0) & (t3 < L) & md3
 
 
 @triton.jit
-def _delta(dl_raw, bias, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _tile(x_ptr, t3, m3, d3, lane, s_d, s_l):
+    """A (LANES, BLOCK_T, BLOCK_D) tile of a (dim, L) row in its own dtype (masked entries 0), the same
+    values in every lane of a channel."""
+    return tl.load(x_ptr + d3 * s_d + t3 * s_l + lane * 0, mask=m3, other=0.)
+
+
+@triton.jit
+def _put_tile(x_ptr, x, t3, m3, d3, lane, s_d, s_l):
+    """Store a tile: one lane per channel writes it."""
+    tl.store(x_ptr + d3 * s_d + t3 * s_l + lane * 0, x.to(x_ptr.dtype.element_ty), mask=m3 & (lane == 0))
+
+
+@triton.jit
+def _delta(dl_raw, bias, m3, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     dr = dl_raw.to(tl.float32)
     if HAS_BIAS:
-        dr += bias[None, :]
+        dr += bias
     if SOFTPLUS:
         dt = tl.where(dr > 20., dr, tl.log(1. + tl.exp(dr)))  # torch's softplus threshold
     else:
         dt = dr
-    return dr, tl.where(m2, dt, 0.)
+    return dr, tl.where(m3, dt, 0.)
 
 
 @triton.jit
-def _step_in(X_ptr, offs_n, mask_n, ti, L, s_xn, s_xl):
-    """B[:, ti] or C[:, ti] as an (N, 1) column: every lane reads the same addresses (an L1 broadcast)."""
-    return tl.load(X_ptr + offs_n.to(tl.int64)[:, None] * s_xn + ti * s_xl,
-                   mask=mask_n[:, None] & (ti < L), other=0.).to(tl.float32)
+def _step_in(X_ptr, n3, d3, N, ti, L, s_xn, s_xl):
+    """B[:, ti] or C[:, ti] as a (LANES, SPT, BLOCK_D) tile, the same column for every channel: lanes that hold
+    the same states read the same addresses (an L1 broadcast). Loaded at the state tile's full shape so that
+    Triton gives it the state tile's layout (a (LANES, SPT, 1) load would spread the states over lanes)."""
+    return tl.load(X_ptr + n3.to(tl.int64) * s_xn + ti * s_xl + d3 * 0, mask=(n3 < N) & (ti < L),
+                   other=0.).to(tl.float32)
+
+
+@triton.jit
+def _bc_chunk(X_ptr, c, n3, d3, N, L, s_xn, s_xl, BLOCK_T: tl.constexpr):
+    """B or C of chunk c as a tuple of BLOCK_T step columns (raw dtype). Loaded a chunk ahead: with B, C
+    (L, N)-major every step's column is a new 32-byte sector, an L2 round trip if loaded where it is used."""
+    cols = ()
+    for i in tl.static_range(BLOCK_T):
+        ti = c * BLOCK_T + i
+        cols = cols + (tl.load(X_ptr + n3.to(tl.int64) * s_xn + ti * s_xl + d3 * 0,
+                               mask=(n3 < N) & (ti >= 0) & (ti < L), other=0.),)
+    return cols
 
 
 @triton.jit
@@ -122,9 +169,9 @@ def _decay(dt_i, A2, reset_ptr, ti, L, HAS_RESET: tl.constexpr):
 
 
 @triton.jit
-def _gate(y, z_ptr, t, d64, m2, s_zd, s_zl):
-    zt = tl.load(z_ptr + d64 * s_zd + t[:, None] * s_zl, mask=m2, other=0.).to(tl.float32)
-    return y * zt * tl.sigmoid(zt)
+def _per_channel_store(x_ptr, x, d3, md3, lane):
+    """Store a (LANES, 1, BLOCK_D) per-channel value (the same in every lane of a channel) once."""
+    tl.store(x_ptr + d3 + lane * 0, x, mask=md3 & (lane == 0))
 
 
 @triton.jit(do_not_specialize=["s_sn"])
@@ -136,62 +183,63 @@ def _scan_fwd_kernel(
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, CKPT_CHUNKS: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, SPT: tl.constexpr,
+        CKPT_CHUNKS: tl.constexpr):
     """One segment of seg_chunks chunks per program (grid axis 2): y, the checkpoints, the segment's end
     state and its sum of dt. SUMMARY: only the end state from zero and the sum of dt (for the carry pass)."""
-    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
-        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
-    d64 = offs_d.to(tl.int64)[None, :]
+    pid_b, seg, d3, md3, lane, n3, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, LANES, SPT, BLOCK_T)
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
                                                         s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
     y_ptr += pid_b * s_ob
     slot = (pid_b * n_seg + seg) * N * DIM
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
-    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
-    Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
-    h = _state_or_zeros(hin_ptr, slot + st, mst, HAS_H0, BLOCK_N, BLOCK_D)
-    dts = tl.zeros([BLOCK_D], tl.float32)
+    bias = _channel_vector(bias_ptr, d3, md3, BLOCK_D, HAS_BIAS)
+    Dv = _channel_vector(D_ptr, d3, md3, BLOCK_D, HAS_D)
+    h = _state_or_zeros(hin_ptr, slot + st, mst, HAS_H0, LANES, SPT, BLOCK_D)
+    dts = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
     GATE: tl.constexpr = HAS_Z and not SUMMARY
     c0 = seg * seg_chunks
     # The chunk's u, delta, z tiles are loaded one chunk ahead: with one or two warps per scheduler, a
     # load issued when its chunk starts leaves the warp idle for a whole memory latency.
-    t = c0 * BLOCK_T + offs_t
-    m2 = (t < L)[:, None] & mask_d[None, :]
-    u_nx = _tile(u_ptr, t, m2, d64, s_ud, s_ul)
-    dl_nx = _tile(dl_ptr, t, m2, d64, s_dd, s_dl)
-    z_nx = _tile(z_ptr, t, m2, d64, s_zd, s_zl) if GATE else u_nx
+    t3, m3 = _steps(c0, offs_t, L, md3, BLOCK_T)
+    u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
+    dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
+    z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if GATE else u_nx
+    B_nx = _bc_chunk(B_ptr, c0, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
+    C_nx = _bc_chunk(C_ptr, c0, n3, d3, N, L, s_cn, s_cl, BLOCK_T) if not SUMMARY else B_nx
     for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
         if not SUMMARY:
             if c % CKPT_CHUNKS == 0:
                 tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * N * DIM + st, h, mask=mst)
-        t = c * BLOCK_T + offs_t
-        m2 = (t < L)[:, None] & mask_d[None, :]
-        u_raw, dl_raw, z_raw = u_nx, dl_nx, z_nx
-        mn = (t + BLOCK_T < L)[:, None] & mask_d[None, :]
-        u_nx = _tile(u_ptr, t + BLOCK_T, mn, d64, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, t + BLOCK_T, mn, d64, s_dd, s_dl)
-        z_nx = _tile(z_ptr, t + BLOCK_T, mn, d64, s_zd, s_zl) if GATE else u_nx
+        t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
+        u_raw, dl_raw, z_raw, B_c, C_c = u_nx, dl_nx, z_nx, B_nx, C_nx
+        tn, mn = _steps(c + 1, offs_t, L, md3, BLOCK_T)
+        u_nx = _tile(u_ptr, tn, mn, d3, lane, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, tn, mn, d3, lane, s_dd, s_dl)
+        z_nx = _tile(z_ptr, tn, mn, d3, lane, s_zd, s_zl) if GATE else u_nx
+        B_nx = _bc_chunk(B_ptr, c + 1, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
+        C_nx = _bc_chunk(C_ptr, c + 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T) if not SUMMARY else B_nx
         u = u_raw.to(tl.float32)
-        _, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+        _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
-        dts += tl.sum(dt, axis=0)
-        y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        dts += tl.sum(dt, axis=1)[:, None, :]
+        y = tl.zeros([LANES, BLOCK_T, BLOCK_D], tl.float32)
         for i in tl.static_range(BLOCK_T):
             ti = c * BLOCK_T + i
             a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
-            h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+            h = a * h + _row(dtu, offs_t, i) * B_c[i].to(tl.float32)
             if not SUMMARY:
-                Ci = _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl)
-                y = _put_row(y, offs_t, i, tl.sum(h * Ci, axis=0)[None, :])
+                y = _put_row(y, offs_t, i, _nsum(h * C_c[i].to(tl.float32)))
         if not SUMMARY:
             if HAS_D:
-                y += Dv[None, :] * u
+                y += Dv * u
             if HAS_Z:
                 zt = z_raw.to(tl.float32)
                 y = y * zt * tl.sigmoid(zt)
-            tl.store(y_ptr + d64 * s_od + t[:, None] * s_ol, y.to(y_ptr.dtype.element_ty), mask=m2)
+            _put_tile(y_ptr, y, t3, m3, d3, lane, s_od, s_ol)
     tl.store(hout_ptr + slot + st, h, mask=mst)
-    tl.store(dts_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dts, mask=mask_d)
+    _per_channel_store(dts_ptr + (pid_b * n_seg + seg) * DIM, dts, d3, md3, lane)
 
 
 @triton.jit(do_not_specialize=["s_sn"])
@@ -200,15 +248,15 @@ def _segment_carry_kernel(loc_ptr, dts_ptr, A2_ptr, first_ptr, out_ptr, DIM, N, 
                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The sequential pass over the S segments. Forward: out[0] = first, out[s+1] = exp(A dts[s]) out[s] +
     loc[s] for s < S-1. Reverse (adjoint): out[S-1] = first, out[s-1] = exp(A dts[s]) out[s] + loc[s], s >= 1."""
-    pid_b, _, offs_d, mask_d, offs_n, mask_n, _, st, mst, _ = _program(DIM, N, DIM, s_sn, 0, BLOCK_D, BLOCK_N, 1)
+    pid_b, _, d3, md3, _, _, _, st, mst, _ = _program(DIM, N, DIM, s_sn, 0, BLOCK_D, 1, BLOCK_N, 1)
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
-    h = _state_or_zeros(first_ptr, pid_b * N * DIM + st, mst, HAS_FIRST, BLOCK_N, BLOCK_D)
+    h = _state_or_zeros(first_ptr, pid_b * N * DIM + st, mst, HAS_FIRST, 1, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + (pid_b * n_seg + (n_seg - 1 if REVERSE else 0)) * N * DIM + st, h, mask=mst)
     for k in range(n_seg - 1):
         s = n_seg - 1 - k if REVERSE else k
-        dts = tl.load(dts_ptr + (pid_b * n_seg + s) * DIM + offs_d, mask=mask_d, other=0.)
+        dts = tl.load(dts_ptr + (pid_b * n_seg + s) * DIM + d3, mask=md3, other=0.)
         loc = tl.load(loc_ptr + (pid_b * n_seg + s) * N * DIM + st, mask=mst, other=0.)
-        h = tl.exp2(dts[None, :] * A2) * h + loc
+        h = tl.exp2(dts * A2) * h + loc
         tl.store(out_ptr + (pid_b * n_seg + (s - 1 if REVERSE else s + 1)) * N * DIM + st, h, mask=mst)
 
 
@@ -218,34 +266,44 @@ def _adjoint_summary_kernel(
         L, DIM, N, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, s_sn,
         s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, SPT: tl.constexpr):
     """Each segment's adjoint carry-out a_first * g_first with nothing flowing in from its right: the
     reverse recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} needs no forward state."""
-    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
-        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
-    d64 = offs_d.to(tl.int64)[None, :]
+    pid_b, seg, d3, md3, lane, n3, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, LANES, SPT, BLOCK_T)
     dl_ptr += pid_b * s_db
     z_ptr += pid_b * s_zb
     C_ptr += pid_b * s_cb + grp * s_cg
     dy_ptr += pid_b * s_ob
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
-    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
-    K = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    bias = _channel_vector(bias_ptr, d3, md3, BLOCK_D, HAS_BIAS)
+    K = tl.zeros([LANES, SPT, BLOCK_D], tl.float32)
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+    # Inputs loaded a chunk ahead, as in the other kernels.
+    t3, m3 = _steps(c1 - 1, offs_t, L, md3, BLOCK_T)
+    dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
+    dy_nx = _tile(dy_ptr, t3, m3, d3, lane, s_od, s_ol)
+    z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
+    C_nx = _bc_chunk(C_ptr, c1 - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)
     for cr in range(c1 - c0):
         c = c1 - 1 - cr
-        t = c * BLOCK_T + offs_t
-        m2 = (t < L)[:, None] & mask_d[None, :]
-        _, dt = _delta(_tile(dl_ptr, t, m2, d64, s_dd, s_dl), bias, m2, HAS_BIAS, SOFTPLUS)
-        dy = tl.load(dy_ptr + d64 * s_od + t[:, None] * s_ol, mask=m2, other=0.).to(tl.float32)
+        t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
+        dl_raw, dy_raw, z_raw, C_c = dl_nx, dy_nx, z_nx, C_nx
+        tp, mp = _steps(c - 1, offs_t, L, md3, BLOCK_T)
+        dl_nx = _tile(dl_ptr, tp, mp, d3, lane, s_dd, s_dl)
+        dy_nx = _tile(dy_ptr, tp, mp, d3, lane, s_od, s_ol)
+        z_nx = _tile(z_ptr, tp, mp, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
+        C_nx = _bc_chunk(C_ptr, c - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)
+        _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
+        dy = dy_raw.to(tl.float32)
         if HAS_Z:
-            dy = _gate(dy, z_ptr, t, d64, m2, s_zd, s_zl)
+            zt = z_raw.to(tl.float32)
+            dy = dy * zt * tl.sigmoid(zt)
         for ir in tl.static_range(BLOCK_T):
-            r = BLOCK_T - 1 - ir
-            ti = c * BLOCK_T + r
-            g = K + _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl) * _row(dy, offs_t, r)
-            K = _decay(_row(dt, offs_t, r), A2, reset_ptr, ti, L, HAS_RESET) * g
+            ti = c * BLOCK_T + BLOCK_T - 1 - ir
+            g = K + C_c[BLOCK_T - 1 - ir].to(tl.float32) * _row(dy, offs_t, BLOCK_T - 1 - ir)
+            K = _decay(_row(dt, offs_t, BLOCK_T - 1 - ir), A2, reset_ptr, ti, L, HAS_RESET) * g
     tl.store(kout_ptr + (pid_b * n_seg + seg) * N * DIM + st, K, mask=mst)
 
 
@@ -258,29 +316,33 @@ def _scan_bwd_kernel(
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_RESET: tl.constexpr, HAS_KIN: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPAN_CHUNKS: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, SPT: tl.constexpr,
+        SPAN_CHUNKS: tl.constexpr):
     """One segment per program (grid axis 2), its chunks in reverse. K is the adjoint flowing into the
     current chunk from its right (a_{t+1} g_{t+1} of the next step); seeded from kin (dLoss/dh_final, or
     the carry pass's value for an inner segment); its value at the segment start is dLoss/dh0."""
-    pid_b, seg, offs_d, mask_d, offs_n, mask_n, offs_t, st, mst, grp = _program(
-        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, BLOCK_N, BLOCK_T)
-    d64 = offs_d.to(tl.int64)[None, :]
+    pid_b, seg, d3, md3, lane, n3, offs_t, st, mst, grp = _program(
+        DIM, N, CH_PER_GROUP, s_sn, seg_base, BLOCK_D, LANES, SPT, BLOCK_T)
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _row_pointers(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, pid_b, grp,
                                                         s_ub, s_db, s_zb, s_bb, s_bg, s_cb, s_cg)
-    io = pid_b * s_ob
+    dy_ptr += pid_b * s_ob
+    du_ptr += pid_b * s_ob
+    ddl_ptr += pid_b * s_ob
+    dz_ptr += pid_b * s_ob
     dB_ptr += (pid_b * G + grp) * N * L
     dC_ptr += (pid_b * G + grp) * N * L
     # Per-program scratch: the chunk-start states of one checkpoint span.
-    scr_ptr += ((pid_b * n_seg + seg) * tl.num_programs(1) + tl.program_id(1)) * SPAN_CHUNKS * BLOCK_N * BLOCK_D
-    sst = tl.arange(0, BLOCK_N)[:, None] * s_scr + tl.arange(0, BLOCK_D)[None, :]  # s_scr = BLOCK_D, unspecialised
+    scr_ptr += ((pid_b * n_seg + seg) * tl.num_programs(1) + tl.program_id(1)) * SPAN_CHUNKS * LANES * SPT * BLOCK_D
+    sst = n3 * s_scr + tl.arange(0, BLOCK_D)[None, None, :]  # s_scr = BLOCK_D, unspecialised
     slot = (pid_b * n_seg + seg) * N * DIM
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
-    bias = _channel_vector(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
-    Dv = _channel_vector(D_ptr, offs_d, mask_d, BLOCK_D, HAS_D)
-    K = _state_or_zeros(kin_ptr, slot + st, mst, HAS_KIN, BLOCK_N, BLOCK_D)
-    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], tl.float32)
+    bias = _channel_vector(bias_ptr, d3, md3, BLOCK_D, HAS_BIAS)
+    Dv = _channel_vector(D_ptr, d3, md3, BLOCK_D, HAS_D)
+    K = _state_or_zeros(kin_ptr, slot + st, mst, HAS_KIN, LANES, SPT, BLOCK_D)
+    dA_acc = tl.zeros([LANES, SPT, BLOCK_D], tl.float32)
+    dD_acc = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
+    dbias_acc = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
+    scr_step = LANES * SPT * BLOCK_D
 
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
@@ -292,106 +354,101 @@ def _scan_bwd_kernel(
         ce = tl.minimum(cs + SPAN_CHUNKS, c1)
         h = tl.load(ck_ptr + (pid_b * n_ckpt + k) * N * DIM + st, mask=mst, other=0.)
         # Re-run the forward over the span to recover each chunk's start state (tiles loaded a chunk ahead).
-        t = cs * BLOCK_T + offs_t
-        u_nx = _tile(u_ptr, t, (t < L)[:, None] & mask_d[None, :], d64, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, t, (t < L)[:, None] & mask_d[None, :], d64, s_dd, s_dl)
+        t3, m3 = _steps(cs, offs_t, L, md3, BLOCK_T)
+        u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
+        B_nx = _bc_chunk(B_ptr, cs, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
         for c in range(cs, ce):
-            tl.store(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst, h)
+            tl.store(scr_ptr + (c - cs) * scr_step + sst, h)
             if c < ce - 1:
-                t = c * BLOCK_T + offs_t
-                m2 = (t < L)[:, None] & mask_d[None, :]
-                u_raw, dl_raw = u_nx, dl_nx
-                mn = (t + BLOCK_T < L)[:, None] & mask_d[None, :]
-                u_nx = _tile(u_ptr, t + BLOCK_T, mn, d64, s_ud, s_ul)
-                dl_nx = _tile(dl_ptr, t + BLOCK_T, mn, d64, s_dd, s_dl)
-                _, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+                t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
+                u_raw, dl_raw, B_c = u_nx, dl_nx, B_nx
+                tn, mn = _steps(c + 1, offs_t, L, md3, BLOCK_T)
+                u_nx = _tile(u_ptr, tn, mn, d3, lane, s_ud, s_ul)
+                dl_nx = _tile(dl_ptr, tn, mn, d3, lane, s_dd, s_dl)
+                B_nx = _bc_chunk(B_ptr, c + 1, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
+                _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
                 dtu = dt * u_raw.to(tl.float32)
                 for i in tl.static_range(BLOCK_T):
                     ti = c * BLOCK_T + i
                     a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
-                    h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+                    h = a * h + _row(dtu, offs_t, i) * B_c[i].to(tl.float32)
         tl.debug_barrier()
 
         # Then its chunks backwards, the tiles again loaded a chunk ahead. (The start state is read where it
         # is used: carried like the tiles, it made Triton compute the state tiles in two layouts.)
-        t = (ce - 1) * BLOCK_T + offs_t
-        m2 = (t < L)[:, None] & mask_d[None, :]
-        u_nx = _tile(u_ptr, t, m2, d64, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, t, m2, d64, s_dd, s_dl)
-        dy_nx = _tile(dy_ptr + io, t, m2, d64, s_od, s_ol)
-        z_nx = _tile(z_ptr, t, m2, d64, s_zd, s_zl) if HAS_Z else dy_nx
+        t3, m3 = _steps(ce - 1, offs_t, L, md3, BLOCK_T)
+        u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
+        dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
+        dy_nx = _tile(dy_ptr, t3, m3, d3, lane, s_od, s_ol)
+        z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
         for cr in range(ce - cs):
             c = ce - 1 - cr
-            h = tl.load(scr_ptr + (c - cs) * BLOCK_N * BLOCK_D + sst)
-            t = c * BLOCK_T + offs_t
-            m2 = (t < L)[:, None] & mask_d[None, :]
+            h = tl.load(scr_ptr + (c - cs) * scr_step + sst)
+            t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
             u_raw, dl_raw, dy_raw, z_raw = u_nx, dl_nx, dy_nx, z_nx
-            tp = t - BLOCK_T
-            mp = (tp >= 0)[:, None] & mask_d[None, :]
-            u_nx = _tile(u_ptr, tp, mp, d64, s_ud, s_ul)
-            dl_nx = _tile(dl_ptr, tp, mp, d64, s_dd, s_dl)
-            dy_nx = _tile(dy_ptr + io, tp, mp, d64, s_od, s_ol)
-            z_nx = _tile(z_ptr, tp, mp, d64, s_zd, s_zl) if HAS_Z else dy_nx
+            tp, mp = _steps(c - 1, offs_t, L, md3, BLOCK_T)
+            u_nx = _tile(u_ptr, tp, mp, d3, lane, s_ud, s_ul)
+            dl_nx = _tile(dl_ptr, tp, mp, d3, lane, s_dd, s_dl)
+            dy_nx = _tile(dy_ptr, tp, mp, d3, lane, s_od, s_ol)
+            z_nx = _tile(z_ptr, tp, mp, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
             u = u_raw.to(tl.float32)
-            dr, dt = _delta(dl_raw, bias, m2, HAS_BIAS, SOFTPLUS)
+            dr, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
             dtu = dt * u
-            oo = io + d64 * s_od + t[:, None] * s_ol
             dy = dy_raw.to(tl.float32)
             # Forward through the chunk, keeping every step's state (a tuple of register tiles).
             hs = ()
-            y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            y = tl.zeros([LANES, BLOCK_T, BLOCK_D], tl.float32)
             for i in tl.static_range(BLOCK_T):
                 ti = c * BLOCK_T + i
                 a = _decay(_row(dt, offs_t, i), A2, reset_ptr, ti, L, HAS_RESET)
-                h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
+                h = a * h + _row(dtu, offs_t, i) * _step_in(B_ptr, n3, d3, N, ti, L, s_bn, s_bl)
                 hs = hs + (h,)
                 if HAS_Z:
-                    y = _put_row(y, offs_t, i, tl.sum(h * _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl),
-                                                      axis=0)[None, :])
+                    y = _put_row(y, offs_t, i, _nsum(h * _step_in(C_ptr, n3, d3, N, ti, L, s_cn, s_cl)))
             if HAS_Z:
                 zt = z_raw.to(tl.float32)
                 sig = tl.sigmoid(zt)
-                y += Dv[None, :] * u
-                tl.store(dz_ptr + oo,
-                         (dy * y * sig * (1. + zt * (1. - sig))).to(dz_ptr.dtype.element_ty), mask=m2)
+                y += Dv * u
+                _put_tile(dz_ptr, dy * y * sig * (1. + zt * (1. - sig)), t3, m3, d3, lane, s_od, s_ol)
                 dy = dy * zt * sig
-            dD_acc += tl.sum(dy * u, axis=0)
-            du = dy * Dv[None, :]
-            ddt = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            dD_acc += tl.sum(dy * u, axis=1)[:, None, :]
+            du = dy * Dv
+            ddt = tl.zeros([LANES, BLOCK_T, BLOCK_D], tl.float32)
             for ir in tl.static_range(BLOCK_T):
                 r = BLOCK_T - 1 - ir
                 ti = c * BLOCK_T + r
                 dt_i = _row(dt, offs_t, r)
                 dtu_i = _row(dtu, offs_t, r)
                 dy_i = _row(dy, offs_t, r)
-                Bi = _step_in(B_ptr, offs_n, mask_n, ti, L, s_bn, s_bl)
-                g = K + _step_in(C_ptr, offs_n, mask_n, ti, L, s_cn, s_cl) * dy_i      # dLoss/dh_t
+                Bi = _step_in(B_ptr, n3, d3, N, ti, L, s_bn, s_bl)
+                g = K + _step_in(C_ptr, n3, d3, N, ti, L, s_cn, s_cl) * dy_i      # dLoss/dh_t
                 h_i = hs[BLOCK_T - 1 - ir]
-                mn = mask_n & (ti < L)
+                mn = (n3 < N) & (ti < L)
                 # dC, dB: sums over channels, a butterfly over the lanes then one atomic per state
                 # (per-lane atomics to the same address measured 2.3x slower on an H100).
-                tn = offs_n.to(tl.int64) * L + ti
-                tl.atomic_add(dC_ptr + tn, tl.sum(h_i * dy_i, axis=1), mask=mn, sem="relaxed")
-                tl.atomic_add(dB_ptr + tn, tl.sum(g * dtu_i, axis=1), mask=mn, sem="relaxed")
+                tn = n3.to(tl.int64) * L + ti
+                tl.atomic_add(dC_ptr + tn, tl.sum(h_i * dy_i, axis=2, keep_dims=True), mask=mn, sem="relaxed")
+                tl.atomic_add(dB_ptr + tn, tl.sum(g * dtu_i, axis=2, keep_dims=True), mask=mn, sem="relaxed")
                 gh = g * (h_i - dtu_i * Bi)                                             # g_t a_t h_{t-1}
                 dA_acc += gh * dt_i
-                gB = tl.sum(g * Bi, axis=0)[None, :]
+                gB = _nsum(g * Bi)
                 du = _put_row(du, offs_t, r, _row(du, offs_t, r) + dt_i * gB)
-                ddt = _put_row(ddt, offs_t, r, tl.sum(gh * A2, axis=0)[None, :] * 0.6931471805599453
+                ddt = _put_row(ddt, offs_t, r, _nsum(gh * A2) * 0.6931471805599453
                                + _row(u, offs_t, r) * gB)                       # A = A2 ln 2
                 K = _decay(dt_i, A2, reset_ptr, ti, L, HAS_RESET) * g
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(dr)
-            ddt = tl.where(m2, ddt, 0.)
-            dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + oo, du.to(du_ptr.dtype.element_ty), mask=m2)
-            tl.store(ddl_ptr + oo, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
+            ddt = tl.where(m3, ddt, 0.)
+            dbias_acc += tl.sum(ddt, axis=1)[:, None, :]
+            _put_tile(du_ptr, du, t3, m3, d3, lane, s_od, s_ol)
+            _put_tile(ddl_ptr, ddt, t3, m3, d3, lane, s_od, s_ol)
         tl.debug_barrier()
 
     tl.store(kout_ptr + slot + st, K, mask=mst)
     tl.store(dA_ptr + slot + st, dA_acc, mask=mst)
-    tl.store(dD_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + (pid_b * n_seg + seg) * DIM + offs_d, dbias_acc, mask=mask_d)
+    _per_channel_store(dD_ptr + (pid_b * n_seg + seg) * DIM, dD_acc, d3, md3, lane)
+    _per_channel_store(dbias_ptr + (pid_b * n_seg + seg) * DIM, dbias_acc, d3, md3, lane)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -409,8 +466,6 @@ class ScanConfig:
     ckpt_chunks: int = 8
     seg_chunks: int = 0
     warps: int = 1
-    bc_transposed_bwd: bool = True  # backward reads B and C through an (L, N)-major copy: vector loads per step
-    bc_transposed_fwd: bool = False  # the forward too (faster when several lanes share a channel, N >= 32)
     stages: int = 3
 
     def __post_init__(self):
@@ -435,7 +490,7 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, block_t: int | None = None,
+def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, block_t: int = 8,
                    block_t_bwd: int = 4, states_per_thread: int = 8, split_below: float = 2.0,
                    programs_per_sm: float = 8.0, ckpt_bytes_per_step: float = 1.5) -> ScanConfig:
     """At most `states_per_thread` states in a lane (more lanes share a channel when N is larger), one warp
@@ -443,25 +498,21 @@ def default_config(dim: int, L: int, N: int, groups: int = 1, batch: int = 8, bl
     ckpt_bytes_per_step, which keeps them plus y under what the anchor saves. When batch * dim / block_d
     programs give fewer than `split_below` per SM, the sequence is cut into parallel segments, enough for
     `programs_per_sm` (measured on an H100 at (1, 1536, 16, 65536): forward 6.1 ms with 6 segments, 2.2 ms
-    with 22; at batch 8, 3 segments were slower than none: the summary pass costs more than it gains).
-    Forward chunks of 16 steps on the segment path, else 8 (H100: 2.35 vs 2.56 ms forward at (1, 1536, 16,
-    65536); 0.477 vs 0.471 at (8, 1536, 16, 2048)). B and C are read (L, N)-major in the forward too when
-    more than two lanes share a channel (N = 64: forward 5.7 vs 11.0 ms; N = 16: 0.74 vs 0.51 ms)."""
+    with 22; at batch 8, 3 segments were slower than none: the summary pass costs more than it gains)."""
     bn = triton.next_power_of_2(N)
     lanes_n = min(32, max(1, bn // states_per_thread))
     bd = min(32 // lanes_n, triton.next_power_of_2(dim))
     if groups > 1:  # a program's channels must share one B/C group
         bd = _pow2_divisor(dim // groups, bd)
-    programs = batch * triton.cdiv(dim, bd)
-    sms = _sm_count()
-    split = programs < split_below * sms
-    bt = max(1, min(block_t or (16 if split else 8), triton.next_power_of_2(L)))
+    bt = max(1, min(block_t, triton.next_power_of_2(L)))
     btb = max(1, min(block_t_bwd, bt))
     ckpt_chunks = max(1, min(256 // bt, math.ceil(N * 4 / (ckpt_bytes_per_step * bt))))
     n_spans = triton.cdiv(triton.cdiv(L, bt), ckpt_chunks)
-    n_seg = min(n_spans, math.ceil(programs_per_sm * sms / programs)) if split else 1
+    programs = batch * triton.cdiv(dim, bd)
+    sms = _sm_count()
+    n_seg = min(n_spans, math.ceil(programs_per_sm * sms / programs)) if programs < split_below * sms else 1
     seg_chunks = triton.cdiv(n_spans, n_seg) * ckpt_chunks if n_seg > 1 else 0
-    return ScanConfig(bt, btb, bd, ckpt_chunks, seg_chunks, bc_transposed_fwd=lanes_n > 2)
+    return ScanConfig(bt, btb, bd, ckpt_chunks, seg_chunks)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -496,6 +547,13 @@ def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
     if X.dim() == 3:
         return X.stride(0), 0, X.stride(1), X.stride(2)
     return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
+
+
+def _lanes(N: int, block_d: int, warps: int) -> dict:
+    """LANES lanes share a channel's states, SPT states each (the state tile is (LANES, SPT, block_d))."""
+    bn = triton.next_power_of_2(N)
+    lanes = min(32 * warps // block_d, bn)
+    return dict(LANES=lanes, SPT=bn // lanes)
 
 
 def _flags(D, z, delta_bias, softplus, reset):
@@ -539,7 +597,7 @@ def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: 
             L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 0, n_ckpt, dim,
             *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *y.stride(),
             HAS_H0=hin is not None, SUMMARY=summary, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t,
-            BLOCK_N=triton.next_power_of_2(N), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps,
+            **_lanes(N, cfg.block_d, cfg.warps), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps,
             num_stages=cfg.stages, **_flags(D, z, delta_bias, softplus, reset))
 
     if n_seg > 1:
@@ -567,10 +625,11 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     seg_chunks *= ratio
     span = cfg.ckpt_chunks * ratio
     bn = triton.next_power_of_2(N)
-    n_db = triton.cdiv(dim, cfg.block_d)
+    bd = cfg.block_d
+    n_db = triton.cdiv(dim, bd)
     zz = z if z is not None else u
     dhTt = dhT.transpose(1, 2).contiguous() if dhT is not None else None
-    common = dict(BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t_bwd, BLOCK_N=bn, num_warps=cfg.warps,
+    common = dict(BLOCK_D=bd, BLOCK_T=cfg.block_t_bwd, **_lanes(N, bd, cfg.warps), num_warps=cfg.warps,
                   num_stages=cfg.stages)
     du = torch.empty(b, dim, L, device=dev, dtype=u.dtype) if du is None else du
     ddelta = torch.empty_like(du, dtype=delta.dtype) if ddelta is None else ddelta
@@ -591,7 +650,7 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
         _carry(kloc, dts, A2t, dhTt, kin, reverse=True)
     else:
         kin = dhTt
-    scratch = torch.empty(b * n_seg * n_db * span * bn * cfg.block_d, **f32)
+    scratch = torch.empty(b * n_seg * n_db * span * bn * bd, **f32)
     dB = torch.zeros(b, G, N, L, **f32)
     dC = torch.zeros(b, G, N, L, **f32)
     kout = torch.empty(b, n_seg, N, dim, **f32)
@@ -601,7 +660,7 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     _scan_bwd_kernel[(b, n_db, n_seg)](
         u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
         du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
-        L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, cfg.block_d,
+        L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd,
         *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *du.stride(),
         HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
     if B.dim() == 3:
@@ -615,7 +674,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, cfg, reset):
         A2t = _a2t(A)
         h0t = h0.float().transpose(1, 2).contiguous() if h0 is not None else None
-        Bf, Cf = (bc_lmajor(X) for X in (B, C)) if cfg.bc_transposed_fwd else (B, C)
+        Bf, Cf = bc_lmajor(B), bc_lmajor(C)
         y, hT, ck, dts = _scan_fwd(u, delta, A2t, Bf, Cf, D, z, delta_bias, softplus, h0t, reset, cfg)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck, dts)
         ctx.softplus, ctx.cfg, ctx.reset = softplus, cfg, reset
@@ -629,8 +688,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dy = torch.zeros_like(u)
         dhT = dhT.float() if dhT is not None else None
         A2t = _a2t(A)
-        if ctx.cfg.bc_transposed_bwd:
-            B, C = (bc_lmajor(X) for X in (B, C))
+        B, C = bc_lmajor(B), bc_lmajor(C)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd(
             u, delta, A2t, B, C, D, z, delta_bias, ctx.softplus, ctx.reset, ck, dts, dy, dhT, ctx.cfg)
         grads = (du, ddelta, dA, dB, dC, dD, dz, dbias, dh0)
