@@ -36,6 +36,7 @@ class KWSConfig:
     d_conv: int = 4
     expand: int = 2
     mixer: str = "mamba"  # a name or comma-separated pattern from ssm_core.MIXERS (all of them stream)
+    residual_in_fp32: bool = True   # MambaConfig's: off, the residual stream is in the input projection's dtype
     # A clip's class is read from the posteriors of its last `label_frames` frames (after the word).
     label_frames: int = 15
 
@@ -50,7 +51,8 @@ class KWSConfig:
 
     def encoder_config(self) -> MambaConfig:
         return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_input=self.features.n_mels,
-                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, mixer=self.mixer)
+                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, mixer=self.mixer,
+                           residual_in_fp32=self.residual_in_fp32)
 
 
 @dataclass

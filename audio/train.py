@@ -58,6 +58,9 @@ class AudioTrainConfig(TrainConfig):
     d_state: int = 16
     expand: int = 2
     mixer: str = mixer_field()
+    residual_in_fp32: bool = field(default=True, metadata={
+        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the input projection's "
+                "dtype, bf16 under --precision bf16-mixed or bf16-true"})
     label_frames: int = 15
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -251,7 +254,7 @@ def main(cfg: AudioTrainConfig) -> dict:
             raise UserError(f"--data {root}: the {s} split is empty")
     kws = KWSConfig(labels=labels, features=FeatureConfig(n_mels=cfg.n_mels), d_model=cfg.d_model,
                     n_layer=cfg.n_layer, d_state=cfg.d_state, expand=cfg.expand, mixer=cfg.mixer,
-                    label_frames=cfg.label_frames)
+                    residual_in_fp32=cfg.residual_in_fp32, label_frames=cfg.label_frames)
     KWSModule = _lightning_module()
     module = KWSModule(kws.to_dict(), asdict(cfg))
     sr = kws.features.sample_rate

@@ -20,12 +20,12 @@ LN2 = math.log(2.0)
 
 def build_model_config(d_model: int, n_layer: int, d_state: int, expand: int, keep_softmask: bool,
                        rc_equivariant: bool, bidirectional: bool, gradient_checkpointing: bool,
-                       mixer: str = "mamba") -> MambaConfig:
+                       mixer: str = "mamba", residual_in_fp32: bool = True) -> MambaConfig:
     vocab = tok.SOFTMASK_VOCAB_SIZE if keep_softmask else tok.VOCAB_SIZE
     return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, expand=expand,
                        mixer=mixer, rc_equivariant=rc_equivariant, bidirectional=bidirectional,
                        complement_map=tok.complement_map(vocab) if rc_equivariant else None,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, residual_in_fp32=residual_in_fp32)
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -72,6 +72,9 @@ class PretrainConfig(TrainConfig):
     rc_equivariant: bool = False
     bidirectional: bool = False
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})
+    residual_in_fp32: bool = field(default=True, metadata={
+        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the embedding's dtype, "
+                "bf16 under --precision bf16-true"})
     lr: float = 0.01
     weight_decay: float = field(default=0.0, metadata={
         "help": "AdamW decay of matrices (0 for the demo: decay slowed the memorising of repeats)"})
@@ -140,7 +143,7 @@ def main(cfg: PretrainConfig) -> dict:
     genome, paths, splits = open_genome(cfg)
     model_cfg = build_model_config(cfg.d_model, cfg.n_layer, cfg.d_state, cfg.expand, cfg.keep_softmask,
                                    cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing,
-                                   mixer=cfg.mixer)
+                                   mixer=cfg.mixer, residual_in_fp32=cfg.residual_in_fp32)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     total = cfg.lr_decay_steps or (cfg.max_steps if cfg.max_steps > 0 else 100_000)
     module = DNALightningModule(model_cfg.to_dict(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -178,6 +181,9 @@ def main(cfg: PretrainConfig) -> dict:
         "tokens_per_second": None if math.isnan(tps) else tps,
         "global_step": int(trainer.global_step),
         "world_size": int(trainer.world_size),
+        # this process's GPU (rank 0): what one device needs at this batch size and context
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(module.device) / 2 ** 30
+                                if module.device.type == "cuda" else None),
         "n_params": sum(p.numel() for p in model.parameters()),
         "objective": cfg.objective, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
         "fasta": [str(p) for p in paths], "synthetic_data": cfg.synthetic_data,

@@ -3,7 +3,8 @@
     MambaConfig  -> MambaModel: embedding -> n_layer x (RMSNorm -> mixer -> + residual) -> RMSNorm
                  -> MambaLM:    MambaModel + LM head (optionally tied to the embedding)
 
-The residual stream is kept in float32 whatever the compute dtype. Two non-causal variants:
+The residual stream is kept in float32 whatever the compute dtype, or with `residual_in_fp32=False`
+(mamba_ssm's option) in the embedding's dtype. Two non-causal variants:
 `bidirectional` (a forward and a reversed mixer, summed) and `rc_equivariant` (Caduceus-PS parameter
 sharing: half the channels see the sequence, the other half its reverse complement through the same
 weights, so the model commutes with reverse-complementing DNA). Neither can stream.
@@ -52,6 +53,10 @@ class MambaConfig:
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
     gradient_checkpointing: bool = False
+    # mamba_ssm's option: True keeps the residual stream in float32 (float64 stays float64) whatever the
+    # compute dtype; False keeps it in the dtype the embedding / input projection produces (bf16 for a
+    # bf16-cast model: half the stream's memory, at bf16 rounding of every residual add).
+    residual_in_fp32: bool = True
 
     def __post_init__(self):
         if isinstance(self.mixer, str) and "," in self.mixer:
@@ -139,7 +144,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Normalised in float32 whatever x's dtype; returned in out_dtype (default x's): the backbone
-        normalises its float32 residual stream straight into the mixers' dtype (one fused kernel on CUDA)."""
+        normalises its residual stream (float32 by default) straight into the mixers' dtype (one fused kernel on
+        CUDA)."""
         return rms_norm(x, self._weight(), self.eps, out_dtype)
 
     def _weight(self) -> torch.Tensor:
@@ -221,8 +227,8 @@ class Block(nn.Module):
         self.norm = (RCRMSNorm if cfg.rc_equivariant else RMSNorm)(cfg.d_model, cfg.norm_eps)
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        # residual is float32; the mixer runs in the parameters' (or autocast's) dtype. The sum promotes
-        # its output back to float32 in the same kernel.
+        # The mixer runs in the parameters' (or autocast's) dtype. The sum promotes its output to the
+        # residual's dtype (float32 with residual_in_fp32) in the same kernel.
         return residual + self.mixer(self.norm(residual, out_dtype=self.norm.weight.dtype))
 
     def stream(self, residual: torch.Tensor, state):
@@ -232,7 +238,7 @@ class Block(nn.Module):
         if isinstance(mixer, Mamba):   # adds the residual itself, in its output matmul on the CPU
             return mixer.stream(x, state, residual=residual)
         y, state = mixer.stream(x, state)
-        return residual + _acc(y), state
+        return residual + y, state   # promoted as in forward
 
 
 class MambaModel(nn.Module):
@@ -286,10 +292,15 @@ class MambaModel(nn.Module):
                              f"{x.dtype} {tuple(x.shape)}")
         return self.embedding(x)
 
+    def _residual(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual stream from the embedding's output. The blocks add their mixers' outputs to it with
+        type promotion, so it keeps this dtype unless a mixer returns a wider one (as in mamba_ssm)."""
+        return _acc(h) if self.config.residual_in_fp32 else h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] < 1:
             raise ValueError("inputs: sequence length must be >= 1")
-        residual = _acc(self.embed(x))
+        residual = self._residual(self.embed(x))
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 residual = checkpoint(layer, residual, use_reentrant=False)
@@ -316,7 +327,7 @@ class MambaModel(nn.Module):
         """`stream` from the embedding's output (batch, T, d_model) on: for a caller that computes the
         embedding itself (e.g. with a preceding fixed affine map folded into it)."""
         self._check_streamable()
-        residual = _acc(h)
+        residual = self._residual(h)
         for i, layer in enumerate(self._modules["layers"]):   # _modules: see Block.stream
             residual, state[i] = layer.stream(residual, state[i])
         return _stream_norm(self._modules["norm_f"], residual), state

@@ -1,5 +1,7 @@
 """ssm_core: the reference scan against an independent float64 loop (and mamba_ssm's own reference), the Mamba
 block's mamba_ssm compatibility, exact streaming, RC equivariance, persistence and input validation."""
+import dataclasses
+import json
 import math
 
 import pytest
@@ -17,6 +19,7 @@ from ssm_core import (
     selective_scan_ref,
     selective_state_update_ref,
 )
+from ssm_core.model import Block
 from ssm_core.reference import REF_CHUNK
 
 
@@ -383,3 +386,100 @@ def test_mixer_pattern_is_repeated_over_the_layers():
     cfg = MambaConfig(d_model=16, n_layer=4, vocab_size=5, mixer="mamba, attention")
     assert cfg.layer_mixers() == ["mamba", "attention", "mamba", "attention"]
     assert MambaConfig(d_model=16, n_layer=3, vocab_size=5, mixer=["mamba"]).layer_mixers() == ["mamba"] * 3
+
+
+# --- residual_in_fp32 (mamba_ssm's option) ------------------------------------------------------------------
+def _block_dtypes(model, run) -> set:
+    """{(input dtype, output dtype)} of every Block called while run() runs."""
+    seen = set()
+    hooks = [m.register_forward_hook(lambda _m, args, out: seen.add((args[0].dtype, out.dtype)))
+             for m in model.modules() if isinstance(m, Block)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("variant", [{}, dict(bidirectional=True), dict(gradient_checkpointing=True),
+                                     dict(rc_equivariant=True, complement_map=DNA_COMPLEMENT)],
+                         ids=["causal", "bidirectional", "checkpointing", "rc_equivariant"])
+def test_residual_in_fp32_sets_the_residual_dtype_of_a_bf16_model(variant):
+    torch.manual_seed(9)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=6, **variant)
+    fp32_res = MambaLM(cfg).to(torch.bfloat16)                  # the default: float32 residual stream
+    bf16_res = MambaLM(dataclasses.replace(cfg, residual_in_fp32=False)).to(torch.bfloat16)
+    bf16_res.load_state_dict(fp32_res.state_dict())
+    ids = torch.randint(0, 5, (2, 40))
+    out = {}
+
+    def train_step(model):   # training mode with a backward: the checkpointing variant recomputes
+        def run():
+            out[model] = model(ids)
+            out[model].float().square().mean().backward()
+        return run
+
+    assert _block_dtypes(fp32_res, train_step(fp32_res)) == {(torch.float32, torch.float32)}
+    assert _block_dtypes(bf16_res, train_step(bf16_res)) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(torch.isfinite(p.grad).all() for p in bf16_res.parameters())
+    logits = out[bf16_res]
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert rel(logits, out[fp32_res]) < 0.03     # both bf16 models; measured ~0.005
+
+
+def test_without_residual_in_fp32_autocast_keeps_the_embeddings_dtype():
+    """fp32 parameters under bf16 autocast: a token embedding gives float32 (so the stream stays float32, as
+    in mamba_ssm), a continuous input's Linear projection gives bf16 (so the stream is bf16)."""
+    torch.manual_seed(13)
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=5, residual_in_fp32=False))
+    enc = MambaModel(MambaConfig(d_model=16, n_layer=2, d_input=3, residual_in_fp32=False))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _block_dtypes(lm, lambda: lm(torch.randint(0, 5, (2, 10)))) == {(torch.float32, torch.float32)}
+        assert _block_dtypes(enc, lambda: enc(torch.randn(2, 10, 3))) == {(torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba,attention"])
+def test_stream_equals_forward_without_residual_in_fp32(mixer):
+    torch.manual_seed(10)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=11, mixer=mixer, residual_in_fp32=False)).eval()
+    ids = torch.randint(0, 11, (2, 41))
+    with torch.no_grad():
+        full = lm(ids)
+        for sizes in ([1], [7, 2, 64]):   # the CPU step path (residual added in out_proj) and the chunked scan
+            assert (_stream(lm, ids, sizes) - full).abs().max().item() <= 1e-5
+
+
+def test_bf16_stream_keeps_the_bf16_residual(monkeypatch):
+    torch.manual_seed(11)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=11, mixer="mamba,attention",
+                             residual_in_fp32=False)).to(torch.bfloat16).eval()
+    seen, block_stream = set(), Block.stream
+
+    def recording(self, residual, state):
+        out = block_stream(self, residual, state)
+        seen.add((residual.dtype, out[0].dtype))
+        return out
+
+    monkeypatch.setattr(Block, "stream", recording)
+    ids = torch.randint(0, 11, (2, 41))
+    with torch.no_grad():
+        full, streamed = lm(ids), _stream(lm, ids, [1, 7, 20])
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    assert streamed.dtype == torch.bfloat16 and rel(streamed, full) < 0.03
+
+
+def test_config_saved_without_residual_in_fp32_loads(tmp_path):
+    torch.manual_seed(12)
+    assert MambaConfig.from_dict({"d_model": 16, "n_layer": 1, "vocab_size": 5}).residual_in_fp32 is True
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=5))
+    lm.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["residual_in_fp32"]          # as written before the option existed
+    path.write_text(json.dumps(meta))
+    back = MambaLM.from_pretrained(tmp_path / "old")
+    ids = torch.randint(0, 5, (2, 9))
+    assert back.config.residual_in_fp32 is True and torch.equal(back(ids), lm(ids))
+    MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=5, residual_in_fp32=False)).save_pretrained(tmp_path / "new")
+    assert MambaLM.from_pretrained(tmp_path / "new").config.residual_in_fp32 is False

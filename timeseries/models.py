@@ -43,6 +43,7 @@ class ForecasterConfig:
     patch_len: int = 16
     patch_stride: int = 8
     bidirectional: bool | None = None   # None: True for variate tokens, False for patches
+    residual_in_fp32: bool = True       # MambaConfig's: off, the residual stream is in the input projection's dtype
     dropout: float = 0.1
     revin: bool = True
     linear_skip: bool = True
@@ -106,7 +107,8 @@ class MambaForecaster(nn.Module):
             d_input, n_tokens = cfg.patch_len, self.n_patches
         self.backbone = MambaModel(MambaConfig(
             d_model=cfg.d_model, n_layer=cfg.n_layer, d_input=d_input, d_state=cfg.d_state, d_conv=cfg.d_conv,
-            expand=cfg.expand, mixer=cfg.mixer, bidirectional=bool(cfg.bidirectional)))
+            expand=cfg.expand, mixer=cfg.mixer, bidirectional=bool(cfg.bidirectional),
+            residual_in_fp32=cfg.residual_in_fp32))
         self.dropout = nn.Dropout(cfg.dropout)
         head_in = cfg.d_model if cfg.token == "variate" else cfg.d_model * n_tokens
         self.head = nn.Linear(head_in, H * Q)

@@ -57,6 +57,9 @@ class FitConfig(TrainConfig):
     n_layer: int = 2
     d_state: int = 8
     mixer: str = mixer_field()
+    residual_in_fp32: bool = field(default=True, metadata={
+        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the input projection's "
+                "dtype, bf16 under --precision bf16-mixed or bf16-true"})
     patch_len: int = 16
     patch_stride: int = 8
     dropout: float = 0.1
@@ -104,7 +107,7 @@ class FitConfig(TrainConfig):
             n_series=n_series, lookback=self.lookback, horizon=self.horizon, kind=kind or self.model,
             token=self.token, d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, mixer=self.mixer,
             patch_len=self.patch_len, patch_stride=self.patch_stride, dropout=self.dropout, revin=self.revin,
-            linear_skip=self.linear_skip, quantiles=list(self.quantiles))
+            linear_skip=self.linear_skip, quantiles=list(self.quantiles), residual_in_fp32=self.residual_in_fp32)
 
 
 def _lightning_module():

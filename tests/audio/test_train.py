@@ -101,6 +101,16 @@ def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsy
     assert printed[-1].startswith("summary: audio 12.00 s, real-time factor")
 
 
+def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
+    out = tmp_path / "run"
+    assert run(train.main, train.AudioTrainConfig,
+               ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--output-dir", str(out),
+                "--max-steps", "1", "--batch-size", "8", "--d-model", "16", "--n-layer", "1", "--val-every", "1",
+                "--accelerator", "cpu", "--no-residual-in-fp32"], prog="audio.train") == 0
+    model = load_model(out / "model")
+    assert model.config.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
+
+
 def test_train_config_errors(tmp_path, capsys):
     assert run(train.main, train.AudioTrainConfig, ["--data", str(tmp_path / "nope")], prog="audio.train") == 2
     assert "no such folder" in capsys.readouterr().err

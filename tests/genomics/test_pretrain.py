@@ -119,6 +119,14 @@ def test_bad_input_one_line_errors(genome, tmp_path, capsys):
     assert not any(Path(out).rglob("*.ckpt")) and not (Path(out) / "metrics.json").exists()
 
 
+def test_residual_in_fp32_flag_reaches_the_saved_model(genome, tmp_path):
+    run_cli(pretrain_main, ["--fasta", str(genome), "--output-dir", str(tmp_path), "--max-steps", "2",
+                            "--val-every", "2", "--ckpt-every", "2", "--precision", "bf16-true",
+                            "--no-residual-in-fp32", *TINY])
+    assert MambaLM.from_pretrained(tmp_path / "model").config.residual_in_fp32 is False
+    assert PretrainConfig().residual_in_fp32 is True
+
+
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "x.fa")],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,

@@ -53,6 +53,14 @@ def test_fit_writes_metrics_forecast_plot_model(fitted):
     assert (fitted / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_residual_in_fp32_flag_reaches_the_backbone():
+    from ssm_core.cli import parse_config
+    from timeseries.models import build_model
+    for argv, expected in (([], True), (["--no-residual-in-fp32"], False)):
+        cfg = parse_config(FitConfig, [*argv, *TINY])
+        assert build_model(cfg.forecaster_config(2)).backbone.config.residual_in_fp32 is expected
+
+
 def test_predict_forecasts_the_next_horizon(fitted, small_csv, tmp_path):
     out = tmp_path / "pred.csv"
     assert run(predict_main, PredictConfig, ["--model", str(fitted), "--csv", str(small_csv),
