@@ -36,14 +36,17 @@ class SSDBenchConfig:
     chunk_size: int = 256
     rep_ms: int = 100
     check: bool = field(default=True, metadata={"help": "run the correctness sweep first"})
-    variants: bool = field(default=False, metadata={"help": "last, time alternative kernel settings at the "
-                                                              "first shape (tuning information)"})
+    variants: bool = field(default=False, metadata={"help": "last, time alternative kernel settings (tuning "
+                                                              "information) at --variant-shapes"})
+    variant_shapes: list[str] = field(default_factory=list, metadata={"help": "batch,L,d_state shapes for "
+                                                                      "--variants (default: the first of --shapes)"})
+    kernels: bool = field(default=False, metadata={"help": "also profile one forward+backward per shape: GPU ms "
+                                                             "per kernel, project and anchor (torch.profiler)"})
 
 
 # Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
-VARIANTS = {"BLOCK_M_BWD=32": {"BLOCK_M_BWD": 32}, "WARPS_BWD=16": {"WARPS_BWD": 16},
-            "BLOCK_M_BWD=32,HEADS_PER_PROGRAM=2": {"BLOCK_M_BWD": 32, "HEADS_PER_PROGRAM": 2},
-            "WARPS_FWD=8": {"WARPS_FWD": 8}}
+VARIANTS = {"WARPS_BWD=8": {"WARPS_BWD": 8}, "HEADS_PER_PROGRAM=4": {"HEADS_PER_PROGRAM": 4},
+            "HEADS_PER_PROGRAM=24": {"HEADS_PER_PROGRAM": 24}, "STATE_BLOCK=128": {"STATE_BLOCK": 128}}
 
 
 def rel(a, b) -> float:
@@ -63,7 +66,9 @@ def sweep_inputs(b, L, h, p, g, n, dtype, D_hdim, gated, seed, device):
 
 # b, L, h, p, g, n, chunk, D per channel, z gating, dtypes. Few cases: each is a fresh Triton compile.
 CHECK_CASES = [(2, 777, 8, 64, 2, 128, 256, True, True, (torch.float32, torch.bfloat16)),
-               (1, 400, 2, 32, 1, 256, 128, False, False, (torch.bfloat16,))]
+               (1, 400, 2, 32, 1, 256, 128, False, False, (torch.bfloat16,)),
+               # 70 chunks: the state passes' groups of chunks, the last one ragged
+               (1, 2230, 4, 64, 1, 64, 32, False, True, (torch.float32, torch.bfloat16))]
 
 
 def correctness(anchor=None, device="cuda", cases=CHECK_CASES) -> list[dict]:
@@ -142,6 +147,10 @@ def main(cfg: SSDBenchConfig) -> dict:
                 g_ours = torch.autograd.grad(ours(**t), list(t.values()), dy)
                 g_anc = torch.autograd.grad(anc(**t), list(t.values()), dy)
                 row["grad_rel_diff_vs_anchor"] = {f"d{k}": rel(a, b_) for k, a, b_ in zip(t, g_ours, g_anc)}
+            if cfg.kernels:
+                row["kernels_project"] = kernel_times(ours, t)
+                if anchor is not None:
+                    row["kernels_anchor"] = kernel_times(anc, t)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -159,24 +168,52 @@ def main(cfg: SSDBenchConfig) -> dict:
     return result
 
 
-def time_variants(cfg: SSDBenchConfig) -> dict:
+def kernel_times(fn, t: dict, iters: int = 5) -> dict[str, float]:
+    """GPU ms of each kernel (by name, summed over its launches) per forward+backward, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    leaves, dout = list(t.values()), torch.randn_like(t["x"])
+    torch.autograd.grad(fn(**t), leaves, dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            torch.autograd.grad(fn(**t), leaves, dout)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0)
+        if us > 0:
+            out[e.key[:80]] = round(us / 1e3 / iters, 4)
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    print(f"[kernels] total {sum(out.values()):.3f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()),
+          flush=True)
+    return out
+
+
+def time_variants(cfg: SSDBenchConfig) -> list[dict]:
     import kernels.ssd as K
-    b, L, n = (int(v) for v in cfg.shapes[0].split(","))
-    t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
-    fn = lambda **a: K.ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True)  # noqa: E731
-    res = {"shape": [b, L, n], "default": time_scan(fn, t, cfg.rep_ms, out_like="x")}
-    print(f"[variant] default: {res['default']}", flush=True)
-    for name, settings in VARIANTS.items():
-        saved = {k: getattr(K, k) for k in settings}
-        for k, v in settings.items():
-            setattr(K, k, v)
-        try:
-            res[name] = time_scan(fn, t, cfg.rep_ms, out_like="x")
-        finally:
-            for k, v in saved.items():
+    results = []
+    for spec in cfg.variant_shapes or cfg.shapes[:1]:
+        b, L, n = (int(v) for v in spec.split(","))
+        t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
+        fn = lambda **a: K.ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True)  # noqa: E731
+        res = {"shape": [b, L, n], "default": time_scan(fn, t, cfg.rep_ms, out_like="x")}
+        print(f"[variant] {spec} default: {res['default']}", flush=True)
+        for name, settings in VARIANTS.items():
+            saved = {k: getattr(K, k) for k in settings}
+            for k, v in settings.items():
                 setattr(K, k, v)
-        print(f"[variant] {name}: {res[name]}", flush=True)
-    return res
+            try:
+                res[name] = time_scan(fn, t, cfg.rep_ms, out_like="x")
+            except Exception as e:  # e.g. a setting that does not compile: note it, go on
+                res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            finally:
+                for k, v in saved.items():
+                    setattr(K, k, v)
+            print(f"[variant] {spec} {name}: {res[name]}", flush=True)
+        results.append(res)
+        del t
+        torch.cuda.empty_cache()
+    return results
 
 
 def markdown(result: dict) -> str:

@@ -7,14 +7,15 @@ initial_states / final state (b, h, p, n) float32.
 Forward, four launches (Q = chunk_size):
   _dt_cumsum      dt = softplus(dt + bias) and cs = cumsum(dt * A) within each chunk  -> (b, h, L) fp32
   _chunk_outer    each chunk's own state  S_c = sum_t exp(cs_end - cs_t) dt_t x_t B_t^T   (p, n) per head
-  _state_pass     S_c -> the state at each chunk's start (sequential over chunks, elementwise)
+  _state_pass     S_c -> the state at each chunk's start (sequential over groups of chunks, elementwise)
   _chunk_scan     y_i = sum_{j<=i} (C_i.B_j) exp(cs_i - cs_j) dt_j x_j + exp(cs_i) C_i s_start + D x_i
                   in tiles of BLOCK_M rows: the quadratic (attention-like) form within a chunk.
-Backward, four launches, the same structure transposed:
+Backward, five launches, the same structure transposed:
   _chunk_outer    (mode 1) each chunk's local state gradient  sum_i exp(cs_i) dy_i^T C_i
   _dstate_pass    reverse pass: the gradient at each chunk's end, d(initial_states), d(chunk decay)
-  _bwd_keys       per key tile j (looping over a few heads of a group, summing dB in registers): dx, dB, ddt
-  _bwd_queries    per query tile i: dC and the query part of d(cs)
+  _bwd_dx         per key tile j and head: dx, d(dt) and the key part of d(cs)
+  _bwd_db         per key tile j and a few heads of a group: dB, the heads summed before the product with C
+  _bwd_dc         per query tile i and a few heads of a group: dC (likewise) and the query part of d(cs)
 and a few (b, h, L)-sized PyTorch ops to turn d(cs) into d(dt), d(A), d(dt_bias).
 Matmul operands are cast to the input dtype (bf16 inputs -> bf16 tensor-core matmuls, fp32 accumulate).
 """
@@ -49,8 +50,15 @@ def _chunk_outer(X_ptr, Y_ptr, DT_ptr, CS_ptr, OUT_ptr, L, H, G, Lp, nc, P, N,
                  MODE: tl.constexpr, Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """OUT[b, h, c] (p, n) = sum_t w_t X_t^T Y_t over chunk c. MODE 0: w = exp(cs_end - cs_t) dt_t (the chunk's
     state, X = x, Y = B); MODE 1: w = exp(cs_t) (the local state gradient, X = dy, Y = C)."""
-    c, bh, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
+    # One grid axis, (batch, chunk, head, N block) with the N blocks and heads fastest: the programs reading one
+    # chunk's x rows and B run side by side and share them in L2. (Chunk-fastest, at batch 1 and long L every
+    # head re-read B from memory, and every N block x: 2.83 vs 1.67 ms on an H100 at L 262144, d_state 128.)
+    nnb = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    nb, hc = pid % nnb, pid // nnb
+    h, bc = hc % H, hc // H
+    b, c = bc // nc, bc % nc
+    bh = b * H + h
     g = h // (H // G)
     offs_p, offs_n = tl.arange(0, BP), nb * BN + tl.arange(0, BN)
     mp, mn = offs_p < P, offs_n < N
@@ -74,21 +82,55 @@ def _chunk_outer(X_ptr, Y_ptr, DT_ptr, CS_ptr, OUT_ptr, L, H, G, Lp, nc, P, N,
 
 
 @triton.jit
+def _affine(a1, b1, a2, b2):
+    """Compose two steps of s -> a s + b: first (a1, b1), then (a2, b2). For tl.associative_scan."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
 def _state_pass(S_ptr, CS_ptr, H0_ptr, FIN_ptr, Lp, nc, PN, Q: tl.constexpr, HAS_H0: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """In place: S[b, h, c] <- the state at the start of chunk c; FIN <- the state after the last chunk."""
+                BLOCK: tl.constexpr, CPG: tl.constexpr):
+    """In place: S[b, h, c] <- the state at the start of chunk c; FIN <- the state after the last chunk.
+    The chunks are walked CPG at a time: one group's CPG local states are loaded together and combined by an
+    associative scan of s -> exp(cs_end) s + local, so a program waits one memory latency per group rather
+    than per chunk (at batch 1 the walk over thousands of chunks is latency bound)."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
+    rows = tl.arange(0, CPG)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     if HAS_H0:
         s = tl.load(H0_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
-    for c in range(nc):
-        ptr = S_ptr + (bh.to(tl.int64) * nc + c) * PN + offs
-        local = tl.load(ptr, mask=m, other=0.)
-        tl.store(ptr, s, mask=m)
-        s = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1)) * s + local
+    for c0 in range(0, nc, CPG):
+        c = c0 + rows
+        mc = c < nc
+        # Chunks past the end: decay exp(0) = 1 and no local state, the identity.
+        dec = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1, mask=mc, other=0.))
+        ptr = S_ptr + (bh.to(tl.int64) * nc + c)[:, None] * PN + offs[None, :]
+        local = tl.load(ptr, mask=mc[:, None] & m[None, :], other=0.)
+        a, b = tl.associative_scan((tl.broadcast_to(dec[:, None], (CPG, BLOCK)), local), 0, _affine)
+        after = a * s[None, :] + b  # row r: the state after chunk c0 + r
+        # Chunk c0 starts from the carried state, chunk c + 1 from row r (stored one chunk on; the group's
+        # last row is the next group's carry: its slot is not loaded yet).
+        tl.store(S_ptr + (bh.to(tl.int64) * nc + c0) * PN + offs, s, mask=m)
+        tl.store(ptr + PN, after, mask=((rows < CPG - 1) & (c + 1 < nc))[:, None] & m[None, :])
+        s = tl.sum(tl.where(rows[:, None] == CPG - 1, after, 0.), axis=0)
     tl.store(FIN_ptr + bh.to(tl.int64) * PN + offs, s, mask=m)
+
+
+@triton.jit
+def _head_tile(L, H, G, P, N, Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """What a one-head tile program (_chunk_scan, _bwd_dx) works on: grid axis 0 is (chunk c, BM-row tile
+    starting at r0 in it), axis 1 is (batch b, head h). Returns those, b * H + h, the head's group, the p/n
+    offsets and masks, and the tile's positions t, their mask and (b * L + t) rows."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    mpc = Q // BM
+    c, r0 = blk // mpc, (blk % mpc) * BM
+    b, h = bh // H, bh % H
+    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
+    t = c * Q + r0 + tl.arange(0, BM)
+    return (c, r0, b, h, bh, h // (H // G), offs_p, offs_n, offs_p < P, offs_n < N, t, t < L,
+            (b * L + t).to(tl.int64))
 
 
 @triton.jit
@@ -96,16 +138,7 @@ def _chunk_scan(X_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, D_ptr, Z_ptr, Y_ptr,
                 L, H, G, Lp, nc, P, N,
                 HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
                 Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    mblk, bh = tl.program_id(0), tl.program_id(1)
-    mpc = Q // BM
-    c, m0 = mblk // mpc, (mblk % mpc) * BM
-    b, h = bh // H, bh % H
-    g = h // (H // G)
-    offs_p, offs_n = tl.arange(0, BP), tl.arange(0, BN)
-    mp, mn = offs_p < P, offs_n < N
-    ti = c * Q + m0 + tl.arange(0, BM)
-    mi = ti < L
-    rowi = (b * L + ti).to(tl.int64)
+    c, m0, b, h, bh, g, offs_p, offs_n, mp, mn, ti, mi, rowi = _head_tile(L, H, G, P, N, Q, BM, BP, BN)
     cbase = bh.to(tl.int64) * Lp
     cs_i = tl.load(CS_ptr + cbase + ti)
     Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
@@ -143,35 +176,49 @@ def _chunk_scan(X_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, D_ptr, Z_ptr, Y_ptr,
 
 @triton.jit
 def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp, nc, PN,
-                 Q: tl.constexpr, HAS_DFIN: tl.constexpr, BLOCK: tl.constexpr):
-    """Reverse over chunks. In: DS[c] = the chunk's local gradient (from _chunk_outer mode 1), S[c] = the state
-    at chunk c's start. Out, in place: DS[c] <- the gradient w.r.t. the state at chunk c's END; DH0; and
-    DDEC[b, h, c] += <dS_end_c, s_end_c>, the gradient w.r.t. cs at the chunk's last step (its decay)."""
+                 Q: tl.constexpr, HAS_DFIN: tl.constexpr, BLOCK: tl.constexpr, CPG: tl.constexpr):
+    """Reverse over chunks, CPG at a time as in _state_pass (rows in descending chunk order, so that the scan
+    runs forward). In: DS[c] = the chunk's local gradient (from _chunk_outer mode 1), S[c] = the state at chunk
+    c's start. Out, in place: DS[c] <- the gradient w.r.t. the state at chunk c's END; DH0; and DDEC[b, h, blk,
+    c] = this block's part of <dS_end_c, s_end_c>, the gradient w.r.t. cs at the chunk's last step (its decay)."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
-    ds = tl.zeros((BLOCK,), dtype=tl.float32)
+    rows = tl.arange(0, CPG)
+    ddec_ptr = DDEC_ptr + (bh.to(tl.int64) * tl.num_programs(1) + blk) * nc
+    fin = tl.load(FIN_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
+    ds = tl.zeros((BLOCK,), dtype=tl.float32)  # the gradient at the end of the group's top chunk
     if HAS_DFIN:
         ds = tl.load(DFIN_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
-    s_end = tl.load(FIN_ptr + bh.to(tl.int64) * PN + offs, mask=m, other=0.)
-    for i in range(nc):
-        c = nc - 1 - i
-        ptr = (bh.to(tl.int64) * nc + c) * PN + offs
-        local = tl.load(DS_ptr + ptr, mask=m, other=0.)
-        s_start = tl.load(S_ptr + ptr, mask=m, other=0.)
-        tl.store(DS_ptr + ptr, ds, mask=m)
-        tl.atomic_add(DDEC_ptr + bh.to(tl.int64) * nc + c, tl.sum(ds * s_end, axis=0))
-        ds = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1)) * ds + local
-        s_end = s_start
+    ngroups = tl.cdiv(nc, CPG)
+    for k in range(ngroups):
+        top = nc - 1 - k * CPG
+        c = top - rows
+        mc = c >= 0
+        dec = tl.exp(tl.load(CS_ptr + bh.to(tl.int64) * Lp + c * Q + Q - 1, mask=mc, other=0.))
+        ptr = (bh.to(tl.int64) * nc + c)[:, None] * PN + offs[None, :]
+        local = tl.load(DS_ptr + ptr, mask=mc[:, None] & m[None, :], other=0.)
+        s_start = tl.load(S_ptr + ptr, mask=mc[:, None] & m[None, :], other=0.)
+        a, b = tl.associative_scan((tl.broadcast_to(dec[:, None], (CPG, BLOCK)), local), 0, _affine)
+        d_start = a * ds[None, :] + b  # row r: the gradient at the start of chunk c = the end of chunk c - 1
+        # The top chunk's end gradient is the carry; chunk c - 1's is row r (its state at the end: s_start).
+        s_top = tl.load(S_ptr + (bh.to(tl.int64) * nc + top + 1) * PN + offs, mask=m & (top + 1 < nc), other=0.)
+        s_top = tl.where(top + 1 < nc, s_top, fin)
+        tl.store(DS_ptr + (bh.to(tl.int64) * nc + top) * PN + offs, ds, mask=m)
+        tl.store(ddec_ptr + top, tl.sum(ds * s_top, axis=0))
+        shift = (rows < CPG - 1) & (c >= 1)  # the group's last row is the next group's carry
+        tl.store(DS_ptr + ptr - PN, d_start, mask=shift[:, None] & m[None, :])
+        tl.store(ddec_ptr + c - 1, tl.sum(d_start * s_start, axis=1), mask=shift)
+        ds = tl.sum(tl.where(rows[:, None] == CPG - 1, d_start, 0.), axis=0)
     tl.store(DH0_ptr + bh.to(tl.int64) * PN + offs, ds, mask=m)
 
 
 @triton.jit
 def _bwd_tile(L, H, G, P, N, Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
               HPP: tl.constexpr):
-    """What a backward program works on: grid axis 0 is (chunk c, BM-row tile starting at r0 in it), axis 1 is
-    (batch b, group g, split of the group's heads into HPP-sized parts). Returns those, the heads per group,
-    the p/n offsets and masks, and the tile's positions t, their mask and (b * L + t) rows."""
+    """What a _bwd_db / _bwd_dc program works on: grid axis 0 is (chunk c, BM-row tile starting at r0 in it),
+    axis 1 is (batch b, group g, split of the group's heads into HPP-sized parts). Returns those, the heads per
+    group, the p/n offsets and masks, and the tile's positions t, their mask and (b * L + t) rows."""
     blk, pid = tl.program_id(0), tl.program_id(1)
     mpc = Q // BM
     c, r0 = blk // mpc, (blk % mpc) * BM
@@ -186,120 +233,161 @@ def _bwd_tile(L, H, G, P, N, Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr
 
 
 @triton.jit
-def _bwd_keys(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DB_ptr, DDT_ptr, DCS_ptr, DD_ptr,
-              L, H, G, Lp, nc, P, N,
-              HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
-              Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
-    """Key tile j of a chunk, for HPP heads of group g: dx_j, ddt_j (direct part), d(cs_j) (key part) per head,
-    and dB_j summed over those heads in registers, then added to DB."""
-    c, j0, b, g, hpg, split, offs_p, offs_n, mp, mn, tj, mj, rowj = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
+def _bwd_dx(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DDT_ptr, DCS_ptr, DD_ptr,
+            L, H, G, Lp, nc, P, N,
+            HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
+            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Key tile j of a chunk, one head: dx_j, ddt_j (direct part) and the key part of d(cs_j) (stored; the
+    query part is added by _bwd_dc). One head's accumulators only, so the tile stays in registers."""
+    c, j0, b, h, bh, g, offs_p, offs_n, mp, mn, tj, mj, rowj = _head_tile(L, H, G, P, N, Q, BM, BP, BN)
+    cbase = bh.to(tl.int64) * Lp
     Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
+    xoff = (rowj * H + h)[:, None] * P + offs_p[None, :]
+    xj = tl.load(X_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.)
+    cs_j = tl.load(CS_ptr + cbase + tj)
+    dt_j = tl.load(DT_ptr + cbase + tj)
+    acc_dx = tl.zeros((BM, BP), dtype=tl.float32)
+    colsum = tl.zeros((BM,), dtype=tl.float32)
+    for i0 in range(j0, Q, BM):
+        ti = c * Q + i0 + tl.arange(0, BM)
+        mi = ti < L
+        rowi = (b * L + ti).to(tl.int64)
+        Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
+        dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
+                      other=0.)
+        cs_i = tl.load(CS_ptr + cbase + ti)
+        causal = (i0 + tl.arange(0, BM))[None, :] >= (j0 + tl.arange(0, BM))[:, None]   # [j, i]: i >= j
+        decay = tl.exp(tl.where(causal, cs_i[None, :] - cs_j[:, None], float("-inf")))
+        gT = tl.dot(Bj, tl.trans(Ci)) * decay                  # (C_i . B_j) L_ij, as [j, i]
+        acc_dx += tl.dot(gT.to(dyi.dtype), dyi)
+        colsum += tl.sum(gT * tl.dot(xj, tl.trans(dyi)), axis=1)   # sum_i (C_i . B_j) L_ij (dy_i . x_j)
+    # The chunk-end state's part: s_end += exp(cs_end - cs_j) dt_j x_j B_j^T.
+    ds = tl.load(DS_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
+                 mask=mp[:, None] & mn[None, :], other=0.)
+    e = tl.exp(tl.load(CS_ptr + cbase + c * Q + Q - 1) - cs_j)
+    BdS = tl.dot(Bj, tl.trans(ds.to(Bj.dtype)))                  # (BM, P)
+    xdS = tl.dot(xj, ds.to(xj.dtype))                            # (BM, N)
+    dx = dt_j[:, None] * (acc_dx + e[:, None] * BdS)
+    if HAS_D:
+        # D skip: dx += D dy here, and dD = sum(dy * x) reduced in-kernel (one atomic per program).
+        dyj = tl.load(DY_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.).to(tl.float32)
+        dD = tl.sum(dyj * xj.to(tl.float32), axis=0)                 # (BP,)
+        if D_HDIM:
+            dx += dyj * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
+            tl.atomic_add(DD_ptr + h * P + offs_p, dD, mask=mp)
+        else:
+            dx += dyj * tl.load(D_ptr + h)
+            tl.atomic_add(DD_ptr + h, tl.sum(dD, axis=0))
+    tl.store(DX_ptr + xoff, dx.to(DX_ptr.dtype.element_ty), mask=mj[:, None] & mp[None, :])
+    ddt = colsum + e * tl.sum(xdS * Bj.to(tl.float32), axis=1)
+    tl.store(DDT_ptr + cbase + tj, ddt)
+    tl.store(DCS_ptr + cbase + tj, -dt_j * ddt)
+
+
+@triton.jit
+def _pair_rows(X_ptr, DY_ptr, DT_ptr, CS_ptr, b, h, H, Lp, P, offs_p, mp, ti, mi, rowi, tj, mj, rowj):
+    """Head h's values for a (query tile i, key tile j) pair: cs_i, cs_j, dt_j, x_j and dy_i."""
+    cbase = (b * H + h).to(tl.int64) * Lp
+    xj = tl.load(X_ptr + (rowj * H + h)[:, None] * P + offs_p[None, :], mask=mj[:, None] & mp[None, :], other=0.)
+    dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :], other=0.)
+    return (tl.load(CS_ptr + cbase + ti), tl.load(CS_ptr + cbase + tj), tl.load(DT_ptr + cbase + tj), xj, dyi)
+
+
+@triton.jit
+def _bwd_db(X_ptr, DY_ptr, DT_ptr, CS_ptr, C_ptr, DS_ptr, DB_ptr, L, H, G, Lp, nc, P, N,
+            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
+    """Key tile j of a chunk, HPP heads of group g: dB_j = sum_i M_ji C_i with M = sum over the heads of
+    (x_j . dy_i) L_ij dt_j. The heads are summed into M before the product with C (one N-wide matmul per tile
+    pair, not one per head); the chunk-end state's part is added per head. Added to DB (fp32 atomics)."""
+    c, j0, b, g, hpg, split, offs_p, offs_n, mp, mn, tj, mj, rowj = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
+    h_lo, h_hi = g * hpg + split * HPP, g * hpg + tl.minimum(split * HPP + HPP, hpg)
     dB = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
-        h = g * hpg + hh
+    for i0 in range(j0, Q, BM):
+        ti = c * Q + i0 + tl.arange(0, BM)
+        mi = ti < L
+        rowi = (b * L + ti).to(tl.int64)
+        causal = (i0 + tl.arange(0, BM))[None, :] >= (j0 + tl.arange(0, BM))[:, None]   # [j, i]: i >= j
+        M = tl.zeros((BM, BM), dtype=tl.float32)
+        for h in range(h_lo, h_hi):
+            cs_i, cs_j, dt_j, xj, dyi = _pair_rows(X_ptr, DY_ptr, DT_ptr, CS_ptr, b, h, H, Lp, P, offs_p, mp,
+                                                   ti, mi, rowi, tj, mj, rowj)
+            w = tl.exp(tl.where(causal, cs_i[None, :] - cs_j[:, None], float("-inf"))) * dt_j[:, None]
+            M += tl.dot(xj, tl.trans(dyi)) * w
+        Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
+        dB += tl.dot(M.to(Ci.dtype), Ci)
+    for h in range(h_lo, h_hi):
         bh = b * H + h
         cbase = bh.to(tl.int64) * Lp
         cs_j = tl.load(CS_ptr + cbase + tj)
         dt_j = tl.load(DT_ptr + cbase + tj)
-        cs_end = tl.load(CS_ptr + cbase + c * Q + Q - 1)
-        xoff = (rowj * H + h)[:, None] * P + offs_p[None, :]
-        xj = tl.load(X_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.)
-        acc_dx = tl.zeros((BM, BP), dtype=tl.float32)
-        acc_dB = tl.zeros((BM, BN), dtype=tl.float32)
-        colsum = tl.zeros((BM,), dtype=tl.float32)
-        for i0 in range(j0, Q, BM):
-            ti = c * Q + i0 + tl.arange(0, BM)
-            mi = ti < L
-            rowi = (b * L + ti).to(tl.int64)
-            Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :],
-                         other=0.)
-            dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
-                          other=0.)
-            cs_i = tl.load(CS_ptr + cbase + ti)
-            causal = (i0 + tl.arange(0, BM))[None, :] >= (j0 + tl.arange(0, BM))[:, None]   # [j, i]: i >= j
-            decay = tl.exp(tl.where(causal, cs_i[None, :] - cs_j[:, None], float("-inf")))
-            gT = tl.dot(Bj, tl.trans(Ci)) * decay                  # (C_i . B_j) L_ij, as [j, i]
-            raw = tl.dot(xj, tl.trans(dyi))                        # dy_i . x_j
-            acc_dx += tl.dot(gT.to(dyi.dtype), dyi)
-            acc_dB += tl.dot((raw * decay).to(Ci.dtype), Ci)
-            colsum += tl.sum(gT * raw, axis=1)
-        # The chunk-end state's part: s_end += exp(cs_end - cs_j) dt_j x_j B_j^T.
+        xj = tl.load(X_ptr + (rowj * H + h)[:, None] * P + offs_p[None, :], mask=mj[:, None] & mp[None, :], other=0.)
         ds = tl.load(DS_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.)
-        e = tl.exp(cs_end - cs_j)
-        BdS = tl.dot(Bj, tl.trans(ds.to(Bj.dtype)))              # (BM, P)
-        xdS = tl.dot(xj, ds.to(xj.dtype))                        # (BM, N)
-        dx = dt_j[:, None] * (acc_dx + e[:, None] * BdS)
-        dyj = tl.load(DY_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.).to(tl.float32)
-        if HAS_D:
-            # D skip: dx += D dy here, and dD = sum(dy * x) reduced in-kernel (one atomic per program and head).
-            dD = tl.sum(dyj * xj.to(tl.float32), axis=0)                 # (BP,)
-            if D_HDIM:
-                dx += dyj * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
-                tl.atomic_add(DD_ptr + h * P + offs_p, dD, mask=mp)
-            else:
-                dx += dyj * tl.load(D_ptr + h)
-                tl.atomic_add(DD_ptr + h, tl.sum(dD, axis=0))
-        tl.store(DX_ptr + xoff, dx.to(DX_ptr.dtype.element_ty), mask=mj[:, None] & mp[None, :])
-        dB += dt_j[:, None] * (acc_dB + e[:, None] * xdS)
-        ddt = colsum + e * tl.sum(xdS * Bj.to(tl.float32), axis=1)
-        tl.store(DDT_ptr + cbase + tj, ddt)
-        tl.store(DCS_ptr + cbase + tj, -dt_j * ddt)
+        e = tl.exp(tl.load(CS_ptr + cbase + c * Q + Q - 1) - cs_j)
+        dB += (dt_j * e)[:, None] * tl.dot(xj, ds.to(xj.dtype))
     tl.atomic_add(DB_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], dB, mask=mj[:, None] & mn[None, :])
 
 
 @triton.jit
-def _bwd_queries(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
-                 L, H, G, Lp, nc, P, N,
-                 Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
-    """Query tile i of a chunk, for HPP heads of group g: dC_i summed over those heads (added to DC), and the
-    query part of d(cs_i) added to DCS (which _bwd_keys wrote first)."""
+def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr, L, H, G, Lp, nc, P, N,
+            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr,
+            HPP2: tl.constexpr):
+    """Query tile i of a chunk, HPP heads of group g: dC_i = sum_j M_ij B_j with M = sum over the heads of
+    (dy_i . x_j) L_ij dt_j (summed before the product with B, as in _bwd_db), plus the incoming state's part;
+    added to DC. Also the query part of each head's d(cs_i), added to DCS (which _bwd_dx wrote first): it needs
+    C_i . B_j, the same for every head, so computed once per tile pair. HPP2: HPP rounded up to a power of 2."""
     c, i0, b, g, hpg, split, offs_p, offs_n, mp, mn, ti, mi, rowi = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
+    h_lo, h_hi = g * hpg + split * HPP, g * hpg + tl.minimum(split * HPP + HPP, hpg)
     Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(split * HPP, tl.minimum(split * HPP + HPP, hpg)):
-        h = g * hpg + hh
+    slot = tl.arange(0, HPP2)[:, None]
+    rowsum = tl.zeros((HPP2, BM), dtype=tl.float32)  # per head: sum_j (dy_i . x_j) L_ij dt_j (C_i . B_j)
+    for j0 in range(0, i0 + BM, BM):
+        tj = c * Q + j0 + tl.arange(0, BM)
+        mj = tj < L
+        rowj = (b * L + tj).to(tl.int64)
+        Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :], other=0.)
+        cb = tl.dot(Ci, tl.trans(Bj))
+        causal = (i0 + tl.arange(0, BM))[:, None] >= (j0 + tl.arange(0, BM))[None, :]
+        M = tl.zeros((BM, BM), dtype=tl.float32)
+        for h in range(h_lo, h_hi):
+            cs_i, cs_j, dt_j, xj, dyi = _pair_rows(X_ptr, DY_ptr, DT_ptr, CS_ptr, b, h, H, Lp, P, offs_p, mp,
+                                                   ti, mi, rowi, tj, mj, rowj)
+            w = tl.exp(tl.where(causal, cs_i[:, None] - cs_j[None, :], float("-inf"))) * dt_j[None, :]
+            mw = tl.dot(dyi, tl.trans(xj)) * w
+            M += mw
+            rowsum += tl.where(slot == h - h_lo, tl.sum(mw * cb, axis=1)[None, :], 0.)
+        dC += tl.dot(M.to(Bj.dtype), Bj)
+    for h in range(h_lo, h_hi):
         bh = b * H + h
         cbase = bh.to(tl.int64) * Lp
         cs_i = tl.load(CS_ptr + cbase + ti)
         dyi = tl.load(DY_ptr + (rowi * H + h)[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
                       other=0.)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        rowsum = tl.zeros((BM,), dtype=tl.float32)
-        for j0 in range(0, i0 + BM, BM):
-            tj = c * Q + j0 + tl.arange(0, BM)
-            mj = tj < L
-            rowj = (b * L + tj).to(tl.int64)
-            Bj = tl.load(B_ptr + (rowj * G + g)[:, None] * N + offs_n[None, :], mask=mj[:, None] & mn[None, :],
-                         other=0.)
-            xj = tl.load(X_ptr + (rowj * H + h)[:, None] * P + offs_p[None, :], mask=mj[:, None] & mp[None, :],
-                         other=0.)
-            cs_j = tl.load(CS_ptr + cbase + tj)
-            dt_j = tl.load(DT_ptr + cbase + tj)
-            causal = (i0 + tl.arange(0, BM))[:, None] >= (j0 + tl.arange(0, BM))[None, :]
-            w = tl.exp(tl.where(causal, cs_i[:, None] - cs_j[None, :], float("-inf"))) * dt_j[None, :]
-            mw = tl.dot(dyi, tl.trans(xj)) * w                     # (dy_i . x_j) L_ij dt_j
-            acc += tl.dot(mw.to(Bj.dtype), Bj)
-            rowsum += tl.sum(mw * tl.dot(Ci, tl.trans(Bj)), axis=1)
         st = tl.load(S_ptr + ((bh.to(tl.int64) * nc + c) * P + offs_p[:, None]) * N + offs_n[None, :],
                      mask=mp[:, None] & mn[None, :], other=0.)
         dyS = tl.dot(dyi, st.to(dyi.dtype)) * tl.exp(cs_i)[:, None]   # (BM, N): exp(cs_i) dy_i s_start
-        dC += acc + dyS
+        dC += dyS
+        rs = tl.sum(tl.where(slot == h - h_lo, rowsum, 0.), axis=0)
         dcs = tl.load(DCS_ptr + cbase + ti)
-        tl.store(DCS_ptr + cbase + ti, dcs + rowsum + tl.sum(dyS * Ci.to(tl.float32), axis=1))
+        tl.store(DCS_ptr + cbase + ti, dcs + rs + tl.sum(dyS * Ci.to(tl.float32), axis=1))
     tl.atomic_add(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
 
 
 # Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles), and
-# warps per program: the backward tiles hold dB/dC and their per-head accumulators (BLOCK_M x N fp32 each),
-# hence more warps there to keep them in registers.
+# warps per program. 4 warps in the backward too: at 8 warps its tiles fit in registers without spilling,
+# but only one program runs per SM, and the backward took 1.2x as long (H100, batch 8, L 8192, d_state 128).
 BLOCK_M = 64
 BLOCK_M_BWD = 64
 WARPS_FWD = 4
-WARPS_BWD = 8
-# Heads of a group one backward program walks (summing their dB / dC in registers); the splits of a group
-# add their partial sums with fp32 atomics. Fewer heads per program: more programs in flight.
-HEADS_PER_PROGRAM = 4
+WARPS_BWD = 4
+# The state passes: P*N elements of a state per program (more programs: more loads in flight at batch 1) and
+# chunks per group (one memory latency per group of chunks; see _state_pass).
+STATE_BLOCK = 256
+CHUNKS_PER_GROUP = 16
+# Heads of a group one _bwd_db / _bwd_dc program walks (summing them before the N-wide products); the splits
+# of a group add their partial dB / dC with fp32 atomics. Fewer heads per program: more programs in flight.
+HEADS_PER_PROGRAM = 8
 
 
 def _blocks(P: int, N: int, Q: int):
@@ -320,12 +408,13 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
     _dt_cumsum[(nc, b * H)](dt, dt_bias, A, DT, CS, L, H, Lp, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, Q=Q)
     S = torch.empty(b, H, nc, P, N, device=dev, dtype=torch.float32)
     BNo = min(BN, 64)
-    _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](x, B, DT, CS, S, L, H, G, Lp, nc, P, N, MODE=0, Q=Q, BK=BM,
-                                                   BP=BP, BN=BNo, num_warps=WARPS_FWD)
+    _chunk_outer[(b * nc * H * triton.cdiv(N, BNo),)](x, B, DT, CS, S, L, H, G, Lp, nc, P, N, MODE=0, Q=Q,
+                                                      BK=BM, BP=BP, BN=BNo, num_warps=WARPS_FWD)
     final = torch.empty(b, H, P, N, device=dev, dtype=torch.float32)
     PN = P * N
-    SB = min(1024, triton.next_power_of_2(PN))
-    _state_pass[(b * H, triton.cdiv(PN, SB))](S, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB)
+    SB = min(STATE_BLOCK, triton.next_power_of_2(PN))
+    _state_pass[(b * H, triton.cdiv(PN, SB))](S, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB,
+                                              CPG=CHUNKS_PER_GROUP)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, S, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
@@ -349,14 +438,16 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     dD = torch.zeros_like(D, dtype=torch.float32) if D is not None else None  # summed by _bwd_keys' atomics
     DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
     BNo = min(BN, 64)
-    _chunk_outer[(nc, b * H, triton.cdiv(N, BNo))](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q, BK=BM,
-                                                   BP=BP, BN=BNo, num_warps=WARPS_FWD)
+    _chunk_outer[(b * nc * H * triton.cdiv(N, BNo),)](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q,
+                                                      BK=BM, BP=BP, BN=BNo, num_warps=WARPS_FWD)
     PN = P * N
-    SB = min(1024, triton.next_power_of_2(PN))
+    SB = min(STATE_BLOCK, triton.next_power_of_2(PN))
+    nsb = triton.cdiv(PN, SB)
     dh0 = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
-    ddec = torch.zeros(b, H, nc, device=x.device, dtype=torch.float32)
-    _dstate_pass[(b * H, triton.cdiv(PN, SB))](DS, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q,
-                                               HAS_DFIN=dfinal is not None, BLOCK=SB)
+    ddec = torch.empty(b, H, nsb, nc, device=x.device, dtype=torch.float32)  # per state block, summed below
+    _dstate_pass[(b * H, nsb)](DS, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q, HAS_DFIN=dfinal is not None,
+                               BLOCK=SB, CPG=CHUNKS_PER_GROUP)
+    ddec = ddec.sum(2)
     dx = torch.empty_like(x)
     dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)  # accumulated by atomics over head splits
     dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
@@ -364,12 +455,14 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DCS = torch.empty_like(DT)
     hpp = min(HEADS_PER_PROGRAM, H // G)
     BM = min(Q, BLOCK_M_BWD)
+    _bwd_dx[(nc * (Q // BM), b * H)](x, dy, DT, CS, B, C, DS, D, dx, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
+                                     HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP,
+                                     BN=BN, num_warps=WARPS_BWD)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
-    _bwd_keys[grid](x, dy, DT, CS, B, C, DS, D, dx, dB, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
-                    HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                    num_warps=WARPS_BWD)
-    _bwd_queries[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                       num_warps=WARPS_BWD)
+    _bwd_db[grid](x, dy, DT, CS, C, DS, dB, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+                  num_warps=WARPS_BWD)
+    _bwd_dc[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+                  HPP2=triton.next_power_of_2(hpp), num_warps=WARPS_BWD)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
     dcs[..., -1] += ddec

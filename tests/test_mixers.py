@@ -104,12 +104,17 @@ def test_ssd_reference_rejects_bad_shapes():
 
 
 # --- the Triton fast path (interpreter on CPU) ------------------------------------------------------------
-@pytest.mark.parametrize("L,chunk,g,D_hdim,gated", [(40, 16, 2, False, True), (45, 32, 1, True, False)])
-def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, monkeypatch):
+@pytest.mark.parametrize("L,chunk,g,D_hdim,gated,hpp", [(40, 16, 2, False, True, 1), (45, 32, 1, True, False, 3),
+                                                        (100, 16, 1, False, False, 1)])
+def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, hpp, monkeypatch):
     kernels_ssd = pytest.importorskip("kernels.ssd", reason="kernels.ssd needs triton")
     monkeypatch.setattr(kernels_ssd, "BLOCK_M", 16)  # several causal tiles per chunk, ragged last chunk
     monkeypatch.setattr(kernels_ssd, "BLOCK_M_BWD", 16)
-    monkeypatch.setattr(kernels_ssd, "HEADS_PER_PROGRAM", 1)  # dB / dC summed over head splits by atomics
+    # dB / dC summed over head splits by atomics (hpp 3 of 4 heads: uneven splits, a padded per-head slot)
+    monkeypatch.setattr(kernels_ssd, "HEADS_PER_PROGRAM", hpp)
+    # State passes: several state blocks, and groups of 2 chunks (L 40: 2 groups, L 100: 4; the last one ragged).
+    monkeypatch.setattr(kernels_ssd, "STATE_BLOCK", 64)
+    monkeypatch.setattr(kernels_ssd, "CHUNKS_PER_GROUP", 2)
     t = ssd_inputs(b=2, L=L, h=4, p=16, g=g, n=16, dtype=torch.float32, D_hdim=D_hdim, seed=3)
     if not gated:
         t.pop("z")
