@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# The CPU interpreter runs no PTX: there the lane exchange of _add_channel_sums is a tl.gather (which on the GPU
+# moves the tiles to another layout and back: three shuffles for one).
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -140,24 +145,102 @@ def _delta(dl_raw, bias, m3, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _column(X_ptr, n3, d3, N, ti, L, s_xn, s_xl):
+    """B[:, ti] or C[:, ti] as a (LANES, SPT, BLOCK_D) tile in its own dtype, the same column for every channel:
+    lanes that hold the same states read the same addresses (an L1 broadcast). Loaded at the state tile's full
+    shape so that Triton gives it the state tile's layout (a (LANES, SPT, 1) load would spread the states over
+    lanes)."""
+    return tl.load(X_ptr + n3.to(tl.int64) * s_xn + ti * s_xl + d3 * 0, mask=(n3 < N) & (ti < L), other=0.)
+
+
+@triton.jit
 def _step_in(X_ptr, n3, d3, N, ti, L, s_xn, s_xl):
-    """B[:, ti] or C[:, ti] as a (LANES, SPT, BLOCK_D) tile, the same column for every channel: lanes that hold
-    the same states read the same addresses (an L1 broadcast). Loaded at the state tile's full shape so that
-    Triton gives it the state tile's layout (a (LANES, SPT, 1) load would spread the states over lanes)."""
-    return tl.load(X_ptr + n3.to(tl.int64) * s_xn + ti * s_xl + d3 * 0, mask=(n3 < N) & (ti < L),
-                   other=0.).to(tl.float32)
+    return _column(X_ptr, n3, d3, N, ti, L, s_xn, s_xl).to(tl.float32)
 
 
 @triton.jit
 def _bc_chunk(X_ptr, c, n3, d3, N, L, s_xn, s_xl, BLOCK_T: tl.constexpr):
-    """B or C of chunk c as a tuple of BLOCK_T step columns (raw dtype). Loaded a chunk ahead: with B, C
+    """B or C of chunk c (>= 0) as a tuple of BLOCK_T step columns (raw dtype). Loaded a chunk ahead: with B, C
     (L, N)-major every step's column is a new 32-byte sector, an L2 round trip if loaded where it is used."""
     cols = ()
     for i in tl.static_range(BLOCK_T):
-        ti = c * BLOCK_T + i
-        cols = cols + (tl.load(X_ptr + n3.to(tl.int64) * s_xn + ti * s_xl + d3 * 0,
-                               mask=(n3 < N) & (ti >= 0) & (ti < L), other=0.),)
+        cols = cols + (_column(X_ptr, n3, d3, N, c * BLOCK_T + i, L, s_xn, s_xl),)
     return cols
+
+
+@triton.jit
+def _from_partner(x, dl, m):
+    """x as held by the lanes of channel dl ^ m: a butterfly shuffle with lane mask = the first lane whose channel
+    has bit m (the count of trailing zeros of a ballot), whatever order Triton gave the lanes; the host makes
+    sure the channels are on lanes (_lane_exchange)."""
+    if _INTERPRET:
+        return tl.gather(x, dl ^ m, axis=2)
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        .reg .b32 b, k;
+        and.b32 k, $2, $3;
+        setp.ne.b32 p, k, 0;
+        vote.sync.ballot.b32 b, p, -1;
+        brev.b32 b, b;
+        clz.b32 k, b;
+        shfl.sync.bfly.b32 $0, $1, k, 0x1f, -1;
+        }""", "=r,r,r,r", [x, dl, dl * 0 + m], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _exchange(vals, hi, dl, m, HALF: tl.constexpr):
+    """One level of a reduce-scatter over the channel lanes: lanes with `hi` (channel bit m set) keep the upper
+    HALF of `vals`, the others the lower, each adding its partner's copy. HALF = 0: one value left, a plain
+    butterfly (both keep the sum)."""
+    kept = ()
+    if HALF == 0:
+        kept = (vals[0] + _from_partner(vals[0], dl, m),)
+    for j in tl.static_range(HALF):
+        send = tl.where(hi, vals[j], vals[j + HALF])
+        kept = kept + (tl.where(hi, vals[j + HALF], vals[j]) + _from_partner(send, dl, m),)
+    return kept
+
+
+@triton.jit
+def _add_channel_sums(dC_ptr, dB_ptr, xc, xb, lane, ti, N, L, SPT: tl.constexpr, BLOCK_D: tl.constexpr,
+                      LANE_EXCHANGE: tl.constexpr):
+    """dC[n, ti] += sum over channels of xc[n] and dB[n, ti] += that of xb[n], for (LANES, SPT, BLOCK_D) tiles.
+
+    LANE_EXCHANGE: a reduce-scatter over the BLOCK_D lanes of the channels: at each exchange a lane keeps half
+    of its values, adds its partner's copy of them, and sends the other half, so the 2 * SPT sums cost
+    2 * SPT - 1 shuffles (a butterfly per value: 2 * SPT * log2(BLOCK_D), 64 a step at N = 16, the backward's
+    largest cost) and every lane ends with different sums: one atomic per lane. It needs the channels on lanes,
+    which the host asks for only with 16-bit B and C (8 fp32 states of a thread are two vector loads, and
+    Triton then spreads them over two lanes, putting a channel bit in registers).
+    Otherwise a butterfly per value, then one atomic per state. (Per-lane atomics of unreduced values to one
+    address measured 2.3x slower on an H100.)"""
+    if not LANE_EXCHANGE:
+        tn = lane * SPT + tl.arange(0, SPT)[None, :, None]
+        off = tn.to(tl.int64) * L + ti
+        mn = (tn < N) & (ti < L)
+        tl.atomic_add(dC_ptr + off, tl.sum(xc, axis=2, keep_dims=True), mask=mn, sem="relaxed")
+        tl.atomic_add(dB_ptr + off, tl.sum(xb, axis=2, keep_dims=True), mask=mn, sem="relaxed")
+    else:
+        s = tl.arange(0, SPT)[None, :, None]
+        dl = tl.arange(0, BLOCK_D)[None, None, :] + lane * 0
+        vals = ()
+        for j in tl.static_range(SPT):
+            vals = vals + (tl.sum(tl.where(s == j, xc, 0.), axis=1)[:, None, :],)
+        for j in tl.static_range(SPT):
+            vals = vals + (tl.sum(tl.where(s == j, xb, 0.), axis=1)[:, None, :],)
+        first = dl * 0       # index in `vals` of this lane's first kept value
+        for lev in tl.static_range(BLOCK_D.bit_length() - 1):
+            hi = (dl & (BLOCK_D >> (lev + 1))) != 0      # the channel bit exchanged at this level
+            vals = _exchange(vals, hi, dl, BLOCK_D >> (lev + 1), ((2 * SPT) >> lev) // 2)
+            first += tl.where(hi, ((2 * SPT) >> lev) // 2, 0)
+        owner = (dl & (BLOCK_D // (2 * SPT) - 1 if BLOCK_D > 2 * SPT else 0)) == 0
+        for r in tl.static_range(2 * SPT // BLOCK_D if BLOCK_D < 2 * SPT else 1):
+            j = first + r
+            n = lane * SPT + j % SPT
+            off = n.to(tl.int64) * L + ti
+            tl.atomic_add(tl.where(j < SPT, dC_ptr + off, dB_ptr + off), vals[r],
+                          mask=owner & (n < N) & (ti < L), sem="relaxed")
 
 
 @triton.jit
@@ -294,7 +377,7 @@ def _adjoint_summary_kernel(
         dl_nx = _tile(dl_ptr, tp, mp, d3, lane, s_dd, s_dl)
         dy_nx = _tile(dy_ptr, tp, mp, d3, lane, s_od, s_ol)
         z_nx = _tile(z_ptr, tp, mp, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
-        C_nx = _bc_chunk(C_ptr, c - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)
+        C_nx = _bc_chunk(C_ptr, c - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)  # c >= 1: segments 1..S-1
         _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
         dy = dy_raw.to(tl.float32)
         if HAS_Z:
@@ -315,7 +398,7 @@ def _scan_bwd_kernel(
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_RESET: tl.constexpr, HAS_KIN: tl.constexpr,
+        HAS_RESET: tl.constexpr, HAS_KIN: tl.constexpr, LANE_EXCHANGE: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, SPT: tl.constexpr,
         SPAN_CHUNKS: tl.constexpr):
     """One segment per program (grid axis 2), its chunks in reverse. K is the adjoint flowing into the
@@ -333,7 +416,9 @@ def _scan_bwd_kernel(
     dC_ptr += (pid_b * G + grp) * N * L
     # Per-program scratch: the chunk-start states of one checkpoint span.
     scr_ptr += ((pid_b * n_seg + seg) * tl.num_programs(1) + tl.program_id(1)) * SPAN_CHUNKS * LANES * SPT * BLOCK_D
-    sst = n3 * s_scr + tl.arange(0, BLOCK_D)[None, None, :]  # s_scr = BLOCK_D, unspecialised
+    # Channels contiguous (s_scr = BLOCK_D, unspecialised): a thread's 8 fp32 states contiguous would be two
+    # vector loads, and Triton would then spread the states over two lanes (and channels into registers).
+    sst = n3 * s_scr + tl.arange(0, BLOCK_D)[None, None, :]
     slot = (pid_b * n_seg + seg) * N * DIM
     A2 = tl.load(A2_ptr + st, mask=mst, other=0.)
     bias = _channel_vector(bias_ptr, d3, md3, BLOCK_D, HAS_BIAS)
@@ -424,12 +509,7 @@ def _scan_bwd_kernel(
                 Bi = _step_in(B_ptr, n3, d3, N, ti, L, s_bn, s_bl)
                 g = K + _step_in(C_ptr, n3, d3, N, ti, L, s_cn, s_cl) * dy_i      # dLoss/dh_t
                 h_i = hs[BLOCK_T - 1 - ir]
-                mn = (n3 < N) & (ti < L)
-                # dC, dB: sums over channels, a butterfly over the lanes then one atomic per state
-                # (per-lane atomics to the same address measured 2.3x slower on an H100).
-                tn = n3.to(tl.int64) * L + ti
-                tl.atomic_add(dC_ptr + tn, tl.sum(h_i * dy_i, axis=2, keep_dims=True), mask=mn, sem="relaxed")
-                tl.atomic_add(dB_ptr + tn, tl.sum(g * dtu_i, axis=2, keep_dims=True), mask=mn, sem="relaxed")
+                _add_channel_sums(dC_ptr, dB_ptr, h_i * dy_i, g * dtu_i, lane, ti, N, L, SPT, BLOCK_D, LANE_EXCHANGE)
                 gh = g * (h_i - dtu_i * Bi)                                             # g_t a_t h_{t-1}
                 dA_acc += gh * dt_i
                 gB = _nsum(g * Bi)
@@ -557,6 +637,51 @@ def _lanes(N: int, block_d: int, warps: int) -> dict:
     return dict(LANES=lanes, SPT=bn // lanes)
 
 
+_EXCHANGE_OK: dict = {}
+
+
+def _spec_key(args, kwargs) -> tuple:
+    """At least what Triton specialises a launch on (tensors: dtype, 16-byte alignment; ints: equal to 1,
+    divisible by 16, 32-bit; constexprs): launches with one key run one compiled kernel."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return a.dtype, a.data_ptr() % 16 == 0
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
+        return a
+    return tuple(map(one, args)) + tuple(sorted(kwargs.items()))
+
+
+def _channels_on_lanes(kernel, block_d: int) -> bool:
+    """Whether every lane exchange (inline asm) of a compiled kernel runs on a layout with each lane holding one
+    channel: sizePerThread 1 and at least block_d lanes along the channel axis."""
+    ttgir = kernel.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", ttgir, re.M))
+    used = re.findall(r"elementwise_inline_asm.*-> tensor<[^,>]+, (#\w+)>", ttgir)
+    for name in set(used):
+        spec = layouts.get(name, "")
+        size = re.search(r"sizePerThread = \[(\d+), (\d+), (\d+)\]", spec)
+        threads = re.search(r"threadsPerWarp = \[(\d+), (\d+), (\d+)\]", spec)
+        if not (size and threads and size.group(3) == "1" and int(threads.group(3)) >= block_d):
+            return False
+    return bool(used)
+
+
+def _lane_exchange(args, kwargs, grid, block_d: int) -> bool:
+    """Sum dB/dC over channels by reduce-scatter (see _add_channel_sums)? Its shuffles need the channels on
+    lanes, and where Triton puts them depends on dtypes, strides and alignment (fp32 B/C: a lane's 8 states
+    are two vector loads, which Triton spreads over two lanes; unaligned strides: scalar loads). So each
+    specialisation is compiled once with the exchange and its layout read back; if a channel bit landed in
+    registers, that specialisation runs the butterfly. The interpreter emulates the exchange: always on."""
+    if _INTERPRET.value:
+        return True
+    key = _spec_key(args, kwargs)
+    if key not in _EXCHANGE_OK:
+        kernel = _scan_bwd_kernel.warmup(*args, grid=grid, LANE_EXCHANGE=True, **kwargs)
+        _EXCHANGE_OK[key] = _channels_on_lanes(kernel, block_d)
+    return _EXCHANGE_OK[key]
+
+
 def _flags(D, z, delta_bias, softplus, reset):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 SOFTPLUS=bool(softplus), HAS_RESET=reset is not None)
@@ -658,12 +783,13 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     dA = torch.empty(b, n_seg, N, dim, **f32)
     dD = torch.empty(b, n_seg, dim, **f32)
     dbias = torch.empty(b, n_seg, dim, **f32)
-    _scan_bwd_kernel[(b, n_db, n_seg)](
-        u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
-        du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
-        L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd,
-        *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *du.stride(),
-        HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
+    args = (u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
+            du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
+            L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd,
+            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *du.stride())
+    kw = dict(HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
+    grid = (b, n_db, n_seg)
+    _scan_bwd_kernel[grid](*args, LANE_EXCHANGE=_lane_exchange(args, kw, grid, bd), **kw)
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (du, ddelta, dA.sum((0, 1)).t(), dB, dC, dD.sum((0, 1)), dz if z is not None else None,

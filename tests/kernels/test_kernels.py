@@ -75,6 +75,7 @@ def check_scan(t: dict, softplus: bool, tol: float, config: ScanConfig | None = 
     dict(b=1, d=4, L=9, n=4, groups=2),               # grouped B/C
     dict(b=2, d=3, L=6, n=2, full=False, h0=False),   # bare scan, no softplus
     dict(b=1, d=2, L=1, n=4),                         # L = 1
+    dict(b=1, d=8, L=5, n=1),                         # more channel lanes than dB/dC sums
 ])
 def test_scan_matches_reference_cpu(case):
     full = case.get("full", True)
