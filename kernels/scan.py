@@ -155,6 +155,7 @@ def _column(X_ptr, n3, d3, N, ti, L, s_xn, s_xl):
 
 @triton.jit
 def _step_in(X_ptr, n3, d3, N, ti, L, s_xn, s_xl):
+    """_column in fp32, loaded where it is used."""
     return _column(X_ptr, n3, d3, N, ti, L, s_xn, s_xl).to(tl.float32)
 
 
@@ -210,9 +211,8 @@ def _add_channel_sums(dC_ptr, dB_ptr, xc, xb, lane, ti, N, L, SPT: tl.constexpr,
     LANE_EXCHANGE: a reduce-scatter over the BLOCK_D lanes of the channels: at each exchange a lane keeps half
     of its values, adds its partner's copy of them, and sends the other half, so the 2 * SPT sums cost
     2 * SPT - 1 shuffles (a butterfly per value: 2 * SPT * log2(BLOCK_D), 64 a step at N = 16, the backward's
-    largest cost) and every lane ends with different sums: one atomic per lane. It needs the channels on lanes,
-    which the host asks for only with 16-bit B and C (8 fp32 states of a thread are two vector loads, and
-    Triton then spreads them over two lanes, putting a channel bit in registers).
+    largest cost) and every lane ends with different sums: one atomic per lane. It needs each lane to hold one
+    channel, which the host checks in the compiled layout (_lane_exchange).
     Otherwise a butterfly per value, then one atomic per state. (Per-lane atomics of unreduced values to one
     address measured 2.3x slower on an H100.)"""
     if not LANE_EXCHANGE:

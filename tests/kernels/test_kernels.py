@@ -98,6 +98,28 @@ def test_scan_parallel_segments_cpu(groups):
     check_scan(scan_inputs(b=2, d=4, L=37, n=3, groups=groups, seed=7), softplus=True, tol=1e-4, config=cfg)
 
 
+def test_lane_exchange_runs_only_where_channels_are_on_lanes():
+    # _channels_on_lanes reads the layout of the compiled exchange (TTGIR lines as Triton 3.6 prints them):
+    # one channel per lane passes; channels partly in registers (fp32 B/C at 8 states per lane) or states on
+    # lanes (unaligned B/C) do not, and the backward then takes the butterfly.
+    from kernels.scan import _channels_on_lanes
+
+    def kernel(size, threads, with_asm=True):
+        asm = ('    %k = tt.elementwise_inline_asm "shfl" {constraints = "=r,r,r,r", packed_element = 1 : i32, '
+               'pure = true} %s, %dl, %m : tensor<2x1x16xf32, #blocked1>, tensor<2x1x16xi32, #blocked1>, '
+               'tensor<2x1x16xi32, #blocked1> -> tensor<2x1x16xf32, #blocked1> loc(#loc9)\n')
+        ttgir = ("#blocked = #ttg.blocked<{sizePerThread = [1, 8, 1], threadsPerWarp = [2, 1, 16], "
+                 "warpsPerCTA = [1, 1, 1], order = [1, 0, 2]}>\n"
+                 f"#blocked1 = #ttg.blocked<{{sizePerThread = {size}, threadsPerWarp = {threads}, "
+                 "warpsPerCTA = [1, 1, 1], order = [1, 0, 2]}>\n" + (asm if with_asm else ""))
+        return type("Compiled", (), {"asm": {"ttgir": ttgir}})()
+
+    assert _channels_on_lanes(kernel("[1, 1, 1]", "[2, 1, 16]"), 16)
+    assert not _channels_on_lanes(kernel("[1, 1, 2]", "[2, 2, 8]"), 16)     # a channel bit in registers
+    assert not _channels_on_lanes(kernel("[1, 1, 1]", "[2, 8, 2]"), 16)     # states on lanes
+    assert not _channels_on_lanes(kernel("[1, 1, 1]", "[2, 1, 16]", with_asm=False), 16)
+
+
 def test_default_config_cuts_long_sequences_into_segments():
     small = kernels.default_config(1536, 65536, 16, batch=1)
     assert small.seg_chunks > 0 and small.seg_chunks % small.ckpt_chunks == 0
