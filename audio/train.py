@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 
 from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError, main_entry
-from ssm_core.training import TrainConfig, make_trainer, mixer_field, resume_checkpoint
+from ssm_core.training import (
+    TrainConfig,
+    make_trainer,
+    mixer_field,
+    residual_in_fp32_field,
+    resume_checkpoint,
+)
 
 from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root
 from .evaluate import evaluate_items, write_report
@@ -58,9 +64,7 @@ class AudioTrainConfig(TrainConfig):
     d_state: int = 16
     expand: int = 2
     mixer: str = mixer_field()
-    residual_in_fp32: bool = field(default=True, metadata={
-        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the input projection's "
-                "dtype, bf16 under --precision bf16-mixed or bf16-true"})
+    residual_in_fp32: bool = residual_in_fp32_field()
     label_frames: int = 15
     lr: float = 2e-3
     weight_decay: float = 0.05

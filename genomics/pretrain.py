@@ -26,6 +26,7 @@ from ssm_core.training import (
     make_trainer,
     mixer_field,
     prepare_output_dir,
+    residual_in_fp32_field,
     resume_checkpoint,
 )
 
@@ -72,9 +73,7 @@ class PretrainConfig(TrainConfig):
     rc_equivariant: bool = False
     bidirectional: bool = False
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})
-    residual_in_fp32: bool = field(default=True, metadata={
-        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the embedding's dtype, "
-                "bf16 under --precision bf16-true"})
+    residual_in_fp32: bool = residual_in_fp32_field()
     lr: float = 0.01
     weight_decay: float = field(default=0.0, metadata={
         "help": "AdamW decay of matrices (0 for the demo: decay slowed the memorising of repeats)"})

@@ -51,6 +51,14 @@ def mixer_field(default: str = "mamba"):
         "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
 
 
+def residual_in_fp32_field():
+    """The `--residual-in-fp32 / --no-residual-in-fp32` option every package's config has (MambaConfig's)."""
+    return field(default=True, metadata={
+        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the dtype the embedding or "
+                "input projection produces (bf16 under --precision bf16-true; a linear input projection gives "
+                "bf16 under bf16-mixed too)"})
+
+
 def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
     """Create the output folder and prove it is writable, before any work is done."""
     p = Path(path)

@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 from ssm_core import check_mixer_spec
 from ssm_core.cli import UserError
 from ssm_core.io import atomic_path, write_json_atomic
-from ssm_core.training import TrainConfig, checkpoint_dir, make_trainer, mixer_field, resume_checkpoint
+from ssm_core.training import (
+    TrainConfig,
+    checkpoint_dir,
+    make_trainer,
+    mixer_field,
+    residual_in_fp32_field,
+    resume_checkpoint,
+)
 
 from .data import Mode, Prepared, Protocol
 from .models import ForecasterConfig, build_model, pinball_loss, point_forecast, repeat_last, seasonal_naive
@@ -57,9 +64,7 @@ class FitConfig(TrainConfig):
     n_layer: int = 2
     d_state: int = 8
     mixer: str = mixer_field()
-    residual_in_fp32: bool = field(default=True, metadata={
-        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the input projection's "
-                "dtype, bf16 under --precision bf16-mixed or bf16-true"})
+    residual_in_fp32: bool = residual_in_fp32_field()
     patch_len: int = 16
     patch_stride: int = 8
     dropout: float = 0.1
