@@ -202,14 +202,19 @@ class Mamba(nn.Module):
             raise ValueError(f"{name}: sequence length must be >= 1")
 
     # --- full sequence --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, L, d_model) -> (batch, L, d_model)."""
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model). Given `norm` (the block's pre-norm, an RMSNorm with
+        `weight` and `eps`), x is the residual stream and the result x + mixer(norm(x)): for the selective
+        mixer one fused function that saves the stream but not its normalised copy (training memory)."""
         self._check_input(x)
+        if norm is not None and not self.selective:
+            return x + self(norm(x, out_dtype=norm.weight.dtype))
         A = -torch.exp(self.A_log.float())
         if self.selective:
+            nw, eps = (None, 1e-5) if norm is None else (norm.weight, norm.eps)
             return mamba_inner(x, self.in_proj.weight, self.in_proj.bias, self._conv_weight(), self.conv1d.bias,
                                self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, A, self.D.float(),
-                               self.out_proj.weight, self.out_proj.bias)
+                               self.out_proj.weight, self.out_proj.bias, norm_weight=nw, norm_eps=eps)
         xz = self.in_proj(x).transpose(1, 2)                           # (b, 2*d_inner, L)
         u, z = xz.chunk(2, dim=1)
         u = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, activation="silu")

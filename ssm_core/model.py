@@ -229,6 +229,8 @@ class Block(nn.Module):
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         # The mixer runs in the parameters' (or autocast's) dtype. The sum promotes its output to the
         # residual's dtype (float32 with residual_in_fp32) in the same kernel.
+        if type(self.mixer) is Mamba and type(self.norm) is RMSNorm:   # norm, mixer and add fused
+            return self.mixer(residual, norm=self.norm)
         return residual + self.mixer(self.norm(residual, out_dtype=self.norm.weight.dtype))
 
     def stream(self, residual: torch.Tensor, state):

@@ -79,17 +79,19 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
 
 
 def mamba_inner(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None):
-    """The selective Mamba block from its parameters; semantics of `mamba_inner_ref`. On CUDA one fused
-    autograd function (kernels.mamba_inner: no layout copies, recomputes instead of saving); elsewhere
-    the reference composition over this backend's scan and conv."""
+                dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None, norm_weight=None, norm_eps=1e-5):
+    """The selective Mamba block from its parameters (with `norm_weight`: the pre-norm residual block
+    x + inner(rms_norm(x))); semantics of `mamba_inner_ref`. On CUDA one fused autograd function
+    (kernels.mamba_inner: no layout copies, recomputes instead of saving); elsewhere the reference
+    composition over this backend's scan, conv and norm."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError("x: expected a torch.Tensor of shape (batch, L, d_model)")
+        raise ValueError("x: expected a tensor of shape (batch, L, d_model)")
     args = (x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
-            A, D, out_proj_weight, out_proj_bias)
+            A, D, out_proj_weight, out_proj_bias, norm_weight, norm_eps)
     if backend_for(x) == "triton":
         return _impl(x, "mamba_inner")(*args)
-    return reference.mamba_inner_ref(*args, scan=_impl(x, "selective_scan"), conv=_impl(x, "causal_conv1d"))
+    return reference.mamba_inner_ref(*args, scan=_impl(x, "selective_scan"), conv=_impl(x, "causal_conv1d"),
+                                     norm=_impl(x, "rms_norm"))
 
 
 def rms_norm(x, weight, eps=1e-5, out_dtype=None):

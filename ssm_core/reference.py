@@ -192,11 +192,19 @@ def selective_inputs_ref(u, x_proj_weight, dt_proj_weight):
 
 
 def mamba_inner_ref(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                    dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None, scan=None, conv=None):
+                    dt_proj_bias, A, D, out_proj_weight, out_proj_bias=None, norm_weight=None, norm_eps=1e-5,
+                    scan=None, conv=None, norm=None):
     """The selective Mamba block from its parameters (mamba_ssm's `mamba_inner_ref`): x (batch, L, d_model)
     -> in_proj -> (u, z); u = silu(causal conv(u)); (dt, B, C) = x_proj(u); delta = dt_proj(dt) without
     its bias (the scan adds it before the softplus); y = scan(...) gated by silu(z); out_proj(y).
-    `scan` and `conv` default to this module's ops (the CPU dispatch passes its faster ones)."""
+    With `norm_weight`, the pre-norm residual block: x is the residual stream and the result
+    x + inner(rms_norm(x, norm_weight, norm_eps) in norm_weight's dtype), promoted.
+    `scan`, `conv` and `norm` default to this module's ops (the CPU dispatch passes its faster ones)."""
+    if norm_weight is not None:
+        h = (norm or rms_norm_ref)(x, norm_weight, norm_eps, norm_weight.dtype)
+        return x + mamba_inner_ref(h, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight,
+                                   dt_proj_weight, dt_proj_bias, A, D, out_proj_weight, out_proj_bias,
+                                   scan=scan, conv=conv)
     scan = scan or selective_scan_ref
     conv = conv or causal_conv1d_ref
     xz = F.linear(x, in_proj_weight, in_proj_bias).transpose(1, 2)        # (b, 2 d_in, L)

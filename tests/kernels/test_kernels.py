@@ -228,7 +228,7 @@ def test_mamba_streams_on_the_kernels_cpu(monkeypatch):
     assert set(calls) == {"selective_scan", "causal_conv1d", "selective_state_update", "mamba_inner"}
 
 
-def mamba_inner_params(d_model, d_inner, n, r, K=4, biases=False, device="cpu", seed=0):
+def mamba_inner_params(d_model, d_inner, n, r, K=4, biases=False, device="cpu", seed=0, norm=False):
     g = torch.Generator(device=device).manual_seed(seed)
     r_ = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     return dict(in_proj_weight=r_(2 * d_inner, d_model) / d_model ** 0.5,
@@ -237,13 +237,15 @@ def mamba_inner_params(d_model, d_inner, n, r, K=4, biases=False, device="cpu", 
                 x_proj_weight=r_(r + 2 * n, d_inner) / d_inner ** 0.5, dt_proj_weight=r_(d_inner, r) / r ** 0.5,
                 dt_proj_bias=r_(d_inner) * 0.3 - 2, A=-torch.rand(d_inner, n, generator=g, device=device) * 2 - 0.1,
                 D=r_(d_inner), out_proj_weight=r_(d_model, d_inner) / d_inner ** 0.5,
-                out_proj_bias=r_(d_model) * 0.1 if biases else None)
+                out_proj_bias=r_(d_model) * 0.1 if biases else None,
+                norm_weight=1 + 0.2 * r_(d_model) if norm else None)
 
 
-def check_mamba_inner(b, L, d_model, d_inner, n, r, biases, device, dtype, tol, seed=0):
+def check_mamba_inner(b, L, d_model, d_inner, n, r, biases, device, dtype, tol, seed=0, norm=False):
     """kernels.mamba_inner (fp32 parameters, `dtype` autocast on CUDA) vs mamba_inner_ref in float64: the
-    output and the gradient of the input and of every parameter."""
-    p = mamba_inner_params(d_model, d_inner, n, r, biases=biases, device=device, seed=seed)
+    output and the gradient of the input and of every parameter. With `norm`, the pre-norm residual block
+    (x an fp32 residual stream, RMSNorm weight among the parameters)."""
+    p = mamba_inner_params(d_model, d_inner, n, r, biases=biases, device=device, seed=seed, norm=norm)
     x = torch.randn(b, L, d_model, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1))
     p_k = {k: v.clone().requires_grad_() for k, v in p.items() if v is not None}
     p_r = {k: v.double().requires_grad_() for k, v in p.items() if v is not None}
@@ -266,19 +268,20 @@ def check_mamba_inner(b, L, d_model, d_inner, n, r, biases, device, dtype, tol, 
         x_c = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=dtype):
             y_c = mamba_inner_ref(x_c, **{k: p_c.get(k) for k in p}, scan=kernels.selective_scan,
-                                  conv=kernels.causal_conv1d)
+                                  conv=kernels.causal_conv1d, norm=kernels.rms_norm)
         (y_c.double() * gy).sum().backward()
         comp = {k: rel(p_c[k].grad, p_r[k].grad) for k in p_c} | {"x": rel(x_c.grad, x_r.grad)}
         limit = {k: max(tol, 1.5 * comp[k]) for k in errs}
     assert all(errs[k] < limit[k] for k in errs), (errs, limit)
 
 
-@pytest.mark.parametrize("biases", [False, True])
-def test_mamba_inner_matches_reference_cpu(biases):
-    """The fused block (one layout, no copies, conv and delta recomputed in the backward) equals the
-    composition of reference ops, output and every gradient (interpreter, tiny shapes, 2 chunks + tail)."""
+@pytest.mark.parametrize("biases,norm", [(False, False), (True, False), (True, True)])
+def test_mamba_inner_matches_reference_cpu(biases, norm):
+    """The fused block (one layout, no copies, conv and delta recomputed in the backward; with `norm` the
+    pre-norm residual block, its normalised input recomputed too) equals the composition of reference ops,
+    output and every gradient (interpreter, tiny shapes, 2 chunks + tail)."""
     check_mamba_inner(b=2, L=19, d_model=6, d_inner=8, n=4, r=3, biases=biases, device="cpu",
-                      dtype=torch.float32, tol=1e-4)
+                      dtype=torch.float32, tol=1e-4, norm=norm)
 
 
 def check_rms_norm(shape, in_dtype, out_dtype, device, tol):
@@ -402,10 +405,12 @@ def test_conv_and_state_update_cuda(dtype):
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,L", [(torch.float32, 2048), (torch.bfloat16, 4096), (torch.bfloat16, 65536)])
-def test_mamba_inner_cuda(dtype, L):
+@pytest.mark.parametrize("dtype,L,norm", [(torch.float32, 2048, False), (torch.bfloat16, 4096, False),
+                                          (torch.bfloat16, 65536, False), (torch.float32, 2048, True),
+                                          (torch.bfloat16, 4096, True)])
+def test_mamba_inner_cuda(dtype, L, norm):
     check_mamba_inner(b=2 if L < 65536 else 1, L=L, d_model=64, d_inner=128, n=16, r=4, biases=True,
-                      device="cuda", dtype=dtype, tol=TOL[dtype])
+                      device="cuda", dtype=dtype, tol=TOL[dtype], norm=norm)
 
 
 @cuda
