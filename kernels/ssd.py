@@ -18,6 +18,10 @@ Backward, five launches, the same structure transposed:
   _bwd_dc         per query tile i and a few heads of a group: dC (likewise) and the query part of d(cs)
 and a few (b, h, L)-sized PyTorch ops to turn d(cs) into d(dt), d(A), d(dt_bias).
 Matmul operands are cast to the input dtype (bf16 inputs -> bf16 tensor-core matmuls, fp32 accumulate).
+The chunk-start states and the chunk-end state gradients, (b, h, chunks, p, n) each and read by every tile
+of their chunk, are also written in that dtype by the passes that make them (the states stay in fp32 too,
+for the d(decay) sums of _dstate_pass): the tile kernels read half the bytes, with the rounding their
+matmuls did anyway (H100, batch 8, L 8192, d_state 128: forward+backward 5.16 -> 4.95 ms).
 """
 from __future__ import annotations
 
@@ -88,9 +92,11 @@ def _affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _state_pass(S_ptr, CS_ptr, H0_ptr, FIN_ptr, Lp, nc, PN, Q: tl.constexpr, HAS_H0: tl.constexpr,
+def _state_pass(S_ptr, SX_ptr, CS_ptr, H0_ptr, FIN_ptr, Lp, nc, PN, Q: tl.constexpr, HAS_H0: tl.constexpr,
                 BLOCK: tl.constexpr, CPG: tl.constexpr):
-    """In place: S[b, h, c] <- the state at the start of chunk c; FIN <- the state after the last chunk.
+    """In place: S[b, h, c] <- the state at the start of chunk c, and the same in SX (the matmul dtype, read
+    by _chunk_scan and _bwd_dc: half the bytes of fp32 at bf16, rounded as their matmuls round it anyway);
+    FIN <- the state after the last chunk.
     The chunks are walked CPG at a time: one group's CPG local states are loaded together and combined by an
     associative scan of s -> exp(cs_end) s + local, so a program waits one memory latency per group rather
     than per chunk (at batch 1 the walk over thousands of chunks is latency bound)."""
@@ -112,8 +118,13 @@ def _state_pass(S_ptr, CS_ptr, H0_ptr, FIN_ptr, Lp, nc, PN, Q: tl.constexpr, HAS
         after = a * s[None, :] + b  # row r: the state after chunk c0 + r
         # Chunk c0 starts from the carried state, chunk c + 1 from row r (stored one chunk on; the group's
         # last row is the next group's carry: its slot is not loaded yet).
-        tl.store(S_ptr + (bh.to(tl.int64) * nc + c0) * PN + offs, s, mask=m)
-        tl.store(ptr + PN, after, mask=((rows < CPG - 1) & (c + 1 < nc))[:, None] & m[None, :])
+        first = (bh.to(tl.int64) * nc + c0) * PN + offs
+        tl.store(S_ptr + first, s, mask=m)
+        tl.store(SX_ptr + first, s.to(SX_ptr.dtype.element_ty), mask=m)
+        rest = (bh.to(tl.int64) * nc + c + 1)[:, None] * PN + offs[None, :]
+        m_rest = ((rows < CPG - 1) & (c + 1 < nc))[:, None] & m[None, :]
+        tl.store(S_ptr + rest, after, mask=m_rest)
+        tl.store(SX_ptr + rest, after.to(SX_ptr.dtype.element_ty), mask=m_rest)
         s = tl.sum(tl.where(rows[:, None] == CPG - 1, after, 0.), axis=0)
     tl.store(FIN_ptr + bh.to(tl.int64) * PN + offs, s, mask=m)
 
@@ -175,12 +186,13 @@ def _chunk_scan(X_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, D_ptr, Z_ptr, Y_ptr,
 
 
 @triton.jit
-def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp, nc, PN,
+def _dstate_pass(DS_ptr, DSX_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp, nc, PN,
                  Q: tl.constexpr, HAS_DFIN: tl.constexpr, BLOCK: tl.constexpr, CPG: tl.constexpr):
     """Reverse over chunks, CPG at a time as in _state_pass (rows in descending chunk order, so that the scan
     runs forward). In: DS[c] = the chunk's local gradient (from _chunk_outer mode 1), S[c] = the state at chunk
-    c's start. Out, in place: DS[c] <- the gradient w.r.t. the state at chunk c's END; DH0; and DDEC[b, h, blk,
-    c] = this block's part of <dS_end_c, s_end_c>, the gradient w.r.t. cs at the chunk's last step (its decay)."""
+    c's start. Out: DSX[c] (the matmul dtype; may be DS itself) <- the gradient w.r.t. the state at chunk c's
+    END; DH0; and DDEC[b, h, blk, c] = this block's part of <dS_end_c, s_end_c>, the gradient w.r.t. cs at the
+    chunk's last step (its decay). A slot of DS is overwritten only after it was read."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
@@ -204,10 +216,10 @@ def _dstate_pass(DS_ptr, S_ptr, FIN_ptr, CS_ptr, DFIN_ptr, DH0_ptr, DDEC_ptr, Lp
         # The top chunk's end gradient is the carry; chunk c - 1's is row r (its state at the end: s_start).
         s_top = tl.load(S_ptr + (bh.to(tl.int64) * nc + top + 1) * PN + offs, mask=m & (top + 1 < nc), other=0.)
         s_top = tl.where(top + 1 < nc, s_top, fin)
-        tl.store(DS_ptr + (bh.to(tl.int64) * nc + top) * PN + offs, ds, mask=m)
+        tl.store(DSX_ptr + (bh.to(tl.int64) * nc + top) * PN + offs, ds.to(DSX_ptr.dtype.element_ty), mask=m)
         tl.store(ddec_ptr + top, tl.sum(ds * s_top, axis=0))
         shift = (rows < CPG - 1) & (c >= 1)  # the group's last row is the next group's carry
-        tl.store(DS_ptr + ptr - PN, d_start, mask=shift[:, None] & m[None, :])
+        tl.store(DSX_ptr + ptr - PN, d_start.to(DSX_ptr.dtype.element_ty), mask=shift[:, None] & m[None, :])
         tl.store(ddec_ptr + c - 1, tl.sum(d_start * s_start, axis=1), mask=shift)
         ds = tl.sum(tl.where(rows[:, None] == CPG - 1, d_start, 0.), axis=0)
     tl.store(DH0_ptr + bh.to(tl.int64) * PN + offs, ds, mask=m)
@@ -375,14 +387,19 @@ def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
 
 
 # Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles), and
-# warps per program. 4 warps in the backward too: at 8 warps its tiles fit in registers without spilling,
-# but only one program runs per SM, and the backward took 1.2x as long (H100, batch 8, L 8192, d_state 128).
+# warps per program. _bwd_dx and _bwd_db at 4 warps (at 8 one program runs per SM: forward+backward 5.68 /
+# 4.95 vs 4.83 ms with dx / db at 8, H100, batch 8, L 8192, d_state 128); _bwd_dc, which spilled at 4, at 8
+# (1.25 vs 1.37 ms for that kernel, 4.80 vs 4.95 ms in all).
 BLOCK_M = 64
 BLOCK_M_BWD = 64
 WARPS_FWD = 4
-WARPS_BWD = 4
+WARPS_BWD_DX = 4
+WARPS_BWD_DB = 4
+WARPS_BWD_DC = 8
 # The state passes: P*N elements of a state per program (more programs: more loads in flight at batch 1) and
-# chunks per group (one memory latency per group of chunks; see _state_pass).
+# chunks per group (one memory latency per group of chunks; see _state_pass). (512 measured 4.77 vs 4.83 ms
+# at batch 8, L 8192, d_state 128 and equal at batch 1, L 65536; not tried at L 262144, batch 1, where
+# fewer programs may cost: kept at 256.)
 STATE_BLOCK = 256
 CHUNKS_PER_GROUP = 16
 # Heads of a group one _bwd_db / _bwd_dc program walks (summing them before the N-wide products); the splits
@@ -413,18 +430,19 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
     final = torch.empty(b, H, P, N, device=dev, dtype=torch.float32)
     PN = P * N
     SB = min(STATE_BLOCK, triton.next_power_of_2(PN))
-    _state_pass[(b * H, triton.cdiv(PN, SB))](S, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB,
+    Sx = S if x.dtype == torch.float32 else torch.empty(S.shape, device=dev, dtype=x.dtype)
+    _state_pass[(b * H, triton.cdiv(PN, SB))](S, Sx, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB,
                                               CPG=CHUNKS_PER_GROUP)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
-    _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, S, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
+    _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, Sx, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
                                          HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2,
                                          HAS_Z=z is not None, Q=Q, BM=BM, BP=BP, BN=BN,
                                          num_warps=WARPS_FWD)
-    return y, final, y_pre, DT, CS, S
+    return y, final, y_pre, DT, CS, S, Sx
 
 
-def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre, DT, CS, S, final):
+def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre, DT, CS, S, Sx, final):
     b, L, H, P = x.shape
     G, N = B.shape[2:]
     BP, BN, BM = _blocks(P, N, Q)
@@ -445,7 +463,8 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     nsb = triton.cdiv(PN, SB)
     dh0 = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
     ddec = torch.empty(b, H, nsb, nc, device=x.device, dtype=torch.float32)  # per state block, summed below
-    _dstate_pass[(b * H, nsb)](DS, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q, HAS_DFIN=dfinal is not None,
+    DSx = DS if x.dtype == torch.float32 else torch.empty(DS.shape, device=x.device, dtype=x.dtype)
+    _dstate_pass[(b * H, nsb)](DS, DSx, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q, HAS_DFIN=dfinal is not None,
                                BLOCK=SB, CPG=CHUNKS_PER_GROUP)
     ddec = ddec.sum(2)
     dx = torch.empty_like(x)
@@ -455,14 +474,15 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DCS = torch.empty_like(DT)
     hpp = min(HEADS_PER_PROGRAM, H // G)
     BM = min(Q, BLOCK_M_BWD)
-    _bwd_dx[(nc * (Q // BM), b * H)](x, dy, DT, CS, B, C, DS, D, dx, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
+    del DS
+    _bwd_dx[(nc * (Q // BM), b * H)](x, dy, DT, CS, B, C, DSx, D, dx, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
                                      HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP,
-                                     BN=BN, num_warps=WARPS_BWD)
+                                     BN=BN, num_warps=WARPS_BWD_DX)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
-    _bwd_db[grid](x, dy, DT, CS, C, DS, dB, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                  num_warps=WARPS_BWD)
-    _bwd_dc[grid](x, dy, DT, CS, B, C, S, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                  HPP2=triton.next_power_of_2(hpp), num_warps=WARPS_BWD)
+    _bwd_db[grid](x, dy, DT, CS, C, DSx, dB, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+                  num_warps=WARPS_BWD_DB)
+    _bwd_dc[grid](x, dy, DT, CS, B, C, Sx, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+                  HPP2=triton.next_power_of_2(hpp), num_warps=WARPS_BWD_DC)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
     dcs[..., -1] += ddec
@@ -486,16 +506,16 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
 class _SSDFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
-        y, final, y_pre, DT, CS, S = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, final)
+        y, final, y_pre, DT, CS, S, Sx = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, Sx, final)
         ctx.Q, ctx.softplus = Q, softplus
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, final = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, Sx, final = ctx.saved_tensors
         grads = _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, ctx.Q, ctx.softplus, y_pre, DT, CS, S,
-                          final)
+                          Sx, final)
         return (*grads, None, None)
 
 
