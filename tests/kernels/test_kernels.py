@@ -228,6 +228,32 @@ def test_mamba_streams_on_the_kernels_cpu(monkeypatch):
     assert set(calls) == {"selective_scan", "causal_conv1d", "selective_state_update", "mamba_inner"}
 
 
+def test_backbone_fuses_norm_and_residual_on_the_kernels_cpu(monkeypatch):
+    """On the kernels, each Mamba block of the backbone is one mamba_inner call with its pre-norm's weight
+    (norm, mixer and residual add fused) and the LM's logits and gradients equal the unfused composition on
+    the CPU backend."""
+    torch.manual_seed(0)
+    lm = ssm_core.MambaLM(ssm_core.MambaConfig(d_model=8, n_layer=2, vocab_size=12, d_state=4, expand=2))
+    ids = torch.randint(0, 12, (2, 7))
+
+    def run():
+        lm.zero_grad(set_to_none=True)
+        logits = lm(ids)
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()}
+
+    y_ref, g_ref = run()
+    monkeypatch.setenv("SSM_CORE_BACKEND", "triton")
+    norms = []
+    fn = kernels.mamba_inner
+    monkeypatch.setattr(kernels, "mamba_inner", lambda *a, _fn=fn, **k: norms.append(a[12]) or _fn(*a, **k))
+    y, g = run()
+    assert len(norms) == 2 and all(w is lm.backbone.layers[i].norm.weight for i, w in enumerate(norms))
+    assert rel(y, y_ref) < 1e-5
+    errs = {k: rel(g[k], g_ref[k]) for k in g_ref}
+    assert all(e < 1e-4 for e in errs.values()), errs
+
+
 def mamba_inner_params(d_model, d_inner, n, r, K=4, biases=False, device="cpu", seed=0, norm=False):
     g = torch.Generator(device=device).manual_seed(seed)
     r_ = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
