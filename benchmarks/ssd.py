@@ -46,7 +46,7 @@ class SSDBenchConfig:
 
 # Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
 VARIANTS = {"WARPS_BWD_DX=8": {"WARPS_BWD_DX": 8}, "WARPS_BWD_DB=8": {"WARPS_BWD_DB": 8}, "WARPS_BWD_DC=4": {"WARPS_BWD_DC": 4}, "HEADS_PER_PROGRAM=4": {"HEADS_PER_PROGRAM": 4},
-            "HEADS_PER_PROGRAM=24": {"HEADS_PER_PROGRAM": 24}, "STATE_BLOCK=128": {"STATE_BLOCK": 128}}
+            "HEADS_PER_PROGRAM=24": {"HEADS_PER_PROGRAM": 24}, "STATE_BLOCK=256": {"STATE_BLOCK": 256}}
 
 
 def rel(a, b) -> float:

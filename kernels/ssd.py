@@ -397,10 +397,10 @@ WARPS_BWD_DX = 4
 WARPS_BWD_DB = 4
 WARPS_BWD_DC = 8
 # The state passes: P*N elements of a state per program (more programs: more loads in flight at batch 1) and
-# chunks per group (one memory latency per group of chunks; see _state_pass). (512 measured 4.77 vs 4.83 ms
-# at batch 8, L 8192, d_state 128 and equal at batch 1, L 65536; not tried at L 262144, batch 1, where
-# fewer programs may cost: kept at 256.)
-STATE_BLOCK = 256
+# chunks per group (one memory latency per group of chunks; see _state_pass). 512 vs 256, forward+backward
+# at d_state 128, H100, two runs each: 4.77 / 4.74 vs 4.86 / 4.80 ms at batch 8, L 8192; 1.71 / 2.04 vs
+# 1.86 / 2.11 ms at batch 8, L 2048; 18.88 / 18.88 vs 18.84 / 18.83 ms at batch 1, L 262144.
+STATE_BLOCK = 512
 CHUNKS_PER_GROUP = 16
 # Heads of a group one _bwd_db / _bwd_dc program walks (summing them before the N-wide products); the splits
 # of a group add their partial dB / dC with fp32 atomics. Fewer heads per program: more programs in flight.
