@@ -85,7 +85,7 @@ def mamba_inner(x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_
     (kernels.mamba_inner: no layout copies, recomputes instead of saving); elsewhere the reference
     composition over this backend's scan, conv and norm."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError("x: expected a tensor of shape (batch, L, d_model)")
+        raise ValueError("x: expected a torch.Tensor of shape (batch, L, d_model)")
     args = (x, in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
             A, D, out_proj_weight, out_proj_bias, norm_weight, norm_eps)
     if backend_for(x) == "triton":
