@@ -45,7 +45,8 @@ class SSDBenchConfig:
 
 
 # Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
-VARIANTS = {"WARPS_BWD_DX=8": {"WARPS_BWD_DX": 8}, "WARPS_BWD_DB=8": {"WARPS_BWD_DB": 8}, "WARPS_BWD_DC=4": {"WARPS_BWD_DC": 4}, "HEADS_PER_PROGRAM=4": {"HEADS_PER_PROGRAM": 4},
+VARIANTS = {"WARPS_BWD_DX=8": {"WARPS_BWD_DX": 8}, "WARPS_BWD_DB=8": {"WARPS_BWD_DB": 8},
+            "WARPS_BWD_DC=4": {"WARPS_BWD_DC": 4}, "HEADS_PER_PROGRAM=4": {"HEADS_PER_PROGRAM": 4},
             "HEADS_PER_PROGRAM=24": {"HEADS_PER_PROGRAM": 24}, "STATE_BLOCK=256": {"STATE_BLOCK": 256}}
 
 

@@ -227,9 +227,10 @@ class Block(nn.Module):
         self.norm = (RCRMSNorm if cfg.rc_equivariant else RMSNorm)(cfg.d_model, cfg.norm_eps)
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        # The mixer runs in the parameters' (or autocast's) dtype. The sum promotes its output to the
-        # residual's dtype (float32 with residual_in_fp32) in the same kernel.
-        if type(self.mixer) is Mamba and type(self.norm) is RMSNorm:   # norm, mixer and add fused
+        # The mixer runs in the parameters' (or autocast's) dtype; its output is added to the residual
+        # stream in the stream's dtype (float32 with residual_in_fp32). A plain Mamba mixer takes the norm
+        # and does all three in one fused call (on CUDA the add rides in its output GEMM).
+        if type(self.mixer) is Mamba and type(self.norm) is RMSNorm:
             return self.mixer(residual, norm=self.norm)
         return residual + self.mixer(self.norm(residual, out_dtype=self.norm.weight.dtype))
 
