@@ -106,20 +106,19 @@ def test_ssd_reference_rejects_bad_shapes():
 # --- the Triton fast path (interpreter on CPU) ------------------------------------------------------------
 @pytest.mark.parametrize("L,chunk,g,D_hdim,gated,hpp", [(40, 16, 2, False, True, 1), (45, 32, 1, True, False, 3),
                                                         (100, 16, 1, False, False, 1)])
-def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, hpp, monkeypatch):
+def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, hpp):
     kernels_ssd = pytest.importorskip("kernels.ssd", reason="kernels.ssd needs triton")
-    monkeypatch.setattr(kernels_ssd, "BLOCK_M", 16)  # several causal tiles per chunk, ragged last chunk
-    monkeypatch.setattr(kernels_ssd, "BLOCK_M_BWD", 16)
-    # dB / dC summed over head splits by atomics (hpp 3 of 4 heads: uneven splits, a padded per-head slot)
-    monkeypatch.setattr(kernels_ssd, "HEADS_PER_PROGRAM", hpp)
-    # State passes: several state blocks, and groups of 2 chunks (L 40: 2 groups, L 100: 4; the last one ragged).
-    monkeypatch.setattr(kernels_ssd, "STATE_BLOCK", 64)
-    monkeypatch.setattr(kernels_ssd, "CHUNKS_PER_GROUP", 2)
+    # 16-row tiles: several causal tiles per chunk, ragged last chunk. dB / dC summed over head splits by
+    # atomics (hpp 3 of 4 heads: uneven splits, a padded per-head slot). State passes: several state blocks,
+    # and groups of 2 chunks (L 40: 2 groups, L 100: 4; the last one ragged).
+    config = kernels_ssd.SSDConfig(block_m=16, block_m_bwd=16, heads_per_program=hpp, state_block=64,
+                                   chunks_per_group=2)
     t = ssd_inputs(b=2, L=L, h=4, p=16, g=g, n=16, dtype=torch.float32, D_hdim=D_hdim, seed=3)
     if not gated:
         t.pop("z")
     t = {k: v.float().requires_grad_() for k, v in t.items()}
-    y, H = kernels_ssd.ssd_chunk_scan(**t, chunk_size=chunk, dt_softplus=True, return_final_states=True)
+    y, H = kernels_ssd.ssd_chunk_scan(**t, chunk_size=chunk, dt_softplus=True, return_final_states=True,
+                                      config=config)
     y0, H0 = ssd_chunk_scan_ref(**t, chunk_size=chunk, dt_softplus=True, return_final_states=True)
     assert rel(y, y0) < 1e-3 and rel(H, H0) < 1e-3
     gy, gH = torch.randn_like(y0), torch.randn_like(H0)
