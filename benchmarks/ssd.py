@@ -7,7 +7,7 @@
 1. Correctness: the Triton kernel (fp32 and bf16 inputs) and the anchor vs the PyTorch reference
    (ssm_core.ssd_chunk_scan_ref in fp32 on the GPU): output, final state and every gradient, ragged L,
    groups, D per head and per channel, z gating, initial state.
-2. Timing (issue 7's shapes): headdim 64, 24 heads (d_inner 1536), one group, d_state 64 and 128,
+2. Timing (the mixers' benchmark shapes): headdim 64, 24 heads (d_inner 1536), one group, d_state 64 and 128,
    chunk 256, bf16 x/dt/B/C, fp32 A/D/dt_bias, dt_softplus; forward and forward+backward medians
    (triton.testing.do_bench), ratio project / anchor, and the relative difference of the two outputs.
 Writes ssd.json and ssd.md under --out-dir.

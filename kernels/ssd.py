@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _softplus
+
 
 @triton.jit
 def _dt_cumsum(dt_ptr, bias_ptr, A_ptr, DT_ptr, CS_ptr, L, H, Lp,
@@ -44,7 +46,7 @@ def _dt_cumsum(dt_ptr, bias_ptr, A_ptr, DT_ptr, CS_ptr, L, H, Lp,
     if HAS_BIAS:
         d += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
-        d = tl.where(d > 20., d, tl.log(1. + tl.exp(d)))
+        d = _softplus(d)
     d = tl.where(m, d, 0.)  # padded steps: no input and no decay
     cs = tl.cumsum(d * tl.load(A_ptr + h).to(tl.float32), axis=0)
     base = bh.to(tl.int64) * Lp + t
