@@ -38,3 +38,18 @@ def test_triton_ssd_matches_reference(L, chunk, g, D_hdim, gated, hpp):
     for name, gr, gr0 in zip(t, grads, grads0):
         assert torch.isfinite(gr).all(), name
         assert rel(gr, gr0) < 2e-3, f"grad of {name}: rel err {rel(gr, gr0):.2e}"
+
+
+def test_triton_ssd_rejects_bad_arguments():
+    kernels_ssd = pytest.importorskip("kernels.ssd", reason="kernels.ssd needs triton")
+    t = ssd_inputs(b=2, L=20, h=4, p=16, g=2, n=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="initial_states: expected shape"):
+        kernels_ssd.ssd_chunk_scan(**{**t, "initial_states": torch.zeros(2, 4, 16, 8)})
+    with pytest.raises(ValueError, match="ngroups dividing nheads=4"):
+        kernels_ssd.ssd_chunk_scan(**{**t, "B": torch.zeros(2, 20, 3, 16), "C": torch.zeros(2, 20, 3, 16)})
+    with pytest.raises(ValueError, match="chunk_size"):
+        kernels_ssd.ssd_chunk_scan(**t, chunk_size=24)
+    with pytest.raises(ValueError, match="SSDConfig.block_m: expected a power of two"):
+        kernels_ssd.SSDConfig(block_m=24)
+    with pytest.raises(ValueError, match="SSDConfig.heads_per_program: expected a positive integer"):
+        kernels_ssd.SSDConfig(heads_per_program=0)
