@@ -1,4 +1,4 @@
-"""CPU benchmark of the fast path (issue 9): the selective scan and one-layer streaming, side by side.
+"""CPU benchmark of the fast path: the selective scan and one-layer streaming, side by side.
 
     scripts/venv-run python benchmarks/cpu.py --out bench_cpu.json
 

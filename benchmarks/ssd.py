@@ -7,7 +7,7 @@
 1. Correctness: the Triton kernel (fp32 and bf16 inputs) and the anchor vs the PyTorch reference
    (ssm_core.ssd_chunk_scan_ref in fp32 on the GPU): output, final state and every gradient, ragged L,
    groups, D per head and per channel, z gating, initial state.
-2. Timing (issue 7's shapes): headdim 64, 24 heads (d_inner 1536), one group, d_state 64 and 128,
+2. Timing (the mixers' benchmark shapes): headdim 64, 24 heads (d_inner 1536), one group, d_state 64 and 128,
    chunk 256, bf16 x/dt/B/C, fp32 A/D/dt_bias, dt_softplus; forward and forward+backward medians
    (triton.testing.do_bench), ratio project / anchor, and the relative difference of the two outputs.
 Writes ssd.json and ssd.md under --out-dir.
@@ -44,10 +44,10 @@ class SSDBenchConfig:
                                                              "per kernel, project and anchor (torch.profiler)"})
 
 
-# Alternative module settings of kernels.ssd timed with --variants (the defaults are the table's).
-VARIANTS = {"WARPS_BWD_DX=8": {"WARPS_BWD_DX": 8}, "WARPS_BWD_DB=8": {"WARPS_BWD_DB": 8},
-            "WARPS_BWD_DC=4": {"WARPS_BWD_DC": 4}, "HEADS_PER_PROGRAM=4": {"HEADS_PER_PROGRAM": 4},
-            "HEADS_PER_PROGRAM=24": {"HEADS_PER_PROGRAM": 24}, "STATE_BLOCK=256": {"STATE_BLOCK": 256}}
+# Alternative kernels.SSDConfig fields timed with --variants (the defaults are the table's).
+VARIANTS = {"warps_bwd_dx=8": {"warps_bwd_dx": 8}, "warps_bwd_db=8": {"warps_bwd_db": 8},
+            "warps_bwd_dc=4": {"warps_bwd_dc": 4}, "heads_per_program=4": {"heads_per_program": 4},
+            "heads_per_program=24": {"heads_per_program": 24}, "state_block=256": {"state_block": 256}}
 
 
 def rel(a, b) -> float:
@@ -191,25 +191,24 @@ def kernel_times(fn, t: dict, iters: int = 5) -> dict[str, float]:
 
 
 def time_variants(cfg: SSDBenchConfig) -> list[dict]:
-    import kernels.ssd as K
+    from kernels import SSDConfig, ssd_chunk_scan
     results = []
     for spec in cfg.variant_shapes or cfg.shapes[:1]:
         b, L, n = (int(v) for v in spec.split(","))
         t = bench_inputs(b, L, cfg.nheads, cfg.headdim, n)
-        fn = lambda **a: K.ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True)  # noqa: E731
-        res = {"shape": [b, L, n], "default": time_scan(fn, t, cfg.rep_ms, out_like="x")}
+
+        def timed(inputs, config=None):
+            fn = lambda **a: ssd_chunk_scan(**a, chunk_size=cfg.chunk_size, dt_softplus=True,  # noqa: E731
+                                            config=config)
+            return time_scan(fn, inputs, cfg.rep_ms, out_like="x")
+
+        res = {"shape": [b, L, n], "default": timed(t)}
         print(f"[variant] {spec} default: {res['default']}", flush=True)
         for name, settings in VARIANTS.items():
-            saved = {k: getattr(K, k) for k in settings}
-            for k, v in settings.items():
-                setattr(K, k, v)
             try:
-                res[name] = time_scan(fn, t, cfg.rep_ms, out_like="x")
+                res[name] = timed(t, SSDConfig(**settings))
             except Exception as e:  # e.g. a setting that does not compile: note it, go on
                 res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-            finally:
-                for k, v in saved.items():
-                    setattr(K, k, v)
             print(f"[variant] {spec} {name}: {res[name]}", flush=True)
         results.append(res)
         del t

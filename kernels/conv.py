@@ -18,11 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _row(x, offs_i, i):
-    """Register row i of a (LANES_T, BLOCK_T, BLOCK_D) tile whose middle axis sits in each thread."""
-    return tl.sum(tl.where((offs_i == i)[None, :, None], x, 0.), axis=1)[:, None, :]
+from ._common import _row
 
 
 @triton.jit

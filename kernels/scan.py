@@ -39,17 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _row, _softplus, group_strides
+
 LOG2E = 1.4426950408889634
 # The CPU interpreter runs no PTX: there the lane exchange of _add_channel_sums is a tl.gather (which on the GPU
 # moves the tiles to another layout and back: three shuffles for one).
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _row(x, offs_t, i):
-    """x[:, i] of a (LANES, BLOCK_T, BLOCK_D) tile whose time axis sits in each thread's registers: a register
-    pick, (LANES, 1, BLOCK_D)."""
-    return tl.sum(tl.where((offs_t == i)[None, :, None], x, 0.), axis=1)[:, None, :]
 
 
 @triton.jit
@@ -138,7 +133,7 @@ def _delta(dl_raw, bias, m3, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     if HAS_BIAS:
         dr += bias
     if SOFTPLUS:
-        dt = tl.where(dr > 20., dr, tl.log(1. + tl.exp(dr)))  # torch's softplus threshold
+        dt = _softplus(dr)
     else:
         dt = dr
     return dr, tl.where(m3, dt, 0.)
@@ -167,6 +162,31 @@ def _bc_chunk(X_ptr, c, n3, d3, N, L, s_xn, s_xl, BLOCK_T: tl.constexpr):
     for i in tl.static_range(BLOCK_T):
         cols = cols + (_column(X_ptr, n3, d3, N, c * BLOCK_T + i, L, s_xn, s_xl),)
     return cols
+
+
+@triton.jit
+def _chunk_ahead(c, rows, cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T: tl.constexpr, LOAD_ROWS: tl.constexpr,
+                 LOAD_COLS: tl.constexpr):
+    """Chunk c's inputs as one flat tuple: the time tile (_tile) of each (pointer, dim stride, L stride) in
+    `rows`, then the step columns (_bc_chunk) of each (pointer, N stride, L stride) B or C in `cols`. Only the
+    first LOAD_ROWS rows and LOAD_COLS columns are loaded (the others are inputs the kernel is compiled
+    without): in their place the first tile (or B/C) stands in, never read, so the loop-carried tuple keeps
+    one shape. Every kernel loads a chunk's inputs one chunk ahead of their use: with one or two warps per
+    scheduler, a load issued when its chunk starts leaves the warp idle for a whole memory latency."""
+    t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
+    tiles = ()
+    for k in tl.static_range(len(rows)):
+        if k < LOAD_ROWS:
+            tiles = tiles + (_tile(rows[k][0], t3, m3, d3, lane, rows[k][1], rows[k][2]),)
+        else:
+            tiles = tiles + (tiles[0],)
+    columns = ()
+    for k in tl.static_range(len(cols)):
+        if k < LOAD_COLS:
+            columns = columns + (_bc_chunk(cols[k][0], c, n3, d3, N, L, cols[k][1], cols[k][2], BLOCK_T),)
+        else:
+            columns = columns + (columns[0],)
+    return tiles + columns
 
 
 @triton.jit
@@ -283,26 +303,18 @@ def _scan_fwd_kernel(
     dts = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
     GATE: tl.constexpr = HAS_Z and not SUMMARY
     c0 = seg * seg_chunks
-    # The chunk's u, delta, z tiles are loaded one chunk ahead: with one or two warps per scheduler, a
-    # load issued when its chunk starts leaves the warp idle for a whole memory latency.
-    t3, m3 = _steps(c0, offs_t, L, md3, BLOCK_T)
-    u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
-    dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
-    z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if GATE else u_nx
-    B_nx = _bc_chunk(B_ptr, c0, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
-    C_nx = _bc_chunk(C_ptr, c0, n3, d3, N, L, s_cn, s_cl, BLOCK_T) if not SUMMARY else B_nx
+    rows = ((u_ptr, s_ud, s_ul), (dl_ptr, s_dd, s_dl), (z_ptr, s_zd, s_zl))
+    cols = ((B_ptr, s_bn, s_bl), (C_ptr, s_cn, s_cl))
+    N_ROWS: tl.constexpr = 3 if GATE else 2
+    N_COLS: tl.constexpr = 1 if SUMMARY else 2
+    nx = _chunk_ahead(c0, rows, cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_ROWS, N_COLS)
     for c in range(c0, tl.minimum(c0 + seg_chunks, n_chunks)):
         if not SUMMARY:
             if c % CKPT_CHUNKS == 0:
                 tl.store(ck_ptr + (pid_b * n_ckpt + c // CKPT_CHUNKS) * N * DIM + st, h, mask=mst)
         t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
-        u_raw, dl_raw, z_raw, B_c, C_c = u_nx, dl_nx, z_nx, B_nx, C_nx
-        tn, mn = _steps(c + 1, offs_t, L, md3, BLOCK_T)
-        u_nx = _tile(u_ptr, tn, mn, d3, lane, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, tn, mn, d3, lane, s_dd, s_dl)
-        z_nx = _tile(z_ptr, tn, mn, d3, lane, s_zd, s_zl) if GATE else u_nx
-        B_nx = _bc_chunk(B_ptr, c + 1, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
-        C_nx = _bc_chunk(C_ptr, c + 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T) if not SUMMARY else B_nx
+        u_raw, dl_raw, z_raw, B_c, C_c = nx
+        nx = _chunk_ahead(c + 1, rows, cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_ROWS, N_COLS)
         u = u_raw.to(tl.float32)
         _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
@@ -363,21 +375,16 @@ def _adjoint_summary_kernel(
     K = tl.zeros([LANES, SPT, BLOCK_D], tl.float32)
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
-    # Inputs loaded a chunk ahead, as in the other kernels.
-    t3, m3 = _steps(c1 - 1, offs_t, L, md3, BLOCK_T)
-    dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
-    dy_nx = _tile(dy_ptr, t3, m3, d3, lane, s_od, s_ol)
-    z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
-    C_nx = _bc_chunk(C_ptr, c1 - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)
+    rows = ((dl_ptr, s_dd, s_dl), (dy_ptr, s_od, s_ol), (z_ptr, s_zd, s_zl))
+    cols = ((C_ptr, s_cn, s_cl),)
+    N_ROWS: tl.constexpr = 3 if HAS_Z else 2
+    nx = _chunk_ahead(c1 - 1, rows, cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_ROWS, 1)
     for cr in range(c1 - c0):
         c = c1 - 1 - cr
         t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
-        dl_raw, dy_raw, z_raw, C_c = dl_nx, dy_nx, z_nx, C_nx
-        tp, mp = _steps(c - 1, offs_t, L, md3, BLOCK_T)
-        dl_nx = _tile(dl_ptr, tp, mp, d3, lane, s_dd, s_dl)
-        dy_nx = _tile(dy_ptr, tp, mp, d3, lane, s_od, s_ol)
-        z_nx = _tile(z_ptr, tp, mp, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
-        C_nx = _bc_chunk(C_ptr, c - 1, n3, d3, N, L, s_cn, s_cl, BLOCK_T)  # c >= 1: segments 1..S-1
+        dl_raw, dy_raw, z_raw, C_c = nx
+        # c >= 1 here (segments 1..S-1), so chunk c - 1 exists.
+        nx = _chunk_ahead(c - 1, rows, cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_ROWS, 1)
         _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
         dy = dy_raw.to(tl.float32)
         if HAS_Z:
@@ -428,6 +435,10 @@ def _scan_bwd_kernel(
     dD_acc = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
     dbias_acc = tl.zeros([LANES, 1, BLOCK_D], tl.float32)
     scr_step = LANES * SPT * BLOCK_D
+    fwd_rows = ((u_ptr, s_ud, s_ul), (dl_ptr, s_dd, s_dl))
+    fwd_cols = ((B_ptr, s_bn, s_bl),)
+    bwd_rows = ((u_ptr, s_ud, s_ul), (dl_ptr, s_dd, s_dl), (dy_ptr, s_od, s_ol), (z_ptr, s_zd, s_zl))
+    N_BWD_ROWS: tl.constexpr = 4 if HAS_Z else 3
 
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
@@ -438,20 +449,14 @@ def _scan_bwd_kernel(
         cs = k * SPAN_CHUNKS
         ce = tl.minimum(cs + SPAN_CHUNKS, c1)
         h = tl.load(ck_ptr + (pid_b * n_ckpt + k) * N * DIM + st, mask=mst, other=0.)
-        # Re-run the forward over the span to recover each chunk's start state (tiles loaded a chunk ahead).
-        t3, m3 = _steps(cs, offs_t, L, md3, BLOCK_T)
-        u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
-        B_nx = _bc_chunk(B_ptr, cs, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
+        # Re-run the forward over the span to recover each chunk's start state.
+        fnx = _chunk_ahead(cs, fwd_rows, fwd_cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, 2, 1)
         for c in range(cs, ce):
             tl.store(scr_ptr + (c - cs) * scr_step + sst, h)
             if c < ce - 1:
                 t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
-                u_raw, dl_raw, B_c = u_nx, dl_nx, B_nx
-                tn, mn = _steps(c + 1, offs_t, L, md3, BLOCK_T)
-                u_nx = _tile(u_ptr, tn, mn, d3, lane, s_ud, s_ul)
-                dl_nx = _tile(dl_ptr, tn, mn, d3, lane, s_dd, s_dl)
-                B_nx = _bc_chunk(B_ptr, c + 1, n3, d3, N, L, s_bn, s_bl, BLOCK_T)
+                u_raw, dl_raw, B_c = fnx
+                fnx = _chunk_ahead(c + 1, fwd_rows, fwd_cols, offs_t, L, d3, md3, lane, n3, N, BLOCK_T, 2, 1)
                 _, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
                 dtu = dt * u_raw.to(tl.float32)
                 for i in tl.static_range(BLOCK_T):
@@ -460,23 +465,15 @@ def _scan_bwd_kernel(
                     h = a * h + _row(dtu, offs_t, i) * B_c[i].to(tl.float32)
         tl.debug_barrier()
 
-        # Then its chunks backwards, the tiles again loaded a chunk ahead. (The start state is read where it
-        # is used: carried like the tiles, it made Triton compute the state tiles in two layouts.)
-        t3, m3 = _steps(ce - 1, offs_t, L, md3, BLOCK_T)
-        u_nx = _tile(u_ptr, t3, m3, d3, lane, s_ud, s_ul)
-        dl_nx = _tile(dl_ptr, t3, m3, d3, lane, s_dd, s_dl)
-        dy_nx = _tile(dy_ptr, t3, m3, d3, lane, s_od, s_ol)
-        z_nx = _tile(z_ptr, t3, m3, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
+        # Then its chunks backwards. (The start state is read where it is used: carried like the tiles, it
+        # made Triton compute the state tiles in two layouts.)
+        nx = _chunk_ahead(ce - 1, bwd_rows, (), offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_BWD_ROWS, 0)
         for cr in range(ce - cs):
             c = ce - 1 - cr
             h = tl.load(scr_ptr + (c - cs) * scr_step + sst)
             t3, m3 = _steps(c, offs_t, L, md3, BLOCK_T)
-            u_raw, dl_raw, dy_raw, z_raw = u_nx, dl_nx, dy_nx, z_nx
-            tp, mp = _steps(c - 1, offs_t, L, md3, BLOCK_T)
-            u_nx = _tile(u_ptr, tp, mp, d3, lane, s_ud, s_ul)
-            dl_nx = _tile(dl_ptr, tp, mp, d3, lane, s_dd, s_dl)
-            dy_nx = _tile(dy_ptr, tp, mp, d3, lane, s_od, s_ol)
-            z_nx = _tile(z_ptr, tp, mp, d3, lane, s_zd, s_zl) if HAS_Z else dy_nx
+            u_raw, dl_raw, dy_raw, z_raw = nx
+            nx = _chunk_ahead(c - 1, bwd_rows, (), offs_t, L, d3, md3, lane, n3, N, BLOCK_T, N_BWD_ROWS, 0)
             u = u_raw.to(tl.float32)
             dr, dt = _delta(dl_raw, bias, m3, HAS_BIAS, SOFTPLUS)
             dtu = dt * u
@@ -626,12 +623,6 @@ def bc_lmajor(X: torch.Tensor) -> torch.Tensor:
     return X if X.stride(-2) == 1 else X.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _bc_strides(X: torch.Tensor) -> tuple[int, int, int, int]:
-    if X.dim() == 3:
-        return X.stride(0), 0, X.stride(1), X.stride(2)
-    return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
-
-
 def _lanes(N: int, block_d: int, warps: int) -> dict:
     """LANES lanes share a channel's states, SPT states each (the state tile is (LANES, SPT, block_d))."""
     bn = triton.next_power_of_2(N)
@@ -723,7 +714,7 @@ def _scan_fwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, h0t, reset, cfg: 
         _scan_fwd_kernel[(b, triton.cdiv(dim, cfg.block_d), n_programs)](
             u, delta, A2t, B, C, D, zz, delta_bias, reset, hin, y, out, ck, dts,
             L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 0, n_ckpt, dim,
-            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *y.stride(),
+            *u.stride(), *delta.stride(), *zz.stride(), *group_strides(B, 3), *group_strides(C, 3), *y.stride(),
             HAS_H0=hin is not None, SUMMARY=summary, BLOCK_D=cfg.block_d, BLOCK_T=cfg.block_t,
             **_lanes(N, cfg.block_d, cfg.warps), CKPT_CHUNKS=cfg.ckpt_chunks, num_warps=cfg.warps,
             num_stages=cfg.stages, **_flags(D, z, delta_bias, softplus, reset))
@@ -771,7 +762,7 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
         _adjoint_summary_kernel[(b, n_db, n_seg - 1)](   # segments 1..S-1, nothing flowing in from the right
             delta, A2t, C, zz, delta_bias, reset, dy, kloc,
             L, dim, N, dim // G, n_chunks, seg_chunks, n_seg, 1, dim,
-            *delta.stride(), *zz.stride(), *_bc_strides(C), *dy.stride(),
+            *delta.stride(), *zz.stride(), *group_strides(C, 3), *dy.stride(),
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
             HAS_RESET=reset is not None, **common)
         kin = torch.empty(b, n_seg, N, dim, **f32)
@@ -788,7 +779,7 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     args = (u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
             du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
             L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd,
-            *u.stride(), *delta.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C), *du.stride())
+            *u.stride(), *delta.stride(), *zz.stride(), *group_strides(B, 3), *group_strides(C, 3), *du.stride())
     kw = dict(HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
     grid = (b, n_db, n_seg)
     _scan_bwd_kernel[grid](*args, LANE_EXCHANGE=_lane_exchange(args, kw, grid, bd), **kw)

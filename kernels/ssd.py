@@ -1,6 +1,6 @@
 """Triton fast path for Mamba-2's chunked SSD, forward and backward, with initial and final states.
 
-Semantics and arguments of `ssm_core.mamba2.ssd_chunk_scan_ref` (= mamba_ssm's mamba_chunk_scan_combined):
+Semantics and arguments of `ssm_core.reference.ssd_chunk_scan_ref` (= mamba_ssm's mamba_chunk_scan_combined):
 x (b, L, h, p), dt (b, L, h), A (h,), B, C (b, L, g, n), D (h,) or (h, p), z like x, dt_bias (h,),
 initial_states / final state (b, h, p, n) float32.
 
@@ -9,7 +9,7 @@ Forward, four launches (Q = chunk_size):
   _chunk_outer    each chunk's own state  S_c = sum_t exp(cs_end - cs_t) dt_t x_t B_t^T   (p, n) per head
   _state_pass     S_c -> the state at each chunk's start (sequential over groups of chunks, elementwise)
   _chunk_scan     y_i = sum_{j<=i} (C_i.B_j) exp(cs_i - cs_j) dt_j x_j + exp(cs_i) C_i s_start + D x_i
-                  in tiles of BLOCK_M rows: the quadratic (attention-like) form within a chunk.
+                  in tiles of block_m rows (SSDConfig): the quadratic (attention-like) form within a chunk.
 Backward, five launches, the same structure transposed:
   _chunk_outer    (mode 1) each chunk's local state gradient  sum_i exp(cs_i) dy_i^T C_i
   _dstate_pass    reverse pass: the gradient at each chunk's end, d(initial_states), d(chunk decay)
@@ -25,9 +25,14 @@ matmuls did anyway (H100, batch 8, L 8192, d_state 128: forward+backward 5.16 ->
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+
+from ._common import _softplus
 
 
 @triton.jit
@@ -41,7 +46,7 @@ def _dt_cumsum(dt_ptr, bias_ptr, A_ptr, DT_ptr, CS_ptr, L, H, Lp,
     if HAS_BIAS:
         d += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
-        d = tl.where(d > 20., d, tl.log(1. + tl.exp(d)))
+        d = _softplus(d)
     d = tl.where(m, d, 0.)  # padded steps: no input and no decay
     cs = tl.cumsum(d * tl.load(A_ptr + h).to(tl.float32), axis=0)
     base = bh.to(tl.int64) * Lp + t
@@ -386,37 +391,58 @@ def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
     tl.atomic_add(DC_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], dC, mask=mi[:, None] & mn[None, :])
 
 
-# Rows per tile within a chunk (a chunk of Q steps is Q / BLOCK_M query tiles and as many key tiles), and
-# warps per program. _bwd_dx and _bwd_db at 4 warps (at 8 one program runs per SM: forward+backward 5.68 /
-# 4.95 vs 4.83 ms with dx / db at 8, H100, batch 8, L 8192, d_state 128); _bwd_dc, which spilled at 4, at 8
-# (1.25 vs 1.37 ms for that kernel, 4.80 vs 4.95 ms in all).
-BLOCK_M = 64
-BLOCK_M_BWD = 64
-WARPS_FWD = 4
-WARPS_BWD_DX = 4
-WARPS_BWD_DB = 4
-WARPS_BWD_DC = 8
-# The state passes: P*N elements of a state per program (more programs: more loads in flight at batch 1) and
-# chunks per group (one memory latency per group of chunks; see _state_pass). 512 vs 256, forward+backward
-# at d_state 128, H100, two runs each: 4.77 / 4.74 vs 4.86 / 4.80 ms at batch 8, L 8192; 1.71 / 2.04 vs
-# 1.86 / 2.11 ms at batch 8, L 2048; 18.88 / 18.88 vs 18.84 / 18.83 ms at batch 1, L 262144.
-STATE_BLOCK = 512
-CHUNKS_PER_GROUP = 16
-# Heads of a group one _bwd_db / _bwd_dc program walks (summing them before the N-wide products); the splits
-# of a group add their partial dB / dC with fp32 atomics. Fewer heads per program: more programs in flight.
-HEADS_PER_PROGRAM = 8
+@dataclass(frozen=True)
+class SSDConfig:
+    """Launch configuration of the SSD kernels (the defaults are the H100 measurements below).
+
+    block_m / block_m_bwd: rows per tile within a chunk in the forward / backward (a chunk of Q steps is
+    Q / block_m query tiles and as many key tiles). warps_*: warps per program. _bwd_dx and _bwd_db at 4 warps
+    (at 8 one program runs per SM: forward+backward 5.68 / 4.95 vs 4.83 ms with dx / db at 8, H100, batch 8,
+    L 8192, d_state 128); _bwd_dc, which spilled at 4, at 8 (1.25 vs 1.37 ms for that kernel, 4.80 vs 4.95 ms
+    in all).
+    state_block: the state passes' P*N elements of a state per program (more programs: more loads in flight
+    at batch 1); chunks_per_group: their chunks per group (one memory latency per group of chunks; see
+    _state_pass). 512 vs 256, forward+backward at d_state 128, H100, two runs each: 4.77 / 4.74 vs
+    4.86 / 4.80 ms at batch 8, L 8192; 1.71 / 2.04 vs 1.86 / 2.11 ms at batch 8, L 2048; 18.88 / 18.88 vs
+    18.84 / 18.83 ms at batch 1, L 262144.
+    heads_per_program: heads of a group one _bwd_db / _bwd_dc program walks (summing them before the N-wide
+    products); the splits of a group add their partial dB / dC with fp32 atomics. Fewer heads per program:
+    more programs in flight."""
+    block_m: int = 64
+    block_m_bwd: int = 64
+    warps_fwd: int = 4
+    warps_bwd_dx: int = 4
+    warps_bwd_db: int = 4
+    warps_bwd_dc: int = 8
+    state_block: int = 512
+    chunks_per_group: int = 16
+    heads_per_program: int = 8
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SSDConfig.{f.name}: expected a positive integer, got {v!r}")
+        for name in ("block_m", "block_m_bwd", "state_block", "warps_fwd", "warps_bwd_dx", "warps_bwd_db",
+                     "warps_bwd_dc"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"SSDConfig.{name}: expected a power of two, got {v}")
 
 
-def _blocks(P: int, N: int, Q: int):
+DEFAULT_CONFIG = SSDConfig()
+
+
+def _blocks(P: int, N: int, Q: int, block_m: int):
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"chunk_size: the Triton SSD needs a power of two >= 16, got {Q}")
-    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N)), min(Q, BLOCK_M)
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N)), min(Q, block_m)
 
 
-def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
+def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, cfg: SSDConfig):
     b, L, H, P = x.shape
     G, N = B.shape[2:]
-    BP, BN, BM = _blocks(P, N, Q)
+    BP, BN, BM = _blocks(P, N, Q, cfg.block_m)
     nc = triton.cdiv(L, Q)
     Lp = nc * Q
     dev = x.device
@@ -426,26 +452,27 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
     S = torch.empty(b, H, nc, P, N, device=dev, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(b * nc * H * triton.cdiv(N, BNo),)](x, B, DT, CS, S, L, H, G, Lp, nc, P, N, MODE=0, Q=Q,
-                                                      BK=BM, BP=BP, BN=BNo, num_warps=WARPS_FWD)
+                                                      BK=BM, BP=BP, BN=BNo, num_warps=cfg.warps_fwd)
     final = torch.empty(b, H, P, N, device=dev, dtype=torch.float32)
     PN = P * N
-    SB = min(STATE_BLOCK, triton.next_power_of_2(PN))
+    SB = min(cfg.state_block, triton.next_power_of_2(PN))
     Sx = S if x.dtype == torch.float32 else torch.empty(S.shape, device=dev, dtype=x.dtype)
     _state_pass[(b * H, triton.cdiv(PN, SB))](S, Sx, CS, h0, final, Lp, nc, PN, Q=Q, HAS_H0=h0 is not None, BLOCK=SB,
-                                              CPG=CHUNKS_PER_GROUP)
+                                              CPG=cfg.chunks_per_group)
     y = torch.empty_like(x)
     y_pre = torch.empty_like(x) if z is not None else None
     _chunk_scan[(nc * (Q // BM), b * H)](x, DT, CS, B, C, Sx, D, z, y, y_pre, L, H, G, Lp, nc, P, N,
                                          HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2,
                                          HAS_Z=z is not None, Q=Q, BM=BM, BP=BP, BN=BN,
-                                         num_warps=WARPS_FWD)
+                                         num_warps=cfg.warps_fwd)
     return y, final, y_pre, DT, CS, S, Sx
 
 
-def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre, DT, CS, S, Sx, final):
+def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre, DT, CS, S, Sx, final,
+              cfg: SSDConfig):
     b, L, H, P = x.shape
     G, N = B.shape[2:]
-    BP, BN, BM = _blocks(P, N, Q)
+    BP, BN, BM = _blocks(P, N, Q, cfg.block_m)
     nc, Lp = CS.shape[-1] // Q, CS.shape[-1]
     dz = None
     if z is not None:
@@ -457,32 +484,32 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
     DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(b * nc * H * triton.cdiv(N, BNo),)](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q,
-                                                      BK=BM, BP=BP, BN=BNo, num_warps=WARPS_FWD)
+                                                      BK=BM, BP=BP, BN=BNo, num_warps=cfg.warps_fwd)
     PN = P * N
-    SB = min(STATE_BLOCK, triton.next_power_of_2(PN))
+    SB = min(cfg.state_block, triton.next_power_of_2(PN))
     nsb = triton.cdiv(PN, SB)
     dh0 = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
     ddec = torch.empty(b, H, nsb, nc, device=x.device, dtype=torch.float32)  # per state block, summed below
     DSx = DS if x.dtype == torch.float32 else torch.empty(DS.shape, device=x.device, dtype=x.dtype)
     _dstate_pass[(b * H, nsb)](DS, DSx, S, final, CS, dfinal, dh0, ddec, Lp, nc, PN, Q=Q, HAS_DFIN=dfinal is not None,
-                               BLOCK=SB, CPG=CHUNKS_PER_GROUP)
+                               BLOCK=SB, CPG=cfg.chunks_per_group)
     ddec = ddec.sum(2)
     dx = torch.empty_like(x)
     dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)  # accumulated by atomics over head splits
     dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
     DDT = torch.empty_like(DT)
     DCS = torch.empty_like(DT)
-    hpp = min(HEADS_PER_PROGRAM, H // G)
-    BM = min(Q, BLOCK_M_BWD)
+    hpp = min(cfg.heads_per_program, H // G)
+    BM = min(Q, cfg.block_m_bwd)
     del DS
     _bwd_dx[(nc * (Q // BM), b * H)](x, dy, DT, CS, B, C, DSx, D, dx, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
                                      HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP,
-                                     BN=BN, num_warps=WARPS_BWD_DX)
+                                     BN=BN, num_warps=cfg.warps_bwd_dx)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
     _bwd_db[grid](x, dy, DT, CS, C, DSx, dB, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                  num_warps=WARPS_BWD_DB)
+                  num_warps=cfg.warps_bwd_db)
     _bwd_dc[grid](x, dy, DT, CS, B, C, Sx, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
-                  HPP2=triton.next_power_of_2(hpp), num_warps=WARPS_BWD_DC)
+                  HPP2=triton.next_power_of_2(hpp), num_warps=cfg.warps_bwd_dc)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
     dcs[..., -1] += ddec
@@ -505,26 +532,43 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
 
 class _SSDFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus):
-        y, final, y_pre, DT, CS, S, Sx = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus)
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, cfg):
+        y, final, y_pre, DT, CS, S, Sx = _forward(x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, cfg)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, Sx, final)
-        ctx.Q, ctx.softplus = Q, softplus
+        ctx.Q, ctx.softplus, ctx.cfg = Q, softplus, cfg
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, z, dt_bias, h0, y_pre, DT, CS, S, Sx, final = ctx.saved_tensors
         grads = _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, ctx.Q, ctx.softplus, y_pre, DT, CS, S,
-                          Sx, final)
-        return (*grads, None, None)
+                          Sx, final, ctx.cfg)
+        return (*grads, None, None, None)
+
+
+def _check(x, dt, A, B, C, D, z, dt_bias, h0) -> None:
+    """Cheap structural checks; the reference (ssm_core.reference.check_ssd_inputs) words them per argument."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] < 1:
+        raise ValueError("x: expected a tensor of shape (batch, L >= 1, nheads, headdim)")
+    b, L, H, P = x.shape
+    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (b, L) or H % B.shape[2]:
+        raise ValueError(f"B: expected shape (batch={b}, L={L}, ngroups, d_state) with ngroups dividing nheads={H}")
+    G, N = B.shape[2:]
+    d_shape = (H, P) if D is not None and D.dim() == 2 else (H,)
+    want = {"dt": (dt, (b, L, H)), "A": (A, (H,)), "C": (C, (b, L, G, N)), "z": (z, (b, L, H, P)),
+            "dt_bias": (dt_bias, (H,)), "initial_states": (h0, (b, H, P, N)), "D": (D, d_shape)}
+    for name, (t, shape) in want.items():
+        if (t is None and name in ("dt", "A", "C")) or (t is not None and tuple(t.shape) != shape):
+            raise ValueError(f"{name}: expected shape {shape}, got {None if t is None else tuple(t.shape)}")
 
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
-                   initial_states=None, return_final_states: bool = False):
-    """Triton chunked SSD: `ssm_core.mamba2.ssd_chunk_scan_ref` semantics. chunk_size: a power of two >= 16."""
-    from ssm_core.mamba2 import check_ssd_inputs
-    check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    _blocks(1, 1, int(chunk_size))  # validates chunk_size
+                   initial_states=None, return_final_states: bool = False, config: SSDConfig | None = None):
+    """Triton chunked SSD: `ssm_core.reference.ssd_chunk_scan_ref` semantics. chunk_size: a power of two >= 16.
+    `config`: tiles and warps (default DEFAULT_CONFIG); the result does not depend on it."""
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    cfg = config or DEFAULT_CONFIG
+    _blocks(1, 1, int(chunk_size), cfg.block_m)  # validates chunk_size
     cont = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     h0 = initial_states.float().contiguous() if initial_states is not None else None
     # The result does not depend on the chunk size: short inputs (streaming chunks) get a smaller one.
@@ -532,5 +576,5 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bia
     y, final = _SSDFn.apply(cont(x), cont(dt), cont(A.float()), cont(B), cont(C),
                             cont(D.float()) if D is not None else None, cont(z),
                             cont(dt_bias.float()) if dt_bias is not None else None, h0, Q,
-                            bool(dt_softplus))
+                            bool(dt_softplus), cfg)
     return (y, final) if return_final_states else y

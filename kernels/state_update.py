@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _softplus, group_strides
+
 
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
@@ -28,7 +30,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.).to(tl.float32)
     if SOFTPLUS:
-        dt = tl.where(dt > 20., dt, tl.log(1. + tl.exp(dt)))
+        dt = _softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.).to(tl.float32)
     gn = grp[:, None] * s_bg + offs_n[None, :] * s_bn
     B = tl.load(B_ptr + pid_b * s_bb + gn, mask=mdn, other=0.).to(tl.float32)
@@ -43,10 +45,6 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
         z = tl.load(z_ptr + pid_b * s_zb + offs_d * s_zd, mask=mask_d, other=0.).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(y_ptr + pid_b * DIM + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
-
-
-def _bc_strides(X: torch.Tensor) -> tuple[int, int, int]:
-    return (X.stride(0), 0, X.stride(1)) if X.dim() == 2 else (X.stride(0), X.stride(1), X.stride(2))
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -72,7 +70,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     block_d = max(1, min(64, 2048 // block_n, triton.next_power_of_2(dim)))
     _state_update_kernel[(b, triton.cdiv(dim, block_d))](
         state, x, dt, A, B, C, D, zz, dt_bias, y, dim, N, dim // G,
-        *state.stride(), *x.stride(), *dt.stride(), *zz.stride(), *_bc_strides(B), *_bc_strides(C),
+        *state.stride(), *x.stride(), *dt.stride(), *zz.stride(), *group_strides(B, 2), *group_strides(C, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
     return y

@@ -13,7 +13,7 @@ from .attention import Attention, KVCache, hybrid_mixers
 from .mamba import Mamba, MambaState
 
 # The other mixers register themselves ("mamba2", "s4d", "attention") on import.
-from .mamba2 import Mamba2, Mamba2State, ssd_chunk_scan, ssd_chunk_scan_ref
+from .mamba2 import Mamba2, Mamba2State
 from .model import (
                     MIXERS,
                     MambaConfig,
@@ -25,8 +25,8 @@ from .model import (
                     register_mixer,
                     save_pretrained,
 )
-from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update
-from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref
+from .ops import backend_for, causal_conv1d, selective_scan, selective_state_update, ssd_chunk_scan
+from .reference import causal_conv1d_ref, selective_scan_ref, selective_state_update_ref, ssd_chunk_scan_ref
 from .s4d import S4D, S4DState
 
 __all__ = [

@@ -11,9 +11,10 @@ y = (L o C B^T) (dt x) with L_ij = exp(cs_i - cs_j) for j <= i (cs the cumulativ
 algorithm ("quadratic within a chunk, linear across chunks") computes each chunk's output with matmuls,
 each chunk's state contribution with a matmul, and passes only the (P, N) states from chunk to chunk.
 
-`ssd_chunk_scan_ref` is that algorithm in plain PyTorch (the ground truth); `ssd_chunk_scan` dispatches
-CUDA tensors to the Triton fast path `kernels.ssd_chunk_scan` when it exists. Both take the arguments of
-mamba_ssm's `mamba_chunk_scan_combined`, so they are drop-in comparable.
+`ssm_core.reference.ssd_chunk_scan_ref` is that algorithm in plain PyTorch (the ground truth);
+`ssm_core.ops.ssd_chunk_scan` dispatches it like the other ops (CUDA tensors to the Triton kernel
+`kernels.ssd_chunk_scan`). Both take the arguments of mamba_ssm's `mamba_chunk_scan_combined`, so they are
+drop-in comparable.
 """
 from __future__ import annotations
 
@@ -25,108 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import MambaConfig, register_mixer
-from .ops import _module, backend_for, causal_conv1d
-
-
-# --- the SSD op ----------------------------------------------------------------------------------------
-def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None):
-    """Validate SSD arguments (mamba_chunk_scan_combined layout); returns (batch, L, heads, headdim, groups, N)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError("x: expected shape (batch, L, nheads, headdim)")
-    b, L, h, p = x.shape
-    if L < 1:
-        raise ValueError("x: sequence length L must be >= 1")
-    if not isinstance(B, torch.Tensor) or B.dim() != 4 or B.shape[:2] != (b, L):
-        raise ValueError(f"B: expected shape (batch={b}, L={L}, ngroups, d_state)")
-    g, n = B.shape[2:]
-    if h % g:
-        raise ValueError(f"B: ngroups={g} must divide nheads={h}")
-    shapes = {"dt": (dt, (b, L, h)), "A": (A, (h,)), "C": (C, (b, L, g, n)), "z": (z, (b, L, h, p)),
-              "dt_bias": (dt_bias, (h,)), "initial_states": (initial_states, (b, h, p, n))}
-    for name, (t, shape) in shapes.items():
-        if t is None and name in ("dt", "A", "C"):
-            raise ValueError(f"{name}: expected a tensor of shape {shape}, got None")
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
-        raise ValueError(f"D: expected shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
-    return b, L, h, p, g, n
-
-
-def _segsum_exp(cs: torch.Tensor) -> torch.Tensor:
-    """cs (..., Q) cumulative log-decays -> (..., Q, Q) with [i, j] = exp(cs_i - cs_j) for j <= i, else 0."""
-    Q = cs.shape[-1]
-    diff = cs[..., :, None] - cs[..., None, :]
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=cs.device).tril()
-    return torch.exp(diff.masked_fill(~causal, -math.inf))
-
-
-def ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
-                       dt_softplus: bool = False, initial_states=None, return_final_states: bool = False):
-    """Chunked SSD in plain PyTorch, computed in float32 (float64 for float64 input).
-
-        x (batch, L, nheads, headdim)   dt (batch, L, nheads)   A (nheads,)
-        B, C (batch, L, ngroups, d_state)   D (nheads,) or (nheads, headdim)   z like x (y *= silu(z))
-        dt_bias (nheads,)   initial_states / final state (batch, nheads, headdim, d_state)
-
-    Returns y like x (in x's dtype), and the final state in float32 (float64) when `return_final_states`.
-    The result does not depend on `chunk_size` (up to rounding); L need not be a multiple of it.
-    """
-    b, L, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dt = dt.to(ct)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(ct)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    Q = max(1, min(int(chunk_size), L))
-    pad = (-L) % Q
-    # Padding steps get dt = 0: decay exp(0) = 1 and no input, so the final state is unchanged.
-    xf, Bf, Cf = (F.pad(t.to(ct), (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-    dt = F.pad(dt, (0, 0, 0, pad))
-    nc = (L + pad) // Q
-    xc = xf.view(b, nc, Q, h, p)
-    Bc = Bf.view(b, nc, Q, g, n).repeat_interleave(h // g, dim=3)      # (b, c, Q, h, n)
-    Cc = Cf.view(b, nc, Q, g, n).repeat_interleave(h // g, dim=3)
-    dtc = dt.view(b, nc, Q, h)
-    cs = torch.cumsum((dtc * A.to(ct)).permute(0, 3, 1, 2), dim=-1)    # (b, h, c, Q)
-
-    # 1. within each chunk: the masked "attention" form (quadratic in Q).
-    Lmat = _segsum_exp(cs)                                               # (b, h, c, Q, Q)
-    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * Lmat
-    y = torch.einsum("bhcls,bcsh,bcshp->bclhp", scores, dtc, xc)
-    # 2. each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(cs[..., -1:] - cs)                          # (b, h, c, Q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclh,bclhp->bchpn", Bc, decay_to_end, dtc, xc)
-    # 3. across chunks: a linear recurrence over the (P, N) states only.
-    state = (initial_states.to(ct) if initial_states is not None else xf.new_zeros(b, h, p, n))
-    chunk_decay = torch.exp(cs[..., -1])                                 # (b, h, c)
-    starts = []
-    for c in range(nc):
-        starts.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    starts = torch.stack(starts, dim=1)                                  # (b, c, h, p, n)
-    # 4. the incoming state's contribution to each output.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, starts, torch.exp(cs))
-    y = y.reshape(b, nc * Q, h, p)[:, :L]
-    if D is not None:
-        Dd = D.to(ct)
-        y = y + xf[:, :L] * (Dd[:, None] if Dd.dim() == 1 else Dd)
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(x.dtype)
-    return (y, state) if return_final_states else y
-
-
-def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
-                   dt_softplus: bool = False, initial_states=None, return_final_states: bool = False):
-    """`ssd_chunk_scan_ref` on the fastest backend: the Triton kernel for CUDA tensors (or under
-    SSM_CORE_BACKEND=triton), else the reference."""
-    fn = ssd_chunk_scan_ref
-    if backend_for(x) == "triton":
-        fn = getattr(_module("kernels"), "ssd_chunk_scan", None) or ssd_chunk_scan_ref
-    return fn(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-              initial_states=initial_states, return_final_states=return_final_states)
+from .ops import causal_conv1d, ssd_chunk_scan
 
 
 # --- the block -----------------------------------------------------------------------------------------

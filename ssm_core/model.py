@@ -231,7 +231,7 @@ class Block(nn.Module):
         # stream in the stream's dtype (float32 with residual_in_fp32). A plain Mamba mixer takes the norm
         # and does all three in one fused call (on CUDA the add rides in its output GEMM).
         if type(self.mixer) is Mamba and type(self.norm) is RMSNorm:
-            return self.mixer(residual, norm=self.norm)
+            return self.mixer.residual_forward(residual, self.norm)
         return residual + self.mixer(self.norm(residual, out_dtype=self.norm.weight.dtype))
 
     def stream(self, residual: torch.Tensor, state):

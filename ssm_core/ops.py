@@ -1,7 +1,9 @@
 """The single dispatch point between `ssm_core` and its op implementations.
 
 CUDA tensors go to the fused Triton kernels of the `kernels` package; CPU tensors go to the fast CPU
-path when one is registered, else to the pure-PyTorch reference. `SSM_CORE_BACKEND` forces a choice:
+path (ssm_core.cpu) where it has the op, else to the pure-PyTorch reference (ssm_core.reference). This
+is the only module of ssm_core that reaches `kernels`, and `kernels` imports nothing from ssm_core.
+`SSM_CORE_BACKEND` forces a choice:
 
     SSM_CORE_BACKEND=auto       (default) as above
     SSM_CORE_BACKEND=reference  always the pure-PyTorch reference (ssm_core.reference)
@@ -11,12 +13,11 @@ path when one is registered, else to the pure-PyTorch reference. `SSM_CORE_BACKE
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 _BACKENDS = ("auto", "reference", "triton")
 
@@ -29,11 +30,14 @@ def forced_backend() -> str:
     return b
 
 
-def _module(name: str):
+def _kernels():
+    """The `kernels` package, or None where it cannot be imported (no Triton). This module is the only one
+    of ssm_core that imports it (tests/test_layering.py checks), so that ssm_core works without Triton."""
     try:
-        return importlib.import_module(name)
+        import kernels
     except ImportError:
         return None
+    return kernels
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -43,19 +47,19 @@ def backend_for(x: torch.Tensor) -> str:
         return forced
     if x.is_cuda:
         # The kernels compute in float32: float64 (used for exact checks) stays on the reference.
-        return "triton" if x.dtype != torch.float64 and _module("kernels") is not None else "reference"
-    return "cpu" if _module("ssm_core.cpu") is not None else "reference"
+        return "triton" if x.dtype != torch.float64 and _kernels() is not None else "reference"
+    return "cpu"
 
 
 def _impl(x: torch.Tensor, op: str):
     backend = backend_for(x)
     if backend == "triton":
-        mod = _module("kernels")
+        mod = _kernels()
         if mod is None:
             raise RuntimeError("SSM_CORE_BACKEND=triton but the kernels package cannot be imported")
         return getattr(mod, op)
     if backend == "cpu":
-        fn = getattr(_module("ssm_core.cpu"), op, None)
+        fn = getattr(cpu, op, None)
         if fn is not None:
             return fn
     return getattr(reference, op + "_ref")
@@ -103,3 +107,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One decoding step, updating `state` in place; semantics of `selective_state_update_ref`."""
     return _impl(x, "selective_state_update")(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                               dt_softplus=dt_softplus)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None,
+                   dt_softplus: bool = False, initial_states=None, return_final_states: bool = False):
+    """Mamba-2's chunked SSD with the signature and semantics of `ssd_chunk_scan_ref` (mamba_ssm's
+    `mamba_chunk_scan_combined` arguments): the Triton kernel for CUDA tensors, else the reference (the CPU
+    has no faster path: the reference is already chunked matmuls)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("x: expected a torch.Tensor of shape (batch, L, nheads, headdim)")
+    return _impl(x, "ssd_chunk_scan")(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus, initial_states=initial_states,
+                                      return_final_states=return_final_states)

@@ -174,8 +174,8 @@ def test_model_stream_equals_forward_float32():
 def test_short_cpu_chunks_take_the_step_path(monkeypatch):
     m = ssm_core.Mamba(8, d_state=4).eval()
     calls = []
-    real = m._stream_steps
-    monkeypatch.setattr(m, "_stream_steps", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    real = cpu.stream_steps
+    monkeypatch.setattr(cpu, "stream_steps", lambda *a: calls.append(a[1].shape[1]) or real(*a))
     with torch.inference_mode():
         state = m.init_state(1)
         for n in (1, 2, 20):
