@@ -25,6 +25,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .cli import UserError
+from .io import intended_path
 
 DEBUG_FLAG = "--debug"
 DEBUG_HINT = f"rerun with {DEBUG_FLAG} (or SSM_DEBUG=1) to see the traceback"
@@ -58,9 +59,16 @@ def strip_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
     return rest, len(rest) != len(argv)
 
 
+MAX_DETAIL = 300   # characters of an unexpected exception's message kept on its line
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else ""
+    """The message's first line; when that only introduces what follows ("...:"), the next line too."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line if len(line) <= MAX_DETAIL else line[:MAX_DETAIL - 3] + "..."
 
 
 def _notes(exc: BaseException) -> str:
@@ -86,6 +94,9 @@ def _is_sigterm_exit(exc: BaseException) -> bool:
 def _hint(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc):
         return "out of memory: try a smaller --batch-size, fewer --devices or a shorter sequence length"
+    if "loading state_dict" in str(exc):
+        return ("the checkpoint was written for another model: --resume needs the model options of the run "
+                f"that wrote it (or start anew with --overwrite); {DEBUG_HINT}")
     if isinstance(exc, RecursionError):
         return DEBUG_HINT
     return f"an unexpected error; {DEBUG_HINT}"
@@ -98,7 +109,8 @@ def one_line(exc: BaseException) -> str:
         line = _first_line(exc)
     elif isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         reason = _USER_ERRNOS[exc.errno]
-        line = f"{exc.filename}: {reason}" if exc.filename else f"{reason} ({_first_line(exc)})"
+        # The file the user asked for, not the temporary name it was being written under.
+        line = f"{intended_path(exc.filename)}: {reason}" if exc.filename else f"{reason} ({_first_line(exc)})"
     elif isinstance(exc, KeyboardInterrupt) or _is_sigterm_exit(exc):
         code = exit_code(exc)
         line = f"stopped by {_signal_name(code)}"

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from .cli import UserError
+from .io import TMP_NAME as STALE_TMP
 from .io import write_json_atomic
 from .validation import writable_folder
 
 MARKER = ".long-ssm-run"
-# tempfile.mkstemp(prefix=".<name>.", suffix=".tmp"): eight characters of its alphabet between the two.
-STALE_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -11,6 +11,7 @@ at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -20,15 +21,18 @@ from typing import Any
 
 from .cli import UserError
 
-# Lightning's accepted precision values (lightning.fabric.connector._PRECISION_INPUT); the literal list
-# is the fallback for a Lightning that moves that private name.
-try:
-    from lightning.fabric.connector import _PRECISION_INPUT
 
-    PRECISIONS = tuple(str(v) for lit in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(lit))
-except ImportError:  # pragma: no cover (depends on the installed Lightning)
-    PRECISIONS = ("64", "32", "16", "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed",
-                  "bf16-true", "bf16-mixed", "32-true", "64-true", "bf16")
+@functools.lru_cache(maxsize=1)
+def precisions() -> tuple[str, ...]:
+    """Lightning's accepted precision values (its private `_PRECISION_INPUT`, read when first needed so
+    that importing this module does not import Lightning); the literal list if that name moves."""
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+    except ImportError:  # pragma: no cover (depends on the installed Lightning)
+        return ("64", "32", "16", "bf16", "transformer-engine", "transformer-engine-float16", "16-true",
+                "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true")
+    return tuple(str(v) for lit in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(lit))
+
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # Strategies that only run on CUDA GPUs (sharded training, DeepSpeed) or on TPUs.
@@ -218,8 +222,8 @@ def check_precision(precision: Any, accelerator: str, flag: str = "--precision")
     if precision is None:
         return
     p = str(precision).strip()
-    if p not in PRECISIONS:
-        shown = ", ".join(x for x in PRECISIONS if "-" in x)
+    if p not in precisions():
+        shown = ", ".join(x for x in precisions() if "-" in x)
         raise UserError(f"{flag}: expected one of {shown}; got {precision!r}")
     if p.startswith("transformer-engine") and accelerator != "gpu":
         raise UserError(f"{flag} {precision}: needs a CUDA GPU (this run is on the CPU)")

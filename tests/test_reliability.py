@@ -246,6 +246,8 @@ def test_one_line_and_exit_codes():
     assert exit_code(UserError("x")) == 2
     err = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out.wav")
     assert one_line(err) == "/mnt/ro/out.wav: read-only file system" and exit_code(err) == 2
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/checkpoints/.last.ckpt.x1_abc9z.tmp")
+    assert one_line(full) == "/runs/a/checkpoints/last.ckpt: no space left on the device"
     boom = RuntimeError("shape mismatch\nlong details")
     boom.add_note("while loading the checkpoint")
     line = one_line(boom)
@@ -253,6 +255,12 @@ def test_one_line_and_exit_codes():
     assert line.endswith("; while loading the checkpoint") and "\n" not in line
     assert exit_code(boom) == 1
     assert "out of memory: try a smaller --batch-size" in one_line(MemoryError())
+    mismatch = RuntimeError("Error(s) in loading state_dict for M:\n\tsize mismatch for w: copying a param with "
+                            "shape (16,) from checkpoint, the shape in current model is (8,).\n\tmore")
+    line = one_line(mismatch)
+    assert line.startswith("RuntimeError: Error(s) in loading state_dict for M: size mismatch for w: copying")
+    assert "--resume needs the model options of the run that wrote it" in line and "more" not in line
+    assert len(one_line(ValueError("x" * 1000))) < 450
     assert exit_code(KeyboardInterrupt()) == 130
 
 
