@@ -100,8 +100,14 @@ class SignalCheckpoint(Callback):
         self.ckpt_path = os.path.join(dirpath, f"{filename}.ckpt")
         self.signum: int | None = None
         self._previous_sigint: Any = None
+        self._pid = os.getpid()
 
     def _on_sigint(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A data-loader worker forked with this handler (Ctrl-C reaches the whole process group): the
+            # main process stops the run and shuts the workers down; a KeyboardInterrupt here would only
+            # print a worker's traceback.
+            return
         if self.signum == signal.SIGINT:          # the second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signal.SIGINT
@@ -113,6 +119,7 @@ class SignalCheckpoint(Callback):
     # snapshot at its teardown), so ours is never left behind.
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_end(self, trainer, pl_module) -> None:

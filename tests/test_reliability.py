@@ -382,3 +382,21 @@ def test_signal_checkpoint_keeps_checkpoints_of_a_finished_run_and_saves_nothing
         _trainer(tmp_path, [SignalCheckpoint(ckpts), FiniteGuard()], limit_val_batches=0).fit(
             _tiny_module(nan_after=1), _loader())
     assert (ckpts / "last.ckpt").read_text() == "from an earlier segment"
+
+
+def test_signal_checkpoint_ignores_sigint_in_forked_workers(tmp_path):
+    from ssm_core.callbacks import SignalCheckpoint
+    cb = SignalCheckpoint(tmp_path)
+    cb._pid = os.getpid() + 1        # as seen from a data-loader worker forked after training started
+    cb._on_sigint(signal.SIGINT, None)
+    assert cb.signum is None
+    cb._pid = os.getpid()
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: calls.append(a[0]))
+    try:
+        cb._on_sigint(signal.SIGINT, None)       # first Ctrl-C: the graceful path (Lightning's SIGTERM handler)
+        assert cb.signum == signal.SIGINT and calls == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):   # second Ctrl-C: at once
+            cb._on_sigint(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
