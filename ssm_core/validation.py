@@ -264,6 +264,10 @@ def _fields(obj: Any) -> dict[str, Any]:
 def _check_by_name(name: str, value: Any, flag: str) -> None:
     if value is None or isinstance(value, bool):
         return
+    if name.endswith("cache") or name == "cache_dir":
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            cache_folder(value, flag)
+        return
     if isinstance(value, float):
         finite(value, flag)          # no option of ours means anything at NaN or infinity
     if name == "lr" or name.endswith("_lr") or name == "learning_rate":
@@ -285,7 +289,7 @@ def validate_run(cfg: Any) -> dict[str, Any]:
     max_epochs (None or >= 1), batch_size/num_nodes (>= 1), accelerator (present here), devices (no more
     than exist), strategy (known, and for this accelerator), precision (Lightning's values), seed (numpy's
     range), num_workers (>= 0); learning rates (`lr`, `*_lr`) finite and > 0; intervals (`*_every`,
-    `*_interval`, `every_n_*`) >= 1; every float finite."""
+    `*_interval`, `every_n_*`) >= 1; caches (`*_cache`, `cache_dir`) folders; every float finite."""
     fields = _fields(cfg)
     for name, value in fields.items():
         nested = _fields(value) if dataclasses.is_dataclass(value) or type(value).__name__ == "Namespace" else {}

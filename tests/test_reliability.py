@@ -147,8 +147,13 @@ def test_validate_run_accepts_a_good_config_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validate_run_refuses_an_output_dir_that_is_a_file(tmp_path):
+def test_validate_run_refuses_an_output_dir_or_cache_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="--synth-cache .*: exists and is not a folder"):
+        validate_run(SimpleNamespace(synth_cache=str(tmp_path / "f")))
+    with pytest.raises(UserError, match="--cache-dir .*: exists and is not a folder"):
+        validate_run(SimpleNamespace(cache_dir=str(tmp_path / "f")))
+    validate_run(SimpleNamespace(cache_dir=None, synth_cache=str(tmp_path / "new")))
     with pytest.raises(UserError, match="--output-dir .*: exists and is not a folder"):
         validate_run(_Cfg(output_dir=str(tmp_path / "f")))
     with pytest.raises(UserError, match="is a file, not a folder"):
