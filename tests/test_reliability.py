@@ -405,3 +405,32 @@ def test_signal_checkpoint_ignores_sigint_in_forked_workers(tmp_path):
             cb._on_sigint(signal.SIGINT, None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_resumable_csv_log_reads_as_one_run(tmp_path):
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ssm_core.loggers import ResumableCSVLogger
+
+    def fit(root, max_steps, resume_from=None):
+        torch.manual_seed(0)
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=4, save_top_k=-1,
+                               filename="{step}")
+        trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", devices=1,
+                            log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[ckpt],
+                            logger=ResumableCSVLogger(root, name="logs", version="", resume=resume_from is not None))
+        trainer.fit(_tiny_module(), _loader(32), ckpt_path=resume_from)   # 4 batches: step 4 ends an epoch
+        with open(root / "logs" / "metrics.csv", newline="") as f:
+            return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f)]
+
+    whole = fit(tmp_path / "whole", 10)
+    fit(tmp_path / "cut", 6)                      # "killed" after step 6; its last checkpoint is at step 4
+    resumed = fit(tmp_path / "cut", 10, resume_from=str(tmp_path / "cut" / "ckpt" / "step=4.ckpt"))
+    assert [s for s, _ in whole] == list(range(10))
+    assert resumed == whole                       # steps 4 and 5 once, the values of the uninterrupted run
+    fresh = fit(tmp_path / "cut", 3)              # without resume: CSVLogger's behaviour, a new file
+    assert [s for s, _ in fresh] == [0, 1, 2]
