@@ -6,7 +6,8 @@
 A run marks its folder with `.long-ssm-run` (JSON: the program and the entries it owns). Then:
 
 * a new or empty folder becomes a run folder;
-* a non-empty folder without the mark is refused: it is not ours, and nothing in it is touched;
+* a non-empty folder without the mark is refused (it is not ours, and nothing in it is touched), unless
+  it holds only entries this run writes (a run from before the mark);
 * a folder of an earlier run is continued only with --resume and replaced only with --overwrite; replacing
   removes only the entries the earlier run listed as its own (and this run's), never other files;
 * files of atomic writes that a kill interrupted (`.<name>.<random>.tmp`, see ssm_core.io) are removed from
@@ -81,7 +82,10 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
         raise UserError("--resume and --overwrite: give one of them (continue the earlier run, or replace it)")
     p = writable_folder(path, flag)
     existing = _contents(p) if p.is_dir() else []
-    if existing and not is_run_dir(p):
+    # A folder holding only what this run would write is one of ours too: a run made before the mark
+    # existed, or one killed before writing it.
+    ours = is_run_dir(p) or (bool(owned) and set(existing) <= set(owned))
+    if existing and not ours:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise UserError(f"{flag} {p}: the folder is not empty ({shown}) and is not a folder of an earlier run; "
                         "choose a new or empty folder")
@@ -91,7 +95,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     if not existing and resume:
         raise UserError(f"{flag} {p}: --resume, but there is no earlier run here to continue")
     p.mkdir(parents=True, exist_ok=True)
-    if p.is_dir() and is_run_dir(p):
+    if ours:
         remove_stale_tmp(p)
     previous = read_marker(p)
     if existing and overwrite:

@@ -232,6 +232,22 @@ def test_earlier_run_needs_resume_or_overwrite(tmp_path):
     assert json.loads((run / MARKER).read_text())["owned"] == ["model"]
 
 
+def test_a_folder_of_only_our_outputs_counts_as_a_run(tmp_path):
+    legacy = tmp_path / "old-run"
+    (legacy / "checkpoints").mkdir(parents=True)
+    (legacy / "checkpoints" / "last.ckpt").write_text("ckpt")
+    with pytest.raises(UserError, match="holds an earlier run"):
+        prepare_run_dir(legacy, owned=OWNED)
+    prepare_run_dir(legacy, owned=OWNED, resume=True)
+    assert (legacy / "checkpoints" / "last.ckpt").read_text() == "ckpt" and (legacy / MARKER).is_file()
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "metrics.json").write_text("{}")
+    (tmp_path / "mixed" / "data.csv").write_text("a\n")
+    with pytest.raises(UserError, match="not a folder of an earlier run"):
+        prepare_run_dir(tmp_path / "mixed", owned=OWNED, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["data.csv", "metrics.json"]
+
+
 def test_resume_needs_an_earlier_run(tmp_path):
     with pytest.raises(UserError, match="no earlier run here"):
         prepare_run_dir(tmp_path / "run", resume=True)
