@@ -278,8 +278,10 @@ def _check_by_name(name: str, value: Any, flag: str) -> None:
         at_least(value, 0, flag)
     elif (name.endswith(("_every", "_interval", "_every_n_steps", "_every_n_epochs")) or name.startswith("every_n_")
           or name in ("batch_size", "n_mels", "d_model", "n_layer", "d_state", "num_nodes")):
-        if isinstance(value, (int, float)):
+        if isinstance(value, int):
             at_least(value, 1, flag)
+        elif isinstance(value, float):   # a fraction of an epoch, as Lightning's val_check_interval=0.25
+            positive_finite(value, flag)
 
 
 def validate_run(cfg: Any) -> dict[str, Any]:

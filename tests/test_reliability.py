@@ -145,6 +145,9 @@ def test_validate_run_accepts_a_good_config_and_creates_nothing(tmp_path):
     assert validate_run(cfg) == {"accelerator": "cpu", "devices": 1}
     assert validate_run(SimpleNamespace(lr=0.5, devices="auto", accelerator="auto"))["accelerator"] in ("cpu", "gpu")
     assert list(tmp_path.iterdir()) == []
+    validate_run(SimpleNamespace(val_check_interval=0.25, ckpt_every=5))
+    with pytest.raises(UserError, match="--val-check-interval: must be > 0"):
+        validate_run(SimpleNamespace(val_check_interval=0.0))
 
 
 def test_validate_run_refuses_an_output_dir_or_cache_that_is_a_file(tmp_path):
