@@ -9,6 +9,7 @@
 * SIGTERM / SIGINT (Lightning turns SIGTERM into `SIGTERMException`, a SystemExit with no status, i.e. 0):
   `prog: stopped by SIGTERM` plus what was saved, status 128 + the signal number, so schedulers and shells
   see that the run did not finish.
+* A broken pipe (the output piped into `head`): nothing, status 141, as other Unix tools.
 * Anything else: `prog: error: <Type>: <first line> (hint)`, status 1. The hint says what usually helps
   (out of memory: a smaller --batch-size) and how to see the traceback.
 
@@ -144,6 +145,14 @@ def report(exc: BaseException, prog: str, debug: bool | None = None) -> int:
         raise exc
     if debug if debug is not None else debug_requested():
         raise exc
+    if isinstance(exc, BrokenPipeError):
+        # The reader of our output went away (`... | head`): as for any Unix tool, end quietly with
+        # 128 + SIGPIPE. Output still buffered would fail again at exit, so it goes nowhere instead.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 128 + signal.SIGPIPE
     stopped = isinstance(exc, KeyboardInterrupt) or _is_sigterm_exit(exc)
     kind = "" if stopped else "error: "
     print(f"{prog}: {kind}{one_line(exc)}", file=sys.stderr, flush=True)

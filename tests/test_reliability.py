@@ -309,6 +309,14 @@ def test_guard_prints_one_line_and_debug_reraises(capsys, monkeypatch):
     with pytest.raises(SystemExit):   # --help and friends pass through
         report(SystemExit(0), "p")
     assert strip_debug_flag(["--lr", "1", "--debug"]) == (["--lr", "1"], True)
+    capsys.readouterr()
+    stdout = sys.stdout
+    try:
+        assert report(BrokenPipeError(errno.EPIPE, "Broken pipe"), "p") == 141
+    finally:
+        sys.stdout.close()
+        sys.stdout = stdout
+    assert capsys.readouterr().err == ""
 
 
 # --- callbacks ----------------------------------------------------------------------------------------------
