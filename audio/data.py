@@ -125,6 +125,8 @@ class ClipDataset(Dataset):
         if it.offset >= 0:
             import soundfile as sf
             data, sr = sf.read(it.path, start=it.offset, frames=self.clip_samples, dtype="float32", always_2d=True)
+            if not np.isfinite(data).all():    # load_audio's rule, for the clips cut from a noise file
+                raise UserError(f"{it.path}: the audio contains NaN or infinite samples")
             wave = resample(torch.from_numpy(data.mean(axis=1)), sr, self.sample_rate, it.path) * it.gain
         else:
             wave = load_audio(it.path, self.sample_rate)

@@ -32,8 +32,15 @@ class FeatureConfig:
     n_mels: int = 80
 
     def __post_init__(self):
-        if self.sample_rate < 1000 or self.n_mels < 1 or self.hop_ms <= 0 or self.win_ms < self.hop_ms:
-            raise ValueError(f"features: invalid front-end {asdict(self)}")
+        # ValueError, not UserError: a saved model's config.json passes through here too, and its loader
+        # reports a damaged file; a command line checks its own flags before building one.
+        problems = [f"--{name.replace('_', '-')}: must be >= {low:g}, got {getattr(self, name)}"
+                    for name, low in (("sample_rate", 1000), ("n_mels", 1), ("hop_ms", 1e-3), ("win_ms", 1e-3))
+                    if not getattr(self, name) >= low]          # `not >=`: NaN fails too
+        if not problems and self.win_ms < self.hop_ms:
+            problems.append(f"--win-ms {self.win_ms}: shorter than --hop-ms {self.hop_ms}")
+        if problems:
+            raise ValueError(f"features: {problems[0]} (front-end {asdict(self)})")
 
     @property
     def win_length(self) -> int:

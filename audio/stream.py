@@ -11,11 +11,15 @@ smoothed over `--smooth-ms`; a keyword is detected while its smoothed posterior 
 `--threshold`, and reported when it falls below again (start/end: when it crossed the threshold; score: its
 peak). Nothing grows with the length of the stream: memory is flat for hours of input. At the end a
 summary: audio seconds, real-time factor (compute time / audio time) and per-chunk latency p50/p99.
+
+A file with NaN or infinite samples is refused at the first such chunk (there is no sound to repair them
+from); `--seconds` must be a positive duration.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from ssm_core.cli import UserError, main_entry
+from ssm_core.validation import at_least, distinct_paths, in_range, output_file, positive_finite
 
 from .data import SILENCE, UNKNOWN
 from .features import load_audio, to_mono
@@ -55,12 +60,13 @@ class StreamConfig:
             raise ValueError("--model: required (a model folder or checkpoint made by audio.train)")
         if self.mic == (self.wav is not None):
             raise ValueError("give exactly one input: --wav FILE or --mic")
-        if not 10 <= self.chunk_ms <= 1000:
-            raise ValueError(f"--chunk-ms: expected 10 to 1000, got {self.chunk_ms}")
-        if not 0 < self.threshold <= 1:
+        in_range(self.chunk_ms, 10, 1000, "--chunk-ms")
+        if not 0 < positive_finite(self.threshold, "--threshold") <= 1:
             raise ValueError(f"--threshold: expected a posterior in (0, 1], got {self.threshold}")
-        if self.smooth_ms < 0 or self.threads < 1:
-            raise ValueError("--smooth-ms must be >= 0 and --threads >= 1")
+        at_least(self.smooth_ms, 0, "--smooth-ms")
+        at_least(self.threads, 1, "--threads")
+        if self.seconds is not None:
+            positive_finite(self.seconds, "--seconds")
 
 
 # --- pieces ---------------------------------------------------------------------------------------------
@@ -144,8 +150,8 @@ class Summary:
     compute_seconds: float
     chunks: int
     chunk_ms: float
-    latency_p50_ms: float
-    latency_p99_ms: float
+    latency_p50_ms: float | None    # None when no chunk was processed (not NaN: the JSON line stays JSON)
+    latency_p99_ms: float | None
     detections: int
 
     @property
@@ -153,9 +159,13 @@ class Summary:
         return self.compute_seconds / max(self.audio_seconds, 1e-9)
 
     def line(self) -> str:
-        return (f"summary: audio {self.audio_seconds:.2f} s, real-time factor {self.rtf:.4f}, chunk latency "
-                f"p50 {self.latency_p50_ms:.2f} ms p99 {self.latency_p99_ms:.2f} ms ({self.chunks} chunks of "
-                f"{self.chunk_ms:g} ms), {self.detections} detections")
+        if self.latency_p50_ms is None or self.latency_p99_ms is None:
+            latency = "no chunks processed"
+        else:
+            latency = (f"chunk latency p50 {self.latency_p50_ms:.2f} ms p99 {self.latency_p99_ms:.2f} ms "
+                       f"({self.chunks} chunks of {self.chunk_ms:g} ms)")
+        return (f"summary: audio {self.audio_seconds:.2f} s, real-time factor {self.rtf:.4f}, {latency}, "
+                f"{self.detections} detections")
 
 
 # --- audio sources --------------------------------------------------------------------------------------
@@ -163,6 +173,10 @@ def file_chunks(path: str, sample_rate: int, chunk: int, realtime: bool = False)
     """Chunks of a file at the model's rate. Files already at that rate are read block by block (flat
     memory for any length); others are decoded, down-mixed and resampled whole first."""
     import soundfile as sf
+    if not os.path.exists(path):
+        raise UserError(f"--wav {path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"--wav {path}: is a folder, not an audio file")
     try:
         info = sf.info(path)
     except (sf.LibsndfileError, RuntimeError) as e:
@@ -176,6 +190,10 @@ def file_chunks(path: str, sample_rate: int, chunk: int, realtime: bool = False)
         blocks = (wave[i: i + chunk] for i in range(0, wave.size, chunk))
     start, sent = time.perf_counter(), 0
     for block in blocks:
+        if not np.isfinite(block).all():
+            bad = sent + int(np.flatnonzero(~np.isfinite(block))[0])
+            raise UserError(f"--wav {path}: sample {bad} ({bad / sample_rate:.3f} s) is {block[bad - sent]}; the "
+                            "file holds non-finite audio (a damaged float WAV?)")
         if realtime:   # a live source delivers a chunk only once its last sample has been "recorded"
             delay = start + (sent + block.size) / sample_rate - time.perf_counter()
             if delay > 0:
@@ -256,12 +274,16 @@ def run_stream(model: KeywordSpotter, chunks: Iterable[np.ndarray], detector: De
         n_det += 1
         on_detection(d)
     sr = model.config.features.sample_rate
-    summary = Summary(samples / sr, hist.sum, hist.n, chunk_ms, 1e3 * hist.quantile(0.5), 1e3 * hist.quantile(0.99),
-                      n_det)
+    p50, p99 = (1e3 * hist.quantile(q) if hist.n else None for q in (0.5, 0.99))
+    summary = Summary(samples / sr, hist.sum, hist.n, chunk_ms, p50, p99, n_det)
     return summary, (np.concatenate(kept) if keep_posteriors and kept else None)
 
 
 def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Summary:
+    if cfg.dump_posteriors:
+        if cfg.wav:
+            distinct_paths(cfg.wav, cfg.dump_posteriors, ("--wav", "--dump-posteriors"))
+        output_file(cfg.dump_posteriors, "--dump-posteriors")
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
     feats = model.config.features
@@ -286,8 +308,11 @@ def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Su
                                      keep_posteriors=cfg.dump_posteriors is not None)
     if cfg.dump_posteriors and posteriors is not None:
         from ssm_core.io import atomic_path
-        with atomic_path(cfg.dump_posteriors) as tmp, open(tmp, "wb") as f:
-            np.save(f, posteriors)
+        try:
+            with atomic_path(cfg.dump_posteriors) as tmp, open(tmp, "wb") as f:
+                np.save(f, posteriors)
+        except OSError as e:
+            raise UserError(f"--dump-posteriors {cfg.dump_posteriors}: cannot write ({e.strerror or e})") from None
     if cfg.jsonl:
         print(json.dumps({"type": "summary", **asdict(summary), "rtf": summary.rtf}), flush=True)
     else:

@@ -34,6 +34,7 @@ from scipy.signal import fftconvolve
 
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import write_json_atomic
+from ssm_core.validation import cache_folder, finite, in_range, output_file
 
 from .data import KEYWORDS
 from .features import resample, save_audio
@@ -224,14 +225,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LONG_SSM_CACHE", Path.home() / ".cache" / "long-ssm")) / "audio"
 
 
-def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progress: bool = True,
+                   flag: str = "--synth-cache") -> Path:
     """The folder of the dataset for `cfg`, generated on first use (then reused)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = cache_folder(cache_dir, flag) if cache_dir else default_cache_dir()
     target = root / f"synth-{cfg.key()}"
     if (target / "synth_config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    where = flag if cache_dir else "cache folder (LONG_SSM_CACHE)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    except OSError as e:
+        raise UserError(f"{where} {root}: cannot create the synthetic data set there ({e.strerror or e})") from None
     try:
         _generate(cfg, tmp, progress)
         try:
@@ -304,15 +310,26 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.seconds <= 36000:
-            raise ValueError(f"--seconds: expected 1 to 36000, got {self.seconds}")
+        in_range(self.seconds, 1, 36000, "--seconds")
+        # Below -40 dB the words vanish in the noise, above 100 dB the noise is below 16-bit resolution.
+        in_range(finite(self.snr_db, "--snr-db"), -40, 100, "--snr-db")
+        for name in ("words", "voices"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}: give at least one")
+        if Path(self.output_wav).suffix.lower() == ".json":
+            raise ValueError(f"--output-wav {self.output_wav}: the transcript goes beside it as .json; "
+                             "give a .wav name")
 
 
 def main(cfg: DemoConfig) -> None:
-    wave, events = demo_stream(cfg.seconds, cfg.voices, cfg.words, cfg.seed, cfg.snr_db)
-    save_audio(cfg.output_wav, wave, SAMPLE_RATE)
     truth = Path(cfg.output_wav).with_suffix(".json")
-    write_json_atomic(truth, {"sample_rate": SAMPLE_RATE, "seconds": cfg.seconds, "events": events})
+    output_file(cfg.output_wav, "--output-wav")   # before minutes of synthesis, not after
+    wave, events = demo_stream(cfg.seconds, cfg.voices, cfg.words, cfg.seed, cfg.snr_db)
+    try:
+        save_audio(cfg.output_wav, wave, SAMPLE_RATE)
+        write_json_atomic(truth, {"sample_rate": SAMPLE_RATE, "seconds": cfg.seconds, "events": events})
+    except OSError as e:
+        raise UserError(f"--output-wav {cfg.output_wav}: cannot write ({e.strerror or e})") from None
     print(f"wrote {cfg.output_wav} ({cfg.seconds:.1f} s, {len(events)} words) and its transcript {truth}")
 
 

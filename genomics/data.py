@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import mmap
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ssm_core.cli import UserError
+from ssm_core.io import atomic_path
 
 from . import tokenizer as tok
 from .demo import cache_root, write_fasta
@@ -89,7 +91,7 @@ def _convert_with_biopython(path: Path, kind: str, cache_dir: Path, flag: str) -
                 kind = {">": "fasta", "L": "genbank", "I": "embl"}.get(first, "fasta")
             for rec in SeqIO.parse(handle, kind):
                 records.append((rec.id, str(rec.seq).encode("ascii", errors="replace")))
-    except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
+    except (ValueError, OSError, EOFError, UnicodeDecodeError, zlib.error) as e:   # zlib: corrupt gzip data
         raise UserError(f"{flag} {path}: cannot read as {kind} ({e})") from None
     if not any(len(s) for _, s in records):
         raise UserError(f"{flag} {path}: no sequence records found")
@@ -117,11 +119,13 @@ def _index(path: Path, cache_dir: Path, flag: str) -> Path:
             return fai
         fai.parent.mkdir(parents=True, exist_ok=True)
     import pyfaidx
+    # Built beside its final name and renamed into place: a FASTA that fails to index (duplicate names,
+    # corrupt BGZF) leaves an existing .fai, which may be the user's, as it was.
     try:
-        pyfaidx.Faidx(str(path), indexname=str(fai), rebuild=True, build_index=True).close()
-    except (pyfaidx.FastaIndexingError, ValueError, UnicodeDecodeError) as e:
-        if fai.exists():
-            fai.unlink()
+        with atomic_path(fai) as tmp:
+            tmp.unlink()   # pyfaidx would read the empty placeholder, newer than the FASTA, as a valid index
+            pyfaidx.Faidx(str(path), indexname=str(tmp), rebuild=True, build_index=True).close()
+    except (pyfaidx.FastaIndexingError, ValueError, UnicodeDecodeError, EOFError, zlib.error) as e:
         raise UserError(f"{flag} {path}: not a valid FASTA file ({str(e).splitlines()[0]})") from None
     return fai
 

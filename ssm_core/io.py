@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +19,18 @@ def _umask() -> int:
 # mkstemp/mkdtemp create private (0600/0700) entries; finished outputs get the usual permissions instead.
 FILE_MODE = 0o666 & ~_umask()
 DIR_MODE = 0o777 & ~_umask()
+
+
+# The temporary names atomic_path gives: tempfile.mkstemp(prefix=".<name>.", suffix=".tmp"), whose random
+# part is eight characters of its alphabet. What a kill leaves behind matches this, and nothing else should.
+TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def intended_path(path: str | os.PathLike) -> Path:
+    """For a temporary file of an atomic write, the file it was to become; any other path unchanged."""
+    p = Path(path)
+    m = TMP_NAME.match(p.name)
+    return p.with_name(m["name"]) if m else p
 
 
 @contextlib.contextmanager

@@ -9,6 +9,9 @@ The protocol follows Time-Series-Library (`Dataset_ETT_hour`, `Dataset_ETT_minut
 
 Each split yields every window of stride 1 (`n_rows - L - H + 1` of them; no drop_last), and the
 StandardScaler is fit on the training rows only.
+
+Missing values (empty cells, NaN) are filled forward, then backward, with a warning naming the columns;
+an infinite value is refused with its column and row, since no fill rule makes it a measurement.
 """
 from __future__ import annotations
 
@@ -85,6 +88,13 @@ def table_from_frame(df: pd.DataFrame, date_col: str | None = None, columns: lis
             raise UserError(f"{where}: column {c!r} is entirely missing")
         data[c] = col
     frame = pd.DataFrame(data)
+    # Infinity is not a gap to fill: it is a value no scaler or model can use, so the row is named instead.
+    infinite = np.isinf(frame.to_numpy(np.float64))
+    if infinite.any():
+        row, col = (int(i[0]) for i in np.nonzero(infinite))
+        raise UserError(f"{where}: column {frame.columns[col]!r}, row {row + 2} is {frame.iat[row, col]}; "
+                        "replace it with a number, or leave it empty to have it filled "
+                        f"({int(infinite.sum())} infinite value{'s' if infinite.sum() > 1 else ''} in all)")
     n_missing = int(frame.isna().sum().sum())
     if n_missing:
         gaps = ", ".join(f"{c} ({n})" for c, n in frame.isna().sum().items() if n)

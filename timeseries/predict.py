@@ -5,6 +5,10 @@
 The CSV needs the columns the model was fitted on (any others are ignored) and at least `lookback` rows;
 it is scaled with the scaler saved at fit time. The forecast (in the data's own units, one row per future
 step, dated when the CSV has dates) is written to --output and printed.
+
+--output never replaces the input CSV, and replaces an existing file only when it is an earlier forecast
+of the same shape (the same header and one row per horizon step): anything else is the user's, and is
+refused.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import pandas as pd
 import torch
 
 from ssm_core.cli import UserError, main_entry
-from ssm_core.io import atomic_path
+from ssm_core.io import write_text_atomic
+from ssm_core.validation import distinct_paths, output_file
 
 from .data import Table, read_table
 from .train import SavedForecaster, future_dates, load_forecaster, plain_warnings
@@ -59,7 +64,30 @@ def forecast_from(saved: SavedForecaster, scaled: np.ndarray, end: int) -> np.nd
     return pred * scale[:, None] + mean[:, None] if pred.ndim == 3 else pred * scale + mean
 
 
+def output_path(cfg: PredictConfig) -> Path:
+    """Where the forecast goes, refused before any work when it would overwrite the input or a folder."""
+    out = Path(cfg.output) if cfg.output else Path(cfg.model) / "prediction.csv"
+    distinct_paths(cfg.csv, out, ("--csv", "--output"))
+    return output_file(out, "--output")
+
+
+def check_replaceable(out: Path, text: str) -> None:
+    """Refuse to replace an existing file unless it is an earlier forecast shaped like `text`."""
+    if not out.exists():
+        return
+    header, rows = text.split("\n", 1)[0], text.count("\n") - 1
+    try:
+        with open(out, encoding="utf-8", errors="replace") as f:
+            lines = [line.rstrip("\r\n") for _, line in zip(range(rows + 2), f)]
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot read the existing file ({e.strerror or e})") from None
+    if not lines or lines[0] != header or len(lines) != rows + 1:
+        raise UserError(f"--output {out}: exists and is not an earlier forecast of this model (header "
+                        f"{header!r}, {rows} rows); choose another file or remove it")
+
+
 def predict(cfg: PredictConfig) -> pd.DataFrame:
+    out = output_path(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     saved = load_forecaster(cfg.model)
@@ -79,9 +107,12 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
         else:
             cols[c] = fc[:, j]
     frame = pd.DataFrame(cols, index=index)
-    out = Path(cfg.output) if cfg.output else Path(cfg.model) / "prediction.csv"
-    with atomic_path(out) as tmp:
-        frame.to_csv(tmp)
+    text = frame.to_csv(lineterminator="\n")
+    check_replaceable(out, text)
+    try:
+        write_text_atomic(out, text)
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot write ({e.strerror or e})") from None
     print(frame.to_string(max_rows=20))
     print(f"timeseries.predict: {H} steps after {index.name} {table.dates[-1] if table.dates is not None else len(scaled) - 1}"
           f" -> {out}", file=sys.stderr)

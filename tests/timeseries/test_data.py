@@ -106,6 +106,19 @@ def test_missing_values_filled_with_warning(tmp_path):
     assert t.values[3, 0] == t.values[2, 0]  # forward fill
 
 
+def test_infinite_values_are_refused_with_column_and_row(tmp_path):
+    df = hourly_frame(100)
+    df.loc[40, "b"] = np.inf
+    df.loc[70, "a"] = -np.inf
+    p = write(tmp_path, df)
+    assert "inf" in p.read_text().splitlines()[41]   # line 42 of the file, as text a user could type
+    with pytest.raises(UserError, match=r"column 'b', row 42 is inf; replace it .* \(2 infinite values in all\)"):
+        read_table(p)
+    # Only the columns in use count: a forecaster of 'a' alone meets the -inf of row 72.
+    with pytest.raises(UserError, match="column 'a', row 72 is -inf"):
+        read_table(p, columns=["a"])
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda df: df.assign(a=np.nan), "column 'a' is entirely missing"),
     (lambda df: df[["date"]].assign(name="x"), "no numeric columns"),
