@@ -149,6 +149,9 @@ def normalize_argv(config_cls: type, argv: list[str]) -> list[str]:
             new = _moved(key, fields)
             if new and new not in derived:
                 raise _flag_error(f"--{name}: moved to --{new}")
+            new = _moved(key[3:], fields) if key.startswith("no_") else None
+            if new and _is_bool(fields[new][0]):
+                raise _flag_error(f"--{name}: moved to --{new} false")
             raise _flag_error(f"unrecognized option --{name}")
         tp = fields[key][0]
         values: list[str] = [inline] if eq else []
