@@ -204,7 +204,7 @@ def check_yaml(config_cls: type, path: str) -> None:
     def walk(d: dict, prefix: str):
         for k, v in d.items():
             key = prefix + str(k).replace("-", "_")
-            if key in moved:
+            if key in moved and not isinstance(v, dict):
                 raise UserError(f"--config {path}: {key!r} moved to {moved[key]!r}")
             if key in derived:
                 raise UserError(f"--config {path}: {key!r} is not an option (it follows from {derived[key]})")
@@ -347,6 +347,12 @@ def run(main: Callable[[T], Any], config_cls: type[T], argv: list[str] | None = 
         msg = str(e) if isinstance(e, UserError) else _os_error_line(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def plain_warnings() -> None:
+    """Command-line warnings as one line `warning: ...`, without the library's file and line."""
+    import warnings
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
 
 
 def _os_error_line(e: OSError) -> str:
