@@ -50,7 +50,7 @@ class PretrainConfig(TrainConfig):
         "help": "FASTA file(s) (plain, bgzip, gzip, GenBank, EMBL); several = multi-species; none = demo genome"})
     bed: str | None = field(default=None, metadata={"help": "BED of intervals with a split column (train/valid/test)"})
     val_contigs: list[str] | None = field(default=None, metadata={
-        "help": "held-out validation contigs (default chr20 when present, else the tail 5%% of every contig)"})
+        "help": "held-out validation contigs (default chr20 when present, else the tail 5% of every contig)"})
     test_contigs: list[str] | None = field(default=None, metadata={"help": "held-out test contigs (default chr21)"})
     skip_short_records: bool = field(default=False, metadata={"help": "drop records shorter than a window"})
     max_n_frac: float = field(default=0.1, metadata={"help": "redraw windows with more N than this"})

@@ -97,10 +97,12 @@ def build_parser(config_cls: type, prog: str | None = None, description: str | N
     fields = config_fields(config_cls)
     derived = getattr(config_cls, "DERIVED", {})
     for action in parser._actions:
-        if action.dest in derived:
+        if action.dest == "print_config":     # parse_config prints the resolved config itself
+            action.help = "print the resolved configuration (as a run's config.yaml) and exit"
+        elif action.dest in derived:
             action.help = argparse.SUPPRESS
         elif action.dest in fields and fields[action.dest][1].metadata.get("help"):
-            action.help = fields[action.dest][1].metadata["help"].replace("%", "%%")
+            action.help = fields[action.dest][1].metadata["help"]
         elif action.dest in _groups(config_cls):
             action.help = argparse.SUPPRESS    # the group's own config-file flag: --config covers it
     return parser
@@ -279,8 +281,9 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None, prog: str |
                  description: str | None = None) -> T:
     """The config of a command line. `--print_config` prints it resolved (as a run's config.yaml) and exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    print_config = any(a.replace("-", "_") == "__print_config" for a in argv)
-    argv = [a for a in argv if a.replace("-", "_") != "__print_config"]
+    is_print = lambda a: a.split("=", 1)[0].replace("-", "_") == "__print_config"
+    print_config = any(map(is_print, argv))
+    argv = [a for a in argv if not is_print(a)]
     for i, tok in enumerate(argv):
         if tok.replace("-", "_") == "__config" and i + 1 < len(argv):
             check_yaml(config_cls, argv[i + 1])
