@@ -117,6 +117,7 @@ def main(cfg: AudioTrainConfig) -> dict:
         if not splits[s]:
             raise UserError(f"--data {root}: the {s} split is empty")
     kws = cfg.kws_config(labels)
+    torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     module = KWSModule(kws.to_dict(), {k: getattr(cfg, k) for k in AUGMENT_FIELDS}, asdict(cfg.optim))
     sr = kws.features.sample_rate
     train_ds, val_ds = ClipDataset(splits["train"], sr), ClipDataset(splits["validation"], sr)

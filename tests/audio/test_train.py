@@ -132,6 +132,18 @@ def test_train_config_errors(tmp_path, capsys):
     assert "--model.bidirectional: the encoder must be causal to stream" in capsys.readouterr().err
 
 
+def test_seed_fixes_the_initial_weights(tiny_synth, tmp_path):
+    """Two runs with the same --seed train the same model (the weights are drawn after seeding)."""
+    argv = ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--max-steps", "1", "--batch-size", "8",
+            "--model.d_model", "8", "--model.n_layer", "1", "--val-every", "1", "--accelerator", "cpu"]
+    for name in ("a", "b"):
+        assert run(train.main, train.AudioTrainConfig, [*argv, "--output-dir", str(tmp_path / name)],
+                   prog="audio.train") == 0
+    a, b = load_model(tmp_path / "a" / "model"), load_model(tmp_path / "b" / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_kws_module_does_not_decay_a_log(tmp_path):
     """The shared recipe: Mamba's A_log and D, norms and biases get no weight decay (audio decayed A_log)."""
     from audio.lightning_module import KWSModule
