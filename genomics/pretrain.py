@@ -65,7 +65,7 @@ class PretrainConfig(TrainConfig):
     seq_len_warmup_steps: int = field(default=0, metadata={"help": "grow the context over this many steps"})
     seq_len_warmup_start: int = 1024
     objective: Literal["causal", "mlm"] = field(default="causal", metadata={
-        "help": "causal next-base, or masked LM (needs --bidirectional or --rc-equivariant)"})
+        "help": "causal next-base, or masked LM (needs --model.bidirectional or --model.rc_equivariant)"})
     # Wide and shallow with expand 1 / d_state 8: at equal CPU time a wider residual stream learned the
     # repeats and motifs faster than a d_model 64, expand 2, d_state 16 model (docs/genomics.md). The
     # vocabulary (and an RC model's complement map) follow from --keep-softmask: see DERIVED.
