@@ -47,7 +47,7 @@ def test_lti_switch_makes_delta_b_c_independent_of_the_input():
 
 def test_selective_model_learns_selective_copying(tmp_path):
     # Tiny budget (~30 s on 2 cores); the full comparison with the LTI ablation is in docs/ssm_core.md.
-    cfg = TaskConfig(seq_len=16, n_memorize=2, n_tokens=4, model=MambaConfig(d_model=32, vocab_size=6),
+    cfg = TaskConfig(seq_len=16, n_memorize=2, n_tokens=4, model=MambaConfig(d_model=32, n_layer=2, vocab_size=6),
                      optim=OptimConfig(lr=0.01, grad_clip=1.0), batch_size=32, steps=600, eval_examples=512,
                      progress=False, output_dir=str(tmp_path))
     metrics = main(cfg)
