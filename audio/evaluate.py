@@ -18,6 +18,7 @@ from ssm_core.training import prepare_output_dir
 
 from .data import ClipDataset, build_splits, resolve_root
 from .model import KeywordSpotter, load_model
+from .synth import ensure_dataset, synth_config
 
 
 @torch.no_grad()
@@ -91,8 +92,6 @@ class EvalConfig:
 
 
 def main(cfg: EvalConfig) -> dict:
-    from .synth import ensure_dataset
-    from .train import synth_config
     model = load_model(cfg.model)
     root = resolve_root(cfg.data) if cfg.data else ensure_dataset(synth_config(cfg.synth_size, cfg.seed),
                                                                   cfg.synth_cache)

@@ -8,6 +8,7 @@ read back from a Lightning checkpoint of `python -m audio.train`; `load_model` t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,33 +27,45 @@ from .features import FeatureConfig, LogMel, StreamingLogMel
 MODEL_CLASS = "KeywordSpotter"
 
 
+# The encoder fields of KWSConfig before the encoder became one MambaConfig (exported models of then load).
+_FLAT_ENCODER_FIELDS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "mixer", "residual_in_fp32")
+
+
+def default_encoder() -> MambaConfig:
+    """The keyword spotter's encoder (about 0.5M parameters with the head); d_input follows the front-end."""
+    return MambaConfig(d_model=128, n_layer=4, d_state=16, d_input=FeatureConfig().n_mels)
+
+
 @dataclass
 class KWSConfig:
     labels: list[str]
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    d_model: int = 128
-    n_layer: int = 4
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    mixer: str = "mamba"  # a name or comma-separated pattern from ssm_core.MIXERS (all of them stream)
-    residual_in_fp32: bool = True   # MambaConfig's: off, the residual stream is in the input projection's dtype
+    # The causal backbone: any mixer that streams (all of ssm_core.MIXERS do); d_input is features.n_mels.
+    encoder: MambaConfig = field(default_factory=default_encoder)
     # A clip's class is read from the posteriors of its last `label_frames` frames (after the word).
     label_frames: int = 15
 
     def __post_init__(self):
         if isinstance(self.features, dict):
             self.features = FeatureConfig(**self.features)
+        if isinstance(self.encoder, dict):
+            self.encoder = MambaConfig.from_dict({**self.encoder, "d_input": self.features.n_mels})
         if len(self.labels) < 2:
             raise ValueError("KWSConfig.labels: need at least two classes")
+        if self.encoder.d_input != self.features.n_mels or self.encoder.vocab_size is not None:
+            self.encoder = dataclasses.replace(self.encoder, d_input=self.features.n_mels, vocab_size=None)
+        if not self.encoder.streamable:
+            raise ValueError("KWSConfig.encoder: must be causal to stream (no bidirectional / rc_equivariant)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def encoder_config(self) -> MambaConfig:
-        return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_input=self.features.n_mels,
-                           d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, mixer=self.mixer,
-                           residual_in_fp32=self.residual_in_fp32)
+    @classmethod
+    def from_dict(cls, d: dict) -> "KWSConfig":
+        d = dict(d)
+        if "encoder" not in d:     # the flat layout of earlier exports
+            d["encoder"] = {k: d.pop(k) for k in _FLAT_ENCODER_FIELDS if k in d}
+        return cls(**d)
 
 
 @dataclass
@@ -69,8 +82,8 @@ class KeywordSpotter(nn.Module):
         # Per-mel mean/std of the training features: a fixed affine map, so it streams exactly.
         self.register_buffer("feat_mean", torch.zeros(config.features.n_mels))
         self.register_buffer("feat_std", torch.ones(config.features.n_mels))
-        self.encoder = MambaModel(config.encoder_config())
-        self.head = nn.Linear(config.d_model, len(config.labels))
+        self.encoder = MambaModel(config.encoder)
+        self.head = nn.Linear(config.encoder.d_model, len(config.labels))
 
     @property
     def labels(self) -> list[str]:
@@ -146,7 +159,7 @@ def export_model(model: KeywordSpotter, directory: str | Path) -> Path:
 
 def _build(config: dict, state_dict: dict, source: str) -> KeywordSpotter:
     try:
-        model = KeywordSpotter(KWSConfig(**config))
+        model = KeywordSpotter(KWSConfig.from_dict(config))
         model.load_state_dict(state_dict, strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{source}: not a valid audio keyword-spotting model ({str(e).splitlines()[0]})") from None

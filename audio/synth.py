@@ -72,6 +72,14 @@ class SynthConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def synth_config(size: str, seed: int) -> SynthConfig:
+    """The embedded dataset: 'full' (35 words, 17 voices), or 'tiny' for tests and smoke runs."""
+    if size == "full":
+        return SynthConfig(seed=seed)
+    return SynthConfig(words=KEYWORDS + ["cat"], train_voices=["en-us+m1", "en+f2"], val_voices=["en-us+m7"],
+                       test_voices=["en-us+f5"], rates=[160], pitches=[50], noise_seconds=3.0, seed=seed)
+
+
 # --- espeak-ng through ctypes ----------------------------------------------------------------------------
 class Espeak:
     """Synchronous espeak-ng; one instance per process (the library keeps global state)."""

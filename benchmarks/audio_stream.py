@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audio.model import KeywordSpotter, KWSConfig
 from audio.stream import LatencyHistogram
+from ssm_core import MambaConfig
 from ssm_core.cli import main_entry
 from ssm_core.io import write_json_atomic
 
@@ -45,8 +46,8 @@ class BenchConfig:
 def make_model(cfg: BenchConfig, device: str) -> KeywordSpotter:
     torch.manual_seed(0)
     labels = [f"c{i}" for i in range(12)]
-    return KeywordSpotter(KWSConfig(labels=labels, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                                    d_state=cfg.d_state)).to(device).eval()
+    encoder = MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state, d_input=80)
+    return KeywordSpotter(KWSConfig(labels=labels, encoder=encoder)).to(device).eval()
 
 
 def bench_cpu(cfg: BenchConfig) -> dict:

@@ -43,10 +43,9 @@ class EttConfig:
 
 
 def run_cell(cfg: EttConfig, seed: int, horizon: int) -> dict:
-    options = load_yaml_config(FitConfig, cfg.fit_config)
     out = Path(cfg.output_dir) / f"h{horizon}_s{seed}"
-    fit_cfg = FitConfig(**{**options, "csv": cfg.csv, "horizon": horizon, "seed": seed, "output_dir": str(out),
-                           "progress": False})
+    fit_cfg = load_yaml_config(FitConfig, cfg.fit_config, ["--csv", cfg.csv, "--horizon", str(horizon), "--seed",
+                                                           str(seed), "--output-dir", str(out), "--no-progress"])
     start = time.perf_counter()
     metrics = fit(fit_cfg)
     return {"seed": seed, "horizon": horizon, "wall_seconds": round(time.perf_counter() - start, 1),

@@ -51,8 +51,12 @@ class GridConfig:
 def _run(kwargs: dict) -> dict:
     import torch
     torch.set_num_threads(1)
-    from ssm_core.tasks import TaskConfig, train
-    return train(TaskConfig(**kwargs, progress=False))
+    from ssm_core import MambaConfig
+    from ssm_core.tasks import FIRST_DATA, TaskConfig, train
+    from ssm_core.training import OptimConfig
+    model = MambaConfig(vocab_size=FIRST_DATA + kwargs["n_tokens"], **kwargs.pop("model"))
+    optim = OptimConfig(lr=kwargs.pop("lr"), grad_clip=1.0)
+    return train(TaskConfig(**kwargs, model=model, optim=optim, progress=False))
 
 
 def plot_runs(results: list[dict], labels: list[str], chance: float, title: str, path: Path) -> None:
@@ -76,7 +80,7 @@ def plot_runs(results: list[dict], labels: list[str], chance: float, title: str,
 
 def main(cfg: GridConfig) -> dict:
     grid = [m for m in MIXER_GRID if m[0] in cfg.mixers]
-    jobs = [dict(task=cfg.task, mixer=spec, selective=sel, d_model=d, seq_len=cfg.seq_len,
+    jobs = [dict(task=cfg.task, model=dict(mixer=spec, selective=sel, d_model=d), seq_len=cfg.seq_len,
                  n_memorize=cfg.n_memorize, n_tokens=cfg.n_tokens, steps=cfg.steps, batch_size=cfg.batch_size,
                  lr=lr, seed=seed, device=cfg.device)
             for _, spec, sel, d in grid for lr in cfg.lrs for seed in cfg.seeds]
@@ -88,7 +92,7 @@ def main(cfg: GridConfig) -> dict:
             r["label"] = label
             results.append(r)
             c = r["config"]
-            print(f"{label:22s} lr {c['lr']:.0e} seed {c['seed']}: accuracy {r['accuracy']:.3f} "
+            print(f"{label:22s} lr {c['optim']['lr']:.0e} seed {c['seed']}: accuracy {r['accuracy']:.3f} "
                   f"(exact {r['exact_match']:.3f}) params {r['params']} {r['train_seconds']} s", flush=True)
     out = Path(cfg.out_dir)
     write_json_atomic(out / "mixer_tasks.json", {"grid": vars(cfg), "runs": results})

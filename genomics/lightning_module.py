@@ -1,5 +1,6 @@
-"""Lightning pieces of DNA pretraining: the LightningModule (MambaLM + objective + AdamW/warmup-cosine +
-torchmetrics) and the DataModule (WindowBatches behind DataLoaders whose position is the global step)."""
+"""Lightning pieces of DNA pretraining: the LightningModule (MambaLM + objective + torchmetrics; the optimiser
+is ssm_core's shared recipe) and the DataModule (WindowBatches behind DataLoaders whose position is the
+global step)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from ssm_core import MambaConfig, MambaLM
+from ssm_core.lightning_module import TaskModule
 
 from . import tokenizer as tok
 from .data import Genome, Interval, StepRange, WindowBatches, WindowSampler
@@ -18,14 +20,12 @@ from .data import Genome, Interval, StepRange, WindowBatches, WindowSampler
 LN2 = math.log(2.0)
 
 
-def build_model_config(d_model: int, n_layer: int, d_state: int, expand: int, keep_softmask: bool,
-                       rc_equivariant: bool, bidirectional: bool, gradient_checkpointing: bool,
-                       mixer: str = "mamba", residual_in_fp32: bool = True) -> MambaConfig:
+def model_inputs(keep_softmask: bool, rc_equivariant: bool) -> dict:
+    """The MambaConfig fields that follow from the data options: the vocabulary (soft-masked ids widen it)
+    and, for an RC-equivariant model, its complement map."""
     vocab = tok.SOFTMASK_VOCAB_SIZE if keep_softmask else tok.VOCAB_SIZE
-    return MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, expand=expand,
-                       mixer=mixer, rc_equivariant=rc_equivariant, bidirectional=bidirectional,
-                       complement_map=tok.complement_map(vocab) if rc_equivariant else None,
-                       gradient_checkpointing=gradient_checkpointing, residual_in_fp32=residual_in_fp32)
+    return {"vocab_size": vocab, "d_input": None,
+            "complement_map": tok.complement_map(vocab) if rc_equivariant else None}
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,10 +38,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return nll, scored.sum(), correct
 
 
-class DNALightningModule(L.LightningModule):
-    def __init__(self, model_config: dict, lr: float = 3e-3, weight_decay: float = 0.1, warmup_steps: int = 50,
-                 total_steps: int = 1000, min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)):
-        super().__init__()
+class DNALightningModule(TaskModule):
+    def __init__(self, model_config: dict, optim: dict | None = None, total_steps: int | None = None):
+        super().__init__(optim or {}, total_steps)
         self.save_hyperparameters()
         self.model = MambaLM(MambaConfig.from_dict(model_config))
         self.val_nll, self.val_count, self.val_correct = (torchmetrics.SumMetric() for _ in range(3))
@@ -109,24 +108,6 @@ class DNALightningModule(L.LightningModule):
                          "val_accuracy": float(correct / count.clamp(min=1)), "val_tokens": int(count)}
         if not self.trainer.sanity_checking:
             self.history["valid"].append((int(self.global_step), float(loss) / LN2))
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        # No weight decay on norms, biases, A_log and D (mamba_ssm marks the latter _no_weight_decay).
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
-
-        def schedule(step: int) -> float:   # linear warmup, then cosine down to min_lr_ratio
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            frac = min(1.0, (step - hp.warmup_steps) / max(1, hp.total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["genomics_history"] = self.history

@@ -3,13 +3,15 @@
     python -m genomics.pretrain                          # the embedded demo genome, a few minutes on a CPU
     python -m genomics.pretrain --fasta hg38.fa --config configs/genomics/hg38.yaml
     python -m genomics.pretrain --fasta hg38.fa --devices 8 --num-nodes 2 --strategy ddp
+    python -m genomics.pretrain --model.d_model 128 --model.n_layer 4 --optim.lr 3e-3
 
 Writes under --output-dir: checkpoints/{last,best}.ckpt (atomic; --resume continues mid-epoch on the same
-data stream), model/ (config.json + model.safetensors for genomics.embed / evaluate / probe), logs/ (CSV +
+data stream), config.yaml (the resolved configuration: `--config` of it repeats the run), model/ (config.json + model.safetensors for genomics.embed / evaluate / probe), logs/ (CSV +
 TensorBoard), metrics.json and loss_curve.png.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,22 +19,23 @@ from typing import Literal
 
 import torch
 
-from ssm_core import check_mixer_spec
+from ssm_core import MambaConfig
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic
 from ssm_core.training import (
+    OptimConfig,
     TrainConfig,
     checkpoint_dir,
     make_trainer,
-    mixer_field,
     prepare_output_dir,
-    residual_in_fp32_field,
     resume_checkpoint,
+    run_length,
+    save_run_config,
 )
 
 from . import demo
 from .data import Genome, check_lengths, make_splits
-from .lightning_module import DNADataModule, DNALightningModule, build_model_config
+from .lightning_module import DNADataModule, DNALightningModule, model_inputs
 
 
 @dataclass
@@ -47,7 +50,7 @@ class PretrainConfig(TrainConfig):
         "help": "FASTA file(s) (plain, bgzip, gzip, GenBank, EMBL); several = multi-species; none = demo genome"})
     bed: str | None = field(default=None, metadata={"help": "BED of intervals with a split column (train/valid/test)"})
     val_contigs: list[str] | None = field(default=None, metadata={
-        "help": "held-out validation contigs (default chr20 when present, else the tail 5%% of every contig)"})
+        "help": "held-out validation contigs (default chr20 when present, else the tail 5% of every contig)"})
     test_contigs: list[str] | None = field(default=None, metadata={"help": "held-out test contigs (default chr21)"})
     skip_short_records: bool = field(default=False, metadata={"help": "drop records shorter than a window"})
     max_n_frac: float = field(default=0.1, metadata={"help": "redraw windows with more N than this"})
@@ -62,50 +65,53 @@ class PretrainConfig(TrainConfig):
     seq_len_warmup_steps: int = field(default=0, metadata={"help": "grow the context over this many steps"})
     seq_len_warmup_start: int = 1024
     objective: Literal["causal", "mlm"] = field(default="causal", metadata={
-        "help": "causal next-base, or masked LM (needs --bidirectional or --rc-equivariant)"})
+        "help": "causal next-base, or masked LM (needs --model.bidirectional or --model.rc_equivariant)"})
     # Wide and shallow with expand 1 / d_state 8: at equal CPU time a wider residual stream learned the
-    # repeats and motifs faster than a d_model 64, expand 2, d_state 16 model (docs/genomics.md).
-    d_model: int = 96
-    n_layer: int = 2
-    d_state: int = 8
-    expand: int = 1
-    mixer: str = mixer_field()
-    rc_equivariant: bool = False
-    bidirectional: bool = False
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (long contexts)"})
-    residual_in_fp32: bool = residual_in_fp32_field()
-    lr: float = 0.01
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW decay of matrices (0 for the demo: decay slowed the memorising of repeats)"})
-    warmup_steps: int = 10
-    lr_decay_steps: int | None = field(default=None, metadata={
-        "help": "cosine decay length in steps (default --max-steps; set it to extend a run with --resume)"})
-    grad_clip: float = 1.0
+    # repeats and motifs faster than a d_model 64, expand 2, d_state 16 model (docs/genomics.md). The
+    # vocabulary (and an RC model's complement map) follow from --keep-softmask: see DERIVED.
+    model: MambaConfig = field(default_factory=lambda: MambaConfig(
+        d_model=96, n_layer=2, d_state=8, expand=1, **model_inputs(keep_softmask=True, rc_equivariant=False)))
+    # Weight decay 0 for the demo: decay slowed the memorising of repeats.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=0.01, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=10, min_lr_ratio=0.1, grad_clip=1.0))
     val_every: int = 250
     val_batches: int = 32      # 32 x 4 x 1,024 = 131k held-out bases: repeats cluster, small samples are noisy
     ckpt_every: int = field(default=250, metadata={"help": "write checkpoints/last.ckpt every N steps"})
     cache_dir: str | None = field(default=None, metadata={"help": "indexes/conversions/demo genome (default ~/.cache)"})
     synthetic_data: bool = field(default=False, metadata={"help": "random tokens instead of the genome (benchmark)"})
 
+    DERIVED = {"model.vocab_size": "--keep-softmask", "model.d_input": "token input (DNA)",
+               "model.complement_map": "--model.rc_equivariant"}
+    MOVED_FLAGS = {"lr_decay_steps": "optim.decay_steps"}
+
+    @classmethod
+    def derive(cls, values: dict) -> dict:
+        keep = values.get("keep_softmask")
+        keep = not values.get("fasta") if keep is None else keep
+        rc = bool(values.get("model", {}).get("rc_equivariant"))
+        return {f"model.{k}": v for k, v in model_inputs(keep, rc).items()}
+
     def __post_init__(self):
         super().__post_init__()
-        check_mixer_spec(self.mixer)
         if self.keep_softmask is None:
             self.keep_softmask = not self.fasta
+        m = self.model
+        derived = model_inputs(self.keep_softmask, m.rc_equivariant)
+        if any(getattr(m, k) != v for k, v in derived.items()):
+            self.model = dataclasses.replace(m, **derived)
         if self.seq_len < 2:
             raise ValueError(f"--seq-len: must be >= 2, got {self.seq_len}")
-        if self.objective == "mlm" and not (self.bidirectional or self.rc_equivariant):
-            raise ValueError("--objective mlm: needs a model that sees both sides (--bidirectional or --rc-equivariant)")
-        if self.objective == "causal" and (self.bidirectional or self.rc_equivariant):
+        if self.objective == "mlm" and not (m.bidirectional or m.rc_equivariant):
+            raise ValueError("--objective mlm: needs a model that sees both sides (--model.bidirectional or "
+                             "--model.rc_equivariant)")
+        if self.objective == "causal" and (m.bidirectional or m.rc_equivariant):
             raise ValueError("--objective causal: a bidirectional/RC-equivariant model sees the next base; "
                              "use --objective mlm")
         if not 0.0 <= self.max_n_frac <= 1.0:
             raise ValueError(f"--max-n-frac: must be in [0, 1], got {self.max_n_frac}")
-        for name in ("val_every", "val_batches", "ckpt_every", "d_model", "n_layer", "d_state", "expand"):
+        for name in ("val_every", "val_batches", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        if self.rc_equivariant and self.d_model % 2:
-            raise ValueError(f"--d-model: must be even for --rc-equivariant, got {self.d_model}")
 
 
 def open_genome(cfg: PretrainConfig):
@@ -140,13 +146,9 @@ def main(cfg: PretrainConfig) -> dict:
     out = prepare_output_dir(cfg.output_dir)       # fail on an unwritable folder before any work
     ckpt_path = resume_checkpoint(cfg)
     genome, paths, splits = open_genome(cfg)
-    model_cfg = build_model_config(cfg.d_model, cfg.n_layer, cfg.d_state, cfg.expand, cfg.keep_softmask,
-                                   cfg.rc_equivariant, cfg.bidirectional, cfg.gradient_checkpointing,
-                                   mixer=cfg.mixer, residual_in_fp32=cfg.residual_in_fp32)
+    save_run_config(cfg, out)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
-    total = cfg.lr_decay_steps or (cfg.max_steps if cfg.max_steps > 0 else 100_000)
-    module = DNALightningModule(model_cfg.to_dict(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=min(cfg.warmup_steps, total), total_steps=total)
+    module = DNALightningModule(cfg.model.to_dict(), dataclasses.asdict(cfg.optim), total_steps=run_length(cfg))
     dm = DNADataModule(genome, splits, cfg.batch_size, cfg.seq_len, cfg.objective, cfg.seed, cfg.max_n_frac,
                        cfg.keep_softmask, cfg.rc_augment, cfg.num_workers, cfg.max_steps, cfg.val_batches,
                        cfg.seq_len_warmup_steps, cfg.seq_len_warmup_start, cfg.synthetic_data)
@@ -155,7 +157,7 @@ def main(cfg: PretrainConfig) -> dict:
                            val_check_interval=min(cfg.val_every, cfg.max_steps) if cfg.max_steps > 0 else cfg.val_every,
                            check_val_every_n_epoch=None,
                            limit_val_batches=cfg.val_batches, num_sanity_val_steps=0,
-                           gradient_clip_val=cfg.grad_clip or None, use_distributed_sampler=False)
+                           use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(checkpoint_dir(cfg) / "last.ckpt")    # the final step, whatever ckpt_every
     if module.history["valid"] and module.history["valid"][-1][0] == trainer.global_step:

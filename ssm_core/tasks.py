@@ -8,26 +8,27 @@
   trigger again and the model must recall the key (associative recall).
 
     python -m ssm_core.tasks selective-copy --steps 1500
-    python -m ssm_core.tasks selective-copy --no-selective            # the LTI ablation
-    python -m ssm_core.tasks induction --mixer mamba2 --output-dir runs/induction
+    python -m ssm_core.tasks selective-copy --model.selective false   # the LTI ablation
+    python -m ssm_core.tasks induction --model.mixer mamba2 --output-dir runs/induction
 
 Token ids: 0 blank, 1 marker/trigger, 2.. data tokens.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError, main_entry
+from .cli import UserError, config_dict, main_entry
 from .io import write_json_atomic
-from .model import MambaConfig, MambaLM, check_mixer_spec
+from .model import MambaConfig, MambaLM
+from .training import OptimConfig, make_optimizer
 
 BLANK, MARKER, FIRST_DATA = 0, 1, 2
 
@@ -35,33 +36,40 @@ BLANK, MARKER, FIRST_DATA = 0, 1, 2
 @dataclass
 class TaskConfig:
     task: Literal["selective-copy", "induction"] = "selective-copy"
-    mixer: str = field(default="mamba", metadata={"help": "mixer of every layer (see ssm_core.MIXERS), or a "
-                                                   "comma-separated pattern repeated over the layers"})
-    selective: bool = field(default=True, metadata={"help": "--no-selective makes the SSM time-invariant (LTI)"})
-    d_model: int = 32
-    n_layer: int = 2
-    d_state: int = 16
     seq_len: int = field(default=16, metadata={"help": "length of the region holding the data tokens"})
     n_memorize: int = 2
     n_tokens: int = field(default=4, metadata={"help": "number of distinct data tokens"})
+    # `--model.selective false` makes the SSM time-invariant (LTI); the vocabulary follows from --n-tokens.
+    model: MambaConfig = field(default_factory=lambda: MambaConfig(
+        d_model=32, n_layer=2, d_state=16, vocab_size=FIRST_DATA + 4))
+    # warmup_steps 0: a twentieth of --steps.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, grad_clip=1.0))
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-2
     seed: int = 0
     eval_examples: int = 1024
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, or auto (cuda when available)"})
     output_dir: str | None = field(default=None, metadata={"help": "write metrics.json here"})
     progress: bool = True
 
+    DERIVED = {"model.vocab_size": "--n-tokens", "model.d_input": "token input",
+               "model.complement_map": "token input (not DNA)"}
+
+    @classmethod
+    def derive(cls, values: dict) -> dict:
+        return {"model.vocab_size": FIRST_DATA + int(values.get("n_tokens", 4)), "model.d_input": None,
+                "model.complement_map": None}
+
     def __post_init__(self):
         if self.n_memorize < 1 or self.n_memorize > self.seq_len:
             raise ValueError(f"--n-memorize: must be in [1, --seq-len={self.seq_len}], got {self.n_memorize}")
         if self.task == "induction" and self.seq_len < 4:
             raise ValueError("--seq-len: induction needs at least 4 positions")
-        for name in ("d_model", "n_layer", "d_state", "n_tokens", "steps", "batch_size", "eval_examples"):
+        for name in ("n_tokens", "steps", "batch_size", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
-        check_mixer_spec(self.mixer)
+        if self.model.vocab_size != self.vocab_size:
+            self.model = dataclasses.replace(self.model, vocab_size=self.vocab_size)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
@@ -103,8 +111,7 @@ BATCHES = {"selective-copy": selective_copy_batch, "induction": induction_batch}
 
 
 def build_model(cfg: TaskConfig) -> MambaLM:
-    return MambaLM(MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state,
-                               vocab_size=cfg.vocab_size, mixer=cfg.mixer, selective=cfg.selective))
+    return MambaLM(cfg.model)
 
 
 @torch.no_grad()
@@ -131,14 +138,11 @@ def train(cfg: TaskConfig) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg).to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    opt, sched, _ = make_optimizer(model, cfg.optim, cfg.steps, cfg.optim.warmup_steps or max(1, cfg.steps // 20))
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.task} [{cfg.mixer}{'' if cfg.selective else ', LTI'}]",
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.task} [{describe(cfg)}]",
                    file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     loss_ema = None
@@ -147,7 +151,8 @@ def train(cfg: TaskConfig) -> dict:
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
@@ -158,15 +163,19 @@ def train(cfg: TaskConfig) -> dict:
         bar.close()
     metrics = evaluate(model, cfg)
     metrics.update(final_train_loss=loss_ema, train_seconds=round(time.perf_counter() - t0, 1),
-                   params=sum(p.numel() for p in model.parameters()), config=asdict(cfg),
+                   params=sum(p.numel() for p in model.parameters()), config=config_dict(cfg),
                    chance_accuracy=1.0 / cfg.n_tokens)
     return metrics
 
 
+def describe(cfg: TaskConfig) -> str:
+    mixers = cfg.model.layer_mixers()
+    return ",".join(dict.fromkeys(mixers)) + ("" if cfg.model.selective else ", LTI")
+
+
 def main(cfg: TaskConfig) -> dict:
     metrics = train(cfg)
-    kind = "selective" if cfg.selective else "LTI"
-    print(f"{cfg.task} mixer={cfg.mixer} ({kind}) params={metrics['params']}: accuracy "
+    print(f"{cfg.task} mixer={describe(cfg)} params={metrics['params']}: accuracy "
           f"{metrics['accuracy']:.3f}, exact match {metrics['exact_match']:.3f} "
           f"(chance {metrics['chance_accuracy']:.3f}) in {metrics['train_seconds']} s")
     if cfg.output_dir:

@@ -1,22 +1,25 @@
-"""What the three task packages share around Lightning: the common training flags, output-folder checks,
-atomic checkpoints, and a Trainer built from them.
+"""What the three task packages share around Lightning: the common run flags, the optimiser sub-config and
+the one training recipe (AdamW parameter groups, warm-up + cosine schedule), output-folder checks, atomic
+checkpoints, and a Trainer built from them.
 
 A package's config dataclass subclasses `TrainConfig` (so every training CLI has the same `--output-dir`,
 `--max-steps`, `--max-epochs`, `--batch-size`, `--accelerator`, `--devices`, `--num-nodes`, `--strategy`,
-`--precision`, `--seed`, `--resume`) and calls `make_trainer`.
+`--precision`, `--seed`, `--resume`) and holds an `optim: OptimConfig` (`--optim.lr`, ...); its
+LightningModule subclasses `TaskModule`, whose `configure_optimizers` is the recipe (`make_optimizer`).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from .cli import UserError
-from .io import FILE_MODE
+from .io import FILE_MODE, write_text_atomic
 
 
 @dataclass
@@ -26,7 +29,9 @@ class TrainConfig:
     max_epochs: int | None = field(default=None, metadata={"help": "stop after this many epochs"})
     batch_size: int = 32
     accelerator: str = field(default="auto", metadata={"help": "cpu, gpu, or auto"})
-    devices: str = field(default="auto", metadata={"help": "number of devices, a list like 0,1, or auto"})
+    # Passed to Lightning's Trainer as given: it takes a count, "0,1" / [0, 1] (device indices), -1, "auto".
+    devices: int | str | list[int] = field(default="auto", metadata={
+        "help": "number of devices, a list like 0,1, -1 (all) or auto (as Lightning's Trainer takes it)"})
     num_nodes: int = 1
     strategy: str = field(default="auto", metadata={"help": "auto, ddp, fsdp, ..."})
     precision: str | None = field(default=None, metadata={"help": "default: bf16-mixed on GPU, 32 on CPU"})
@@ -45,18 +50,94 @@ class TrainConfig:
             raise ValueError(f"--num-nodes: must be >= 1, got {self.num_nodes}")
 
 
-def mixer_field(default: str = "mamba"):
-    """The `--mixer` option every package's config has (validate it with ssm_core.check_mixer_spec)."""
-    return field(default=default, metadata={
-        "help": "mixer per layer: a name (mamba, mamba2, s4d, attention) or a comma-separated pattern"})
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`--optim.*`), one for every task; each task sets its defaults."""
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW decay of weight matrices (never of norms, biases, A_log, D)"})
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "exponential"] = field(default="cosine", metadata={
+        "help": "cosine: linear warm-up, then cosine down to lr x min_lr_ratio, per step; exponential: "
+                "lr x lr_decay after each epoch (the TSLib forecasting protocol)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (cosine schedule)"})
+    decay_steps: int | None = field(default=None, metadata={
+        "help": "steps from the start to the end of the cosine (default: the run's length; set it to extend "
+                "a run with --resume)"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine ends at lr x this"})
+    lr_decay: float = field(default=0.5, metadata={"help": "exponential schedule: factor per epoch"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (none: off)"})
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"--optim.lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            raise ValueError("--optim.warmup_steps must be >= 0 and --optim.decay_steps >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"--optim.lr_decay: must be in (0, 1], got {self.lr_decay}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"--optim.grad_clip: must be >= 0, got {self.grad_clip}")
+        self.betas = tuple(self.betas)
 
 
-def residual_in_fp32_field():
-    """The `--residual-in-fp32 / --no-residual-in-fp32` option every package's config has (MambaConfig's)."""
-    return field(default=True, metadata={
-        "help": "keep the residual stream in float32 (mamba_ssm's option); off: in the dtype the embedding or "
-                "input projection produces (bf16 under --precision bf16-true; a linear input projection gives "
-                "bf16 under bf16-mixed too)"})
+def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Not decayed: norm weights, biases and the other 1-D parameters (D, dt_proj's bias), and what a module
+    marks `_no_weight_decay` (Mamba's A_log, as mamba_ssm marks it)."""
+    return p.dim() < 2 or getattr(p, "_no_weight_decay", False) or name.endswith(".bias")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups [decayed, not decayed] of a model's trainable parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR factor of step s: (s + 1) / warmup during the warm-up, then a cosine from 1 down to min_lr_ratio at
+    total_steps, flat after. Closed form (LambdaLR), so a resumed run continues on the same curve."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, warmup_steps: int | None = None):
+    """The one training recipe: (AdamW over `parameter_groups`, its scheduler, "step" or "epoch").
+    `total_steps`: the cosine's length unless optim.decay_steps sets it; `warmup_steps` overrides
+    optim.warmup_steps; the warm-up is capped at the cosine's length."""
+    opt = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    if optim.schedule == "exponential":
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=optim.lr_decay), "epoch"
+    total = optim.decay_steps or max(1, total_steps)
+    warm = min(optim.warmup_steps if warmup_steps is None else warmup_steps, total)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total, optim.min_lr_ratio)), "step"
+
+
+def lightning_optimizers(model: torch.nn.Module, optim: OptimConfig, total_steps: int,
+                         warmup_steps: int | None = None) -> dict:
+    """`make_optimizer` in the form LightningModule.configure_optimizers returns."""
+    opt, sched, interval = make_optimizer(model, optim, total_steps, warmup_steps)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+
+def run_length(cfg: TrainConfig, unlimited: int = 100_000) -> int:
+    """A run's optimizer steps for its schedule: --max-steps, or `unlimited` without a step limit."""
+    return cfg.max_steps if cfg.max_steps > 0 else unlimited
+
+
+def save_run_config(cfg, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """The run's complete resolved configuration, as `--config` reads it back."""
+    from .cli import dump_config
+    return write_text_atomic(Path(out_dir) / name, dump_config(cfg))
 
 
 def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
@@ -86,18 +167,6 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     if not last.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last}")
     return str(last)
-
-
-def parse_devices(devices: str) -> Any:
-    s = str(devices).strip()
-    if s == "auto":
-        return "auto"
-    if s.isdigit() or (s.startswith("-") and s[1:].isdigit()):
-        return int(s)
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--devices: expected a number, a list like 0,1, or auto; got {devices!r}") from None
 
 
 def resolve_accelerator(cfg: TrainConfig) -> str:
@@ -159,7 +228,7 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
         max_steps=cfg.max_steps,
         max_epochs=cfg.max_epochs if cfg.max_epochs is not None else (-1 if cfg.max_steps > 0 else None),
         accelerator=resolve_accelerator(cfg),
-        devices=parse_devices(cfg.devices),
+        devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=default_precision(cfg),
@@ -167,6 +236,11 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
         callbacks=[*ckpts, *callbacks],
         plugins=[atomic_checkpoint_io()],
         log_every_n_steps=10,
+        gradient_clip_val=(optim.grad_clip or None) if (optim := getattr(cfg, "optim", None)) else None,
     )
     kwargs.update(trainer_kwargs)
-    return L.Trainer(**kwargs)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    try:
+        return L.Trainer(**kwargs)
+    except MisconfigurationException as e:   # e.g. --devices 3 on a 2-GPU machine, --strategy nope
+        raise UserError(f"--devices/--strategy/--precision: {str(e).splitlines()[0]}") from None

@@ -5,8 +5,9 @@ import sys
 
 import torch
 
-from ssm_core import Mamba
+from ssm_core import Mamba, MambaConfig
 from ssm_core.tasks import BLANK, FIRST_DATA, MARKER, TaskConfig, induction_batch, main, selective_copy_batch
+from ssm_core.training import OptimConfig
 
 
 def test_selective_copy_batches_ask_for_the_data_tokens_in_order():
@@ -46,12 +47,13 @@ def test_lti_switch_makes_delta_b_c_independent_of_the_input():
 
 def test_selective_model_learns_selective_copying(tmp_path):
     # Tiny budget (~30 s on 2 cores); the full comparison with the LTI ablation is in docs/ssm_core.md.
-    cfg = TaskConfig(seq_len=16, n_memorize=2, n_tokens=4, d_model=32, batch_size=32, lr=0.01, steps=600,
-                     eval_examples=512, progress=False, output_dir=str(tmp_path))
+    cfg = TaskConfig(seq_len=16, n_memorize=2, n_tokens=4, model=MambaConfig(d_model=32, n_layer=2, vocab_size=6),
+                     optim=OptimConfig(lr=0.01, grad_clip=1.0), batch_size=32, steps=600, eval_examples=512,
+                     progress=False, output_dir=str(tmp_path))
     metrics = main(cfg)
     assert metrics["accuracy"] >= 0.9, metrics
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["accuracy"] == metrics["accuracy"] and saved["config"]["selective"] is True
+    assert saved["accuracy"] == metrics["accuracy"] and saved["config"]["model"]["selective"] is True
 
 
 def test_cli_rejects_bad_flags_in_one_line():
@@ -61,6 +63,18 @@ def test_cli_rejects_bad_flags_in_one_line():
     assert r.stderr.strip().count("\n") == 0 and "--n-memorize" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "copy-everything"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr and r.stderr.strip().count("\n") == 0
+    # the flat flags of before name their new place
+    r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "selective-copy", "--no-selective"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith("--no-selective: moved to --model.selective false (see --help)")
+
+
+def test_n_tokens_sets_the_vocabulary_and_the_lti_switch_reaches_the_model():
+    from ssm_core.cli import parse_config
+    cfg = parse_config(TaskConfig, ["--task", "induction", "--n-tokens", "9", "--model.selective", "false",
+                                    "--model.mixer", "mamba,s4d"])
+    assert cfg.model.vocab_size == 11 and cfg.model.selective is False and cfg.model.mixer == ["mamba", "s4d"]
+    assert TaskConfig(n_tokens=9).model.vocab_size == 11
 
 
 def test_shipped_task_configs_parse():
@@ -69,7 +83,7 @@ def test_shipped_task_configs_parse():
     from ssm_core.cli import parse_config
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/ssm_core/*.yaml")):
         cfg = parse_config(TaskConfig, ["--config", str(path), "--steps", "3"])
-        assert cfg.steps == 3 and cfg.task in ("selective-copy", "induction")
+        assert cfg.steps == 3 and cfg.task in ("selective-copy", "induction") and cfg.model.d_model == 32
 
 
 def test_device_flag():

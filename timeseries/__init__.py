@@ -4,17 +4,28 @@
     python -m timeseries.predict --model runs/mine --csv new.csv
     python -m timeseries.backtest --model runs/mine --csv data.csv --folds 8
 
-Library use: `read_table` / `prepare` (data.py), `MambaForecaster`, `DLinear` (models.py), `FitConfig`,
-`train_model`, `load_forecaster` (train.py).
+Library use: `read_table` / `prepare` (data.py), `MambaForecaster`, `DLinear`, `ForecasterConfig`
+(models.py), `FitConfig`, `train_model` (train.py), `ForecastModule` (lightning_module.py), scoring
+(evaluation.py), `save_forecaster` / `load_forecaster` (persistence.py).
 """
 from .data import Prepared, Table, prepare, read_table, split_borders, synthetic_frame, table_from_frame
-from .models import DLinear, ForecasterConfig, MambaForecaster, RevIN, build_model, pinball_loss
-from .train import FitConfig, load_forecaster, save_forecaster, train_model
+from .models import (
+           DLinear,
+           ForecasterConfig,
+           ForecasterOptions,
+           MambaForecaster,
+           RevIN,
+           build_model,
+           pinball_loss,
+)
+from .persistence import load_forecaster, save_forecaster
+from .train import FitConfig, train_model
 
 __all__ = [
            "DLinear",
            "FitConfig",
            "ForecasterConfig",
+           "ForecasterOptions",
            "MambaForecaster",
            "Prepared",
            "RevIN",

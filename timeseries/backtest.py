@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ssm_core.cli import UserError, main_entry
+from ssm_core.cli import UserError, main_entry, plain_warnings
 from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
 from .data import season_length
 from .models import repeat_last, seasonal_naive
+from .persistence import load_forecaster
 from .predict import forecast_from, load_scaled
-from .train import load_forecaster, plain_warnings
 
 
 @dataclass
@@ -62,7 +62,7 @@ def backtest(cfg: BacktestConfig) -> pd.DataFrame:
     season = cfg.season or season_length(table.freq or meta["freq"])
     out_cols = saved.index(meta["outputs"])
     mean, scale = saved.mean[out_cols], saved.scale[out_cols]
-    quantiles = meta["model"]["quantiles"]
+    quantiles = meta["model"]["options"]["quantiles"]
     train_end = pd.Timestamp(meta["train_end"]) if meta.get("train_end") and table.dates is not None else None
 
     rows = []

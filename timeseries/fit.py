@@ -3,10 +3,12 @@
     python -m timeseries.fit                                   # embedded synthetic data set
     python -m timeseries.fit --csv data.csv --horizon 96 --lookback 96 --output-dir runs/mine
     python -m timeseries.fit --csv ETTh2.csv --protocol ett-hour --config configs/timeseries/etth2.yaml
+    python -m timeseries.fit --forecaster.token patch --model.d_model 128 --optim.lr 5e-4
 
 Writes into --output-dir: metrics.json (test MSE/MAE of the model and of each baseline, normalised and in
 original units), forecast.csv and forecast.png (the latest test window, forecast vs actual), model/
-(for `python -m timeseries.predict`), checkpoints/ and logs/.
+(for `python -m timeseries.predict`), config.yaml (the resolved configuration: `--config` of it repeats
+the run), checkpoints/ and logs/.
 """
 from __future__ import annotations
 
@@ -18,21 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ssm_core.cli import main_entry
+from ssm_core.cli import main_entry, plain_warnings
 from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
-from ssm_core.training import prepare_output_dir
+from ssm_core.training import prepare_output_dir, save_run_config
 
 from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
-from .train import (
-    FitConfig,
-    baseline_predictors,
-    error_metrics,
-    forecast_windows,
-    model_predictor,
-    plain_warnings,
-    save_forecaster,
-    train_model,
-)
+from .evaluation import baseline_predictors, error_metrics, forecast_windows, model_predictor
+from .persistence import save_forecaster
+from .train import FitConfig, train_model
 
 
 def load_data(cfg: FitConfig, out: Path) -> Prepared:
@@ -57,6 +52,7 @@ def describe(prep: Prepared) -> str:
 def fit(cfg: FitConfig) -> dict:
     """The whole `fit` command; returns the metrics it writes."""
     out = prepare_output_dir(cfg.output_dir)
+    save_run_config(cfg, out)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -151,7 +147,7 @@ def write_forecast(out: Path, model, prep: Prepared, max_series: int = 4) -> Non
 
 
 def summary_table(metrics: dict) -> str:
-    rows = [(metrics["model"]["kind"], metrics)] + list(metrics.get("baselines", {}).items())
+    rows = [(metrics["model"]["options"]["kind"], metrics)] + list(metrics.get("baselines", {}).items())
     lines = [f"{'model':<16}{'test_mse':>10}{'test_mae':>10}{'mse (orig)':>14}{'mae (orig)':>12}"]
     for name, m in rows:
         lines.append(f"{name:<16}{m['test_mse']:>10.4f}{m['test_mae']:>10.4f}{m['test_mse_original']:>14.4g}"

@@ -24,7 +24,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssm_core import MambaConfig, MambaModel, check_mixer_spec
+from ssm_core import MambaConfig, MambaModel
+
+
+@dataclass
+class ForecasterOptions:
+    """What a forecaster adds around its backbone (`--forecaster.*` on the command line)."""
+    kind: Literal["mamba", "dlinear"] = "mamba"
+    token: Literal["variate", "patch"] = field(default="variate", metadata={
+        "help": "variate: one token per series, bidirectional scan (S-Mamba); patch: channel-independent "
+                "patches over time (causal unless --model.bidirectional)"})
+    patch_len: int = 16
+    patch_stride: int = 8
+    dropout: float = 0.1
+    revin: bool = True
+    linear_skip: bool = field(default=True, metadata={"help": "add a linear lookback->horizon path (RLinear)"})
+    moving_avg: int = 25                # DLinear's trend window
+    quantiles: list[float] = field(default_factory=list, metadata={
+        "help": "train quantile outputs with the pinball loss, e.g. 0.1 0.5 0.9 (must include 0.5)"})
+
+    def __post_init__(self):
+        for name in ("patch_len", "patch_stride", "moving_avg"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--forecaster.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--forecaster.dropout: must be in [0, 1), got {self.dropout}")
+        if any(not 0 < q < 1 for q in self.quantiles):
+            raise ValueError(f"--forecaster.quantiles: each must be in (0, 1), got {self.quantiles}")
+        if self.quantiles and 0.5 not in self.quantiles:
+            raise ValueError("--forecaster.quantiles: include 0.5 (the median is the point forecast)")
+        self.quantiles = sorted(self.quantiles)
+
+    @property
+    def n_outputs(self) -> int:
+        return max(1, len(self.quantiles))
+
+
+def default_backbone() -> MambaConfig:
+    return MambaConfig(d_model=128, n_layer=2, d_state=16, d_input=1)
 
 
 @dataclass
@@ -32,46 +69,58 @@ class ForecasterConfig:
     n_series: int
     lookback: int
     horizon: int
-    kind: Literal["mamba", "dlinear"] = "mamba"
-    token: Literal["variate", "patch"] = "variate"
-    d_model: int = 128
-    n_layer: int = 2
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    mixer: str = "mamba"                # a name or comma-separated pattern from ssm_core.MIXERS
-    patch_len: int = 16
-    patch_stride: int = 8
-    bidirectional: bool | None = None   # None: True for variate tokens, False for patches
-    residual_in_fp32: bool = True       # MambaConfig's: off, the residual stream is in the input projection's dtype
-    dropout: float = 0.1
-    revin: bool = True
-    linear_skip: bool = True
-    moving_avg: int = 25                # DLinear's trend window
-    quantiles: list[float] = field(default_factory=list)
+    options: ForecasterOptions = field(default_factory=ForecasterOptions)
+    # d_input is the token's length (lookback or patch_len); variate tokens always scan both ways (the
+    # order of series is arbitrary), patches as backbone.bidirectional says.
+    backbone: MambaConfig = field(default_factory=default_backbone)
 
     def __post_init__(self):
-        for name in ("n_series", "lookback", "horizon", "d_model", "n_layer", "d_state", "patch_len",
-                     "patch_stride", "moving_avg"):
+        if isinstance(self.options, dict):
+            self.options = ForecasterOptions(**self.options)
+        for name in ("n_series", "lookback", "horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        check_mixer_spec(self.mixer)
-        if self.bidirectional is None:
-            self.bidirectional = self.token == "variate"
-        if self.token == "patch" and self.patch_len > self.lookback:
-            raise ValueError(f"--patch-len {self.patch_len}: longer than --lookback {self.lookback}")
-        if any(not 0 < q < 1 for q in self.quantiles):
-            raise ValueError(f"--quantiles: each must be in (0, 1), got {self.quantiles}")
-        if self.quantiles and 0.5 not in self.quantiles:
-            raise ValueError("--quantiles: include 0.5 (the median is the point forecast)")
-        self.quantiles = sorted(self.quantiles)
+        o = self.options
+        if o.token == "patch" and o.patch_len > self.lookback:
+            raise ValueError(f"--forecaster.patch_len {o.patch_len}: longer than --lookback {self.lookback}")
+        inputs = backbone_inputs(o, self.lookback)
+        if isinstance(self.backbone, dict):
+            self.backbone = MambaConfig.from_dict({**self.backbone, **inputs,
+                                                   "bidirectional": o.token == "variate" or
+                                                   bool(self.backbone.get("bidirectional"))})
+        else:
+            inputs["bidirectional"] = o.token == "variate" or self.backbone.bidirectional
+            if any(getattr(self.backbone, k) != v for k, v in inputs.items()):
+                self.backbone = dataclasses.replace(self.backbone, **inputs)
+
+    @property
+    def quantiles(self) -> list[float]:
+        return self.options.quantiles
 
     @property
     def n_outputs(self) -> int:
-        return max(1, len(self.quantiles))
+        return self.options.n_outputs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForecasterConfig":
+        d = dict(d)
+        if "options" not in d:      # the flat layout that models saved before the nesting have
+            flat = {k: d.pop(k) for k in list(d) if k not in ("n_series", "lookback", "horizon")}
+            d["backbone"] = {k: flat.pop(k) for k in ("d_model", "n_layer", "d_state", "d_conv", "expand", "mixer",
+                                                      "residual_in_fp32", "bidirectional") if k in flat}
+            if d["backbone"].get("bidirectional") is None:
+                d["backbone"].pop("bidirectional", None)
+            d["options"] = flat
+        return cls(**d)
+
+
+def backbone_inputs(options: ForecasterOptions, lookback: int) -> dict:
+    """The MambaConfig fields that the token scheme sets: one token is a series' lookback or a patch."""
+    return {"d_input": lookback if options.token == "variate" else options.patch_len, "vocab_size": None,
+            "complement_map": None}
 
 
 class RevIN(nn.Module):
@@ -100,42 +149,37 @@ class MambaForecaster(nn.Module):
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
-        H, Q = cfg.horizon, cfg.n_outputs
-        if cfg.token == "variate":
-            d_input, n_tokens = cfg.lookback, cfg.n_series
-        else:
-            d_input, n_tokens = cfg.patch_len, self.n_patches
-        self.backbone = MambaModel(MambaConfig(
-            d_model=cfg.d_model, n_layer=cfg.n_layer, d_input=d_input, d_state=cfg.d_state, d_conv=cfg.d_conv,
-            expand=cfg.expand, mixer=cfg.mixer, bidirectional=bool(cfg.bidirectional),
-            residual_in_fp32=cfg.residual_in_fp32))
-        self.dropout = nn.Dropout(cfg.dropout)
-        head_in = cfg.d_model if cfg.token == "variate" else cfg.d_model * n_tokens
+        o, H, Q = cfg.options, cfg.horizon, cfg.n_outputs
+        n_tokens = cfg.n_series if o.token == "variate" else self.n_patches
+        self.backbone = MambaModel(cfg.backbone)
+        self.dropout = nn.Dropout(o.dropout)
+        d_model = cfg.backbone.d_model
+        head_in = d_model if o.token == "variate" else d_model * n_tokens
         self.head = nn.Linear(head_in, H * Q)
-        self.skip = nn.Linear(cfg.lookback, H * Q) if cfg.linear_skip else None
-        self.revin = RevIN() if cfg.revin else None
+        self.skip = nn.Linear(cfg.lookback, H * Q) if o.linear_skip else None
+        self.revin = RevIN() if o.revin else None
 
     @property
     def n_patches(self) -> int:
-        c = self.cfg
+        c, o = self.cfg, self.cfg.options
         # PatchTST pads the end with `stride` copies of the last value so the newest step starts a patch.
-        return (c.lookback + c.patch_stride - c.patch_len) // c.patch_stride + 1
+        return (c.lookback + o.patch_stride - o.patch_len) // o.patch_stride + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, L, C) -> (b, H, C) point forecasts, or (b, H, C, Q) quantiles."""
-        cfg = self.cfg
+        cfg, o = self.cfg, self.cfg.options
         b, L, C = x.shape
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalise(x)
         series = x.transpose(1, 2)                                         # (b, C, L)
-        if cfg.token == "variate":
+        if o.token == "variate":
             h = self.backbone(series)                                      # (b, C, d): tokens are series
             y = self.head(self.dropout(h))                                 # (b, C, H*Q)
         else:
             flat = series.reshape(b * C, L)
-            flat = torch.cat([flat, flat[:, -1:].expand(-1, cfg.patch_stride)], dim=1)
-            patches = flat.unfold(1, cfg.patch_len, cfg.patch_stride)    # (b*C, P, patch_len)
+            flat = torch.cat([flat, flat[:, -1:].expand(-1, o.patch_stride)], dim=1)
+            patches = flat.unfold(1, o.patch_len, o.patch_stride)        # (b*C, P, patch_len)
             h = self.backbone(patches)                                     # (b*C, P, d)
             y = self.head(self.dropout(h.flatten(1))).reshape(b, C, -1)
         if self.skip is not None:
@@ -155,7 +199,7 @@ class DLinear(nn.Module):
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
-        k = cfg.moving_avg
+        k = cfg.options.moving_avg
         self.pad_front, self.pad_back = (k - 1) // 2, k // 2
         Q = cfg.n_outputs
         self.trend = nn.Linear(cfg.lookback, cfg.horizon * Q)
@@ -170,14 +214,14 @@ class DLinear(nn.Module):
         series = x.transpose(1, 2)                                         # (b, C, L)
         padded = torch.cat([series[..., :1].expand(-1, -1, self.pad_front), series,
                             series[..., -1:].expand(-1, -1, self.pad_back)], dim=-1)
-        trend = F.avg_pool1d(padded, self.cfg.moving_avg, stride=1)
+        trend = F.avg_pool1d(padded, self.cfg.options.moving_avg, stride=1)
         y = self.trend(trend) + self.seasonal(series - trend)
         y = y.reshape(b, C, self.cfg.horizon, self.cfg.n_outputs).permute(0, 2, 1, 3)
         return y.squeeze(-1) if not self.cfg.quantiles else y
 
 
 def build_model(cfg: ForecasterConfig) -> nn.Module:
-    return MambaForecaster(cfg) if cfg.kind == "mamba" else DLinear(cfg)
+    return MambaForecaster(cfg) if cfg.options.kind == "mamba" else DLinear(cfg)
 
 
 def point_forecast(pred: torch.Tensor, quantiles: list[float]) -> torch.Tensor:

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ssm_core.cli import UserError, main_entry
+from ssm_core.cli import UserError, main_entry, plain_warnings
 from ssm_core.io import write_text_atomic
 from ssm_core.validation import distinct_paths, output_file
 
 from .data import Table, read_table
-from .train import SavedForecaster, future_dates, load_forecaster, plain_warnings
+from .persistence import SavedForecaster, future_dates, load_forecaster
 
 
 @dataclass
@@ -94,7 +94,7 @@ def predict(cfg: PredictConfig) -> pd.DataFrame:
     meta = saved.meta
     table, scaled = load_scaled(saved, cfg.csv)
     fc = forecast_from(saved, scaled, len(scaled))
-    H, quantiles = meta["horizon"], meta["model"]["quantiles"]
+    H, quantiles = meta["horizon"], meta["model"]["options"]["quantiles"]
     dates = future_dates(table.dates[-1] if table.dates is not None else None, table.freq or meta["freq"], H)
     index = pd.Index(dates if dates is not None else np.arange(len(scaled), len(scaled) + H),
                      name=table.date_col or "row")

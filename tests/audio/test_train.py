@@ -5,9 +5,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from audio import evaluate, stream, synth, train
+from audio import augment, evaluate, stream, synth, train
 from audio.data import SILENCE, UNKNOWN, ClipDataset, build_splits, label_names, resolve_root
 from audio.model import load_model
+from ssm_core import MambaConfig
 from ssm_core.cli import UserError, run
 
 
@@ -51,12 +52,12 @@ def test_speech_commands_splits_and_label_sets(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_synth(tmp_path_factory):
     cache = tmp_path_factory.mktemp("synth")
-    return cache, synth.ensure_dataset(train.synth_config("tiny", seed=0), cache, progress=False)
+    return cache, synth.ensure_dataset(synth.synth_config("tiny", seed=0), cache, progress=False)
 
 
 def test_synthetic_dataset_is_cached_and_voice_disjoint(tiny_synth):
     cache, root = tiny_synth
-    cfg = train.synth_config("tiny", seed=0)
+    cfg = synth.synth_config("tiny", seed=0)
     assert synth.ensure_dataset(cfg, cache, progress=False) == root          # cached: the second call reuses it
     val, test = ((root / f"{s}_list.txt").read_text().split() for s in ("validation", "testing"))
     assert test and all(cfg.test_voices[0].replace("+", "_") in f for f in test)
@@ -67,15 +68,15 @@ def test_synthetic_dataset_is_cached_and_voice_disjoint(tiny_synth):
     wave, sr = sf.read(root / test[0])
     assert sr == 16000 and wave.shape == (16000,) and np.abs(wave).max() > 0.05
     # the same config names the same folder; another config another one
-    assert root.name == f"synth-{cfg.key()}" != f"synth-{train.synth_config('tiny', seed=1).key()}"
+    assert root.name == f"synth-{cfg.key()}" != f"synth-{synth.synth_config('tiny', seed=1).key()}"
 
 
 def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsys):
     cache, out = tiny_synth[0], tmp_path / "run"
     common = ["--synth-size", "tiny", "--synth-cache", str(cache)]
     assert run(train.main, train.AudioTrainConfig,
-               [*common, "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8", "--d-model", "16",
-                "--n-layer", "1", "--val-every", "2", "--accelerator", "cpu"], prog="audio.train") == 0
+               [*common, "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8", "--model.d_model", "16",
+                "--model.n_layer", "1", "--val-every", "2", "--accelerator", "cpu"], prog="audio.train") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0 <= metrics["testing"]["accuracy"] <= 1
     assert len(metrics["testing"]["confusion"]) == 12 and (out / "confusion.png").stat().st_size > 1000
@@ -105,10 +106,18 @@ def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
     out = tmp_path / "run"
     assert run(train.main, train.AudioTrainConfig,
                ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--output-dir", str(out),
-                "--max-steps", "1", "--batch-size", "8", "--d-model", "16", "--n-layer", "1", "--val-every", "1",
-                "--accelerator", "cpu", "--no-residual-in-fp32"], prog="audio.train") == 0
+                "--max-steps", "1", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
+                "--val-every", "1", "--accelerator", "cpu", "--model.residual_in_fp32", "false"], prog="audio.train") == 0
     model = load_model(out / "model")
-    assert model.config.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
+    assert model.config.encoder.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
+    # the run wrote its resolved configuration, and --config of it gives the same config
+    from ssm_core.cli import parse_config
+    again = parse_config(train.AudioTrainConfig, ["--config", str(out / "config.yaml")])
+    assert again.model.residual_in_fp32 is False and again.model.d_model == 16 and again.optim.lr == 2e-3
+    assert again == parse_config(train.AudioTrainConfig, ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]),
+                                 "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
+                                 "--model.d_model", "16", "--model.n_layer", "1", "--val-every", "1",
+                                 "--accelerator", "cpu", "--model.residual_in_fp32", "false"])
 
 
 def test_train_config_errors(tmp_path, capsys):
@@ -116,6 +125,45 @@ def test_train_config_errors(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert run(train.main, train.AudioTrainConfig, ["--snr-db", "20", "0"], prog="audio.train") == 2
     assert "--snr-db" in capsys.readouterr().err
+    for old, new in (("--n-mels", "--features.n_mels"), ("--d-model", "--model.d_model"), ("--lr", "--optim.lr")):
+        assert run(train.main, train.AudioTrainConfig, [old, "8"], prog="audio.train") == 2
+        assert f"{old}: moved to {new}" in capsys.readouterr().err
+    assert run(train.main, train.AudioTrainConfig, ["--model.bidirectional"], prog="audio.train") == 2
+    assert "--model.bidirectional: the encoder must be causal to stream" in capsys.readouterr().err
+
+
+def test_seed_fixes_the_initial_weights(tiny_synth, tmp_path):
+    """Two runs with the same --seed train the same model (the weights are drawn after seeding)."""
+    argv = ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--max-steps", "1", "--batch-size", "8",
+            "--model.d_model", "8", "--model.n_layer", "1", "--val-every", "1", "--accelerator", "cpu"]
+    for name in ("a", "b"):
+        assert run(train.main, train.AudioTrainConfig, [*argv, "--output-dir", str(tmp_path / name)],
+                   prog="audio.train") == 0
+    a, b = load_model(tmp_path / "a" / "model"), load_model(tmp_path / "b" / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_kws_module_does_not_decay_a_log(tmp_path):
+    """The shared recipe: Mamba's A_log and D, norms and biases get no weight decay (audio decayed A_log)."""
+    from audio.lightning_module import KWSModule
+    from audio.model import KWSConfig
+    from ssm_core.training import parameter_groups
+    kws = KWSConfig(labels=["a", "b"], encoder=MambaConfig(d_model=16, n_layer=1, d_input=80))
+    module = KWSModule(kws.to_dict(), {}, {"lr": 1e-3, "weight_decay": 0.05})
+    decay, no_decay = parameter_groups(module.model, 0.05)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "encoder.layers.0.mixer.A_log" in kept and "encoder.layers.0.mixer.D" in kept and "head.bias" in kept
+    assert "head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_flat_exports_of_before_still_load():
+    from audio.model import KWSConfig
+    old = {"labels": ["a", "b"], "features": {"n_mels": 40}, "d_model": 24, "n_layer": 1, "d_state": 8,
+           "d_conv": 4, "expand": 2, "mixer": "mamba", "residual_in_fp32": False, "label_frames": 10}
+    cfg = KWSConfig.from_dict(old)
+    assert (cfg.encoder.d_model, cfg.encoder.d_input, cfg.encoder.residual_in_fp32) == (24, 40, False)
 
 
 def test_full_synthetic_set_holds_out_its_test_voices():
@@ -131,18 +179,18 @@ def test_full_synthetic_set_holds_out_its_test_voices():
 def test_speed_perturb_and_freq_warp():
     torch.manual_seed(0)
     wave = torch.randn(8, 1600)
-    assert torch.equal(train.speed_perturb(wave, 0.0), wave)
-    out = train.speed_perturb(wave, 0.2, groups=8)
+    assert torch.equal(augment.speed_perturb(wave, 0.0), wave)
+    out = augment.speed_perturb(wave, 0.2, groups=8)
     assert out.shape == wave.shape and not torch.equal(out, wave)
     # a group resampled by 20 -> 20 + k keeps its first sample and plays the clip slower (k > 0) or faster
     tone = torch.sin(torch.arange(1600) * 0.05).expand(2, -1)
-    slow = torch.cat([train.speed_perturb(tone[:1], 0.2, groups=1) for _ in range(20)])
+    slow = torch.cat([augment.speed_perturb(tone[:1], 0.2, groups=1) for _ in range(20)])
     assert (slow[:, :800] - tone[0, :800]).abs().amax(1).max() > 0.1    # some draw changed the tone
 
     feats = torch.randn(4, 30, 80)
-    assert torch.equal(train.freq_warp(feats, 0.0), feats)
+    assert torch.equal(augment.freq_warp(feats, 0.0), feats)
     ramp = torch.arange(80.0).expand(4, 30, 80)
-    warped = train.freq_warp(ramp, 0.1)
+    warped = augment.freq_warp(ramp, 0.1)
     # each example's bins are a linear map i -> i / alpha of the ramp, alpha in [0.9, 1.1], clamped at the top
     slope = warped[:, 0, 1] - warped[:, 0, 0]
     assert ((slope >= 1 / 1.1 - 1e-5) & (slope <= 1 / 0.9 + 1e-5)).all()

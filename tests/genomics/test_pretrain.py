@@ -18,8 +18,8 @@ from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import run
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--seq-len", "64", "--batch-size", "4", "--d-model", "16", "--n-layer", "1", "--val-batches", "2",
-        "--accelerator", "cpu", "--lr", "0.02", "--warmup-steps", "2"]
+TINY = ["--seq-len", "64", "--batch-size", "4", "--model.d_model", "16", "--model.n_layer", "1",
+        "--val-batches", "2", "--accelerator", "cpu", "--optim.lr", "0.02", "--optim.warmup_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def _weights(ckpt: Path) -> dict:
 
 
 def test_resume_continues_the_same_stream(genome, tmp_path):
-    common = ["--fasta", str(genome), "--val-every", "100", "--lr-decay-steps", "6", *TINY]
+    common = ["--fasta", str(genome), "--val-every", "100", "--optim.decay_steps", "6", *TINY]
     run_cli(pretrain_main, [*common, "--output-dir", str(tmp_path / "full"), "--max-steps", "6"])
     run_cli(pretrain_main, [*common, "--output-dir", str(tmp_path / "part"), "--max-steps", "3"])
     assert torch.load(tmp_path / "part/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
@@ -115,16 +115,16 @@ def test_bad_input_one_line_errors(genome, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _fails_cleanly(["--fasta", str(genome), "--output-dir", str(blocker / "sub")], capsys, "--output-dir")
-    _fails_cleanly(["--objective", "mlm"], capsys, "--bidirectional or --rc-equivariant")
+    _fails_cleanly(["--objective", "mlm"], capsys, "--model.bidirectional or --model.rc_equivariant")
     assert not any(Path(out).rglob("*.ckpt")) and not (Path(out) / "metrics.json").exists()
 
 
 def test_residual_in_fp32_flag_reaches_the_saved_model(genome, tmp_path):
     run_cli(pretrain_main, ["--fasta", str(genome), "--output-dir", str(tmp_path), "--max-steps", "2",
                             "--val-every", "2", "--ckpt-every", "2", "--precision", "bf16-true",
-                            "--no-residual-in-fp32", *TINY])
+                            "--model.residual_in_fp32", "false", *TINY])
     assert MambaLM.from_pretrained(tmp_path / "model").config.residual_in_fp32 is False
-    assert PretrainConfig().residual_in_fp32 is True
+    assert PretrainConfig().model.residual_in_fp32 is True
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
@@ -194,15 +194,47 @@ def test_rc_model_embeddings_are_strand_invariant(tmp_path):
 
 
 def test_demo_yaml_spells_out_the_defaults():
-    """configs/genomics/demo.yaml claims to be the embedded default run: every value it sets must be the
-    PretrainConfig default, and it must set every option of the recipe (so the docs' table stays true)."""
+    """configs/genomics/demo.yaml claims to be the embedded default run: it must give the PretrainConfig
+    defaults, and it must set every option of the recipe (so the docs' table stays true)."""
+    import yaml
+
     from ssm_core.cli import load_yaml_config
-    spelled = load_yaml_config(PretrainConfig, str(REPO / "configs/genomics/demo.yaml"))
-    defaults = PretrainConfig()
-    assert {k: getattr(defaults, k) for k in spelled} == spelled
-    recipe = {"max_steps", "batch_size", "seq_len", "keep_softmask", "d_model", "n_layer", "d_state", "expand",
-              "lr", "weight_decay", "warmup_steps", "val_batches"}
-    assert recipe <= spelled.keys(), recipe - spelled.keys()
+    path = REPO / "configs/genomics/demo.yaml"
+    assert load_yaml_config(PretrainConfig, str(path)) == PretrainConfig()
+    spelled = yaml.safe_load(path.read_text())
+    keys = {f"{k}.{kk}" for k, v in spelled.items() if isinstance(v, dict) for kk in v} | set(spelled)
+    recipe = {"max_steps", "batch_size", "seq_len", "keep_softmask", "model.d_model", "model.n_layer",
+              "model.d_state", "model.expand", "optim.lr", "optim.weight_decay", "optim.warmup_steps",
+              "val_batches"}
+    assert recipe <= keys, recipe - keys
+    # and a change in it shows: the comparison above is not vacuous
+    assert load_yaml_config(PretrainConfig, str(path), ["--model.d_state", "4"]) != PretrainConfig()
+
+
+def test_run_writes_its_config_and_config_of_it_repeats_the_run(genome, tmp_path):
+    """config.yaml in the output folder is the complete resolved configuration: --config of it alone gives
+    the same config, and the same trained weights."""
+    from ssm_core.cli import parse_config
+    argv = ["--fasta", str(genome), "--max-steps", "2", "--val-every", "2", "--ckpt-every", "2",
+            "--model.mixer_options", "{mamba: {conv_bias: false}}", "--optim.betas", "[0.8, 0.9]", *TINY]
+    run_cli(pretrain_main, [*argv, "--output-dir", str(tmp_path / "a")])
+    written = tmp_path / "a" / "config.yaml"
+    cfg = parse_config(PretrainConfig, ["--config", str(written)])
+    assert cfg == parse_config(PretrainConfig, [*argv, "--output-dir", str(tmp_path / "a")])
+    assert cfg.model.mixer_options == {"mamba": {"conv_bias": False}} and cfg.optim.betas == (0.8, 0.9)
+    run_cli(pretrain_main, ["--config", str(written), "--output-dir", str(tmp_path / "b")])
+    a, b = _weights(tmp_path / "a/checkpoints/last.ckpt"), _weights(tmp_path / "b/checkpoints/last.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.backbone.layers.0.mixer.conv1d.bias" not in a   # the mixer option reached the model
+
+
+def test_old_flat_flags_name_their_new_spelling(capsys):
+    for old, new in (("--d-model", "--model.d_model"), ("--lr", "--optim.lr"), ("--mixer", "--model.mixer"),
+                     ("--lr-decay-steps", "--optim.decay_steps"), ("--rc-equivariant", "--model.rc_equivariant")):
+        _fails_cleanly([old, "3"], capsys, f"{old}: moved to {new}")
+    _fails_cleanly(["--model.vocab_size", "5"], capsys, "follows from --keep-softmask")
+    _fails_cleanly(["--model.d_state", "x"], capsys, "--model.d_state: invalid value 'x'")
+    _fails_cleanly(["--model.mixer", "nope"], capsys, "--model.mixer: unknown mixer 'nope'")
 
 
 def test_tokens_per_second_counts_training_time_across_validations(monkeypatch):

@@ -17,8 +17,8 @@ from timeseries.predict import main as predict_main
 from timeseries.train import FitConfig
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-TINY = ["--lookback", "24", "--horizon", "8", "--d-model", "8", "--n-layer", "1", "--d-state", "4",
-        "--max-epochs", "2", "--batch-size", "32", "--no-progress"]
+TINY = ["--lookback", "24", "--horizon", "8", "--model.d_model", "8", "--model.n_layer", "1",
+        "--model.d_state", "4", "--max-epochs", "2", "--batch-size", "32", "--no-progress"]
 METRIC_KEYS = {"test_mse", "test_mae", "test_mse_original", "test_mae_original"}
 
 
@@ -33,7 +33,7 @@ def small_csv(tmp_path_factory):
 def fitted(small_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "run"
     assert run(fit_main, FitConfig, ["--csv", str(small_csv), "--output-dir", str(out), *TINY,
-                                     "--quantiles", "0.1", "0.5", "0.9"]) == 0
+                                     "--forecaster.quantiles", "0.1", "0.5", "0.9"]) == 0
     return out
 
 
@@ -56,7 +56,7 @@ def test_fit_writes_metrics_forecast_plot_model(fitted):
 def test_residual_in_fp32_flag_reaches_the_backbone():
     from ssm_core.cli import parse_config
     from timeseries.models import build_model
-    for argv, expected in (([], True), (["--no-residual-in-fp32"], False)):
+    for argv, expected in (([], True), (["--model.residual_in_fp32", "false"], False)):
         cfg = parse_config(FitConfig, [*argv, *TINY])
         assert build_model(cfg.forecaster_config(2)).backbone.config.residual_in_fp32 is expected
 
@@ -76,7 +76,7 @@ def test_predict_is_the_models_forecast_of_the_last_window(fitted, small_csv, tm
     """Predicting from a CSV cut at row r equals the model applied to rows [r-L, r) scaled at fit time."""
     import torch
 
-    from timeseries.train import load_forecaster
+    from timeseries.persistence import load_forecaster
     saved = load_forecaster(fitted)
     df = pd.read_csv(small_csv).iloc[:300]
     df.to_csv(tmp_path / "cut.csv", index=False)
@@ -126,6 +126,34 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case, message):
     assert run(fit_main, FitConfig, [*args, "--output-dir", str(tmp_path / "out"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
+def test_config_yaml_of_a_fit_gives_its_config(fitted):
+    from ssm_core.cli import parse_config
+    cfg = parse_config(FitConfig, ["--config", str(fitted / "config.yaml")])
+    assert cfg.forecaster.quantiles == [0.1, 0.5, 0.9] and cfg.model.d_model == 8 and cfg.lookback == 24
+    assert cfg.model.d_input == 24 and cfg.model.bidirectional is True      # variate tokens: the lookback
+    assert cfg.optim.schedule == "exponential" and cfg.optim.lr_decay == 0.5
+    again = parse_config(FitConfig, ["--csv", cfg.csv, "--output-dir", cfg.output_dir, *TINY,
+                                     "--forecaster.quantiles", "0.1", "0.5", "0.9"])
+    assert cfg == again
+
+
+def test_patch_tokens_set_the_backbone_input():
+    from ssm_core.cli import parse_config
+    cfg = parse_config(FitConfig, [*TINY, "--forecaster.token", "patch", "--forecaster.patch_len", "6"])
+    assert cfg.model.d_input == 6 and cfg.model.bidirectional is False
+
+
+def test_old_flat_flags_name_their_new_spelling(capsys):
+    for old, new in (("--model", "--forecaster.kind"), ("--d-model", "--model.d_model"),
+                     ("--lr-decay", "--optim.lr_decay"), ("--quantiles", "--forecaster.quantiles"),
+                     ("--token", "--forecaster.token")):
+        assert run(fit_main, FitConfig, [old, "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{old}: moved to {new}" in err[0], err
+    assert run(fit_main, FitConfig, ["--forecaster.quantiles", "0.1", "0.9"]) == 2
+    assert "--forecaster.quantiles: include 0.5" in capsys.readouterr().err
 
 
 def test_predict_bad_model_folder(tmp_path, capsys):

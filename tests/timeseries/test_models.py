@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from ssm_core import MambaConfig
 from timeseries.models import (
     ForecasterConfig,
+    ForecasterOptions,
     MambaForecaster,
     build_model,
     pinball_loss,
@@ -12,14 +14,22 @@ from timeseries.models import (
     seasonal_naive,
 )
 
-TINY = {"n_series": 3, "lookback": 24, "horizon": 8, "d_model": 16, "n_layer": 1, "d_state": 4, "patch_len": 8, "patch_stride": 4}
+TINY = {"n_series": 3, "lookback": 24, "horizon": 8}
+BACKBONE = {"d_model": 16, "n_layer": 1, "d_state": 4}
+OPTIONS = {"patch_len": 8, "patch_stride": 4}
+
+
+def forecaster_config(**options) -> ForecasterConfig:
+    lookback = options.pop("lookback", TINY["lookback"])
+    return ForecasterConfig(**{**TINY, "lookback": lookback}, options=ForecasterOptions(**{**OPTIONS, **options}),
+                            backbone=MambaConfig(**BACKBONE, d_input=1))
 
 
 @pytest.mark.parametrize("kw", [{"token": "variate"}, {"token": "patch"}, {"kind": "dlinear"},
                                 {"token": "variate", "quantiles": [0.1, 0.5, 0.9]},
                                 {"token": "patch", "quantiles": [0.5, 0.9], "linear_skip": False}])
 def test_shapes_and_gradients(kw):
-    cfg = ForecasterConfig(**TINY, **kw)
+    cfg = forecaster_config(**kw)
     model = build_model(cfg)
     x = torch.randn(5, 24, 3)
     y = model(x)
@@ -32,7 +42,7 @@ def test_shapes_and_gradients(kw):
 @pytest.mark.parametrize("token", ["variate", "patch"])
 def test_revin_makes_forecasts_shift_and_scale_equivariant(token):
     torch.manual_seed(0)
-    model = MambaForecaster(ForecasterConfig(**TINY, token=token)).eval()
+    model = MambaForecaster(forecaster_config(token=token)).eval()
     x = torch.randn(4, 24, 3)
     shift, scale = torch.tensor([5.0, -3.0, 100.0]), torch.tensor([2.0, 0.5, 10.0])
     with torch.no_grad():
@@ -47,7 +57,7 @@ def test_variate_tokens_mix_series_but_patches_do_not():
     x2 = x.clone()
     x2[..., 2] += torch.randn(2, 24)  # change series 2 only
     for token, mixes in (("variate", True), ("patch", False)):
-        model = MambaForecaster(ForecasterConfig(**TINY, token=token)).eval()
+        model = MambaForecaster(forecaster_config(token=token)).eval()
         with torch.no_grad():
             changed = (model(x)[..., 0] - model(x2)[..., 0]).abs().max().item()
         assert (changed > 1e-6) == mixes, token
@@ -66,11 +76,11 @@ def test_pinball_loss():
 
 def test_quantile_config_checks():
     with pytest.raises(ValueError, match="include 0.5"):
-        ForecasterConfig(**TINY, quantiles=[0.1, 0.9])
+        forecaster_config(quantiles=[0.1, 0.9])
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
-        ForecasterConfig(**TINY, quantiles=[0.5, 1.5])
-    with pytest.raises(ValueError, match="--patch-len"):
-        ForecasterConfig(**{**TINY, "patch_len": 48}, token="patch")
+        forecaster_config(quantiles=[0.5, 1.5])
+    with pytest.raises(ValueError, match="--forecaster.patch_len 48: longer than --lookback 24"):
+        forecaster_config(patch_len=48, token="patch")
 
 
 def test_naive_baselines():
@@ -81,6 +91,6 @@ def test_naive_baselines():
 
 
 def test_dlinear_starts_at_the_history_mean():
-    model = build_model(ForecasterConfig(**TINY, kind="dlinear"))
+    model = build_model(forecaster_config(kind="dlinear"))
     x = torch.randn(2, 24, 3)
     torch.testing.assert_close(model(x), x.mean(1, keepdim=True).expand(-1, 8, -1), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,141 @@
+"""The shared layer: the one training recipe (parameter groups, warm-up + cosine) and the jsonargparse CLI
+(nested groups, old spellings, one-line errors, --config / --print_config round trip)."""
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import torch
+
+from ssm_core import MambaConfig, MambaLM
+from ssm_core.cli import UserError, dump_config, parse_config, run
+from ssm_core.training import OptimConfig, make_optimizer, parameter_groups, warmup_cosine
+
+
+def test_no_weight_decay_on_a_log_d_norms_and_biases():
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=5, mixer="mamba,mamba2"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    for name in names.values():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("A_log", "D", "bias", "dt_bias") or "norm" in name:
+            assert name in kept, name
+    assert any(n.endswith("A_log") for n in kept) and any(n.endswith(".D") for n in kept)
+    assert any("norm" in n for n in kept) and any(n.endswith("bias") for n in kept)
+    # the weight matrices are decayed (in_proj, out_proj, x_proj, conv, embedding)
+    assert any(n.endswith("in_proj.weight") for n in decayed) and any(n.endswith("out_proj.weight") for n in decayed)
+    assert all(p.dim() >= 2 for p in decay["params"])
+
+
+def test_a_2d_parameter_marked_no_weight_decay_is_not_decayed():
+    lin = torch.nn.Linear(4, 4)
+    lin.weight._no_weight_decay = True
+    decay, no_decay = parameter_groups(lin, 0.1)
+    assert decay["params"] == [] and len(no_decay["params"]) == 2
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    model = torch.nn.Linear(3, 3)
+    opt, sched, interval = make_optimizer(model, OptimConfig(lr=0.5, warmup_steps=2), total_steps=10)
+    assert interval == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == [0.25, 0.5] and lrs[-1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    opt, sched, interval = make_optimizer(model, OptimConfig(lr=1.0, schedule="exponential", lr_decay=0.5), 10)
+    opt.step()
+    sched.step()
+    assert interval == "epoch" and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_optim_config_validates():
+    for bad in (dict(lr=0), dict(weight_decay=-1), dict(min_lr_ratio=2), dict(lr_decay=0)):
+        with pytest.raises(ValueError, match="--optim."):
+            OptimConfig(**bad)
+
+
+@dataclass
+class Flat:
+    """A flat config (as the genomics score / embed CLIs have): still a CLI with no change."""
+    checkpoint: str = ""
+    window: int = 2048
+    context_lengths: list[int] = field(default_factory=lambda: [1024])
+    names: list[str] | None = None
+    both_strands: bool = True
+    verbose: bool = False
+    split: Literal["valid", "test"] = "valid"
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"--window: must be >= 1, got {self.window}")
+
+
+@dataclass
+class Nested:
+    output_dir: str = "runs/x"
+    model: MambaConfig = field(default_factory=lambda: MambaConfig(d_model=32, vocab_size=7))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01, betas=(0.9, 0.95)))
+
+
+def test_flat_config_flags_keep_their_spellings():
+    cfg = parse_config(Flat, ["--checkpoint", "m", "--context-lengths", "32", "128", "--names", "a", "b,c",
+                              "--no-both-strands", "--verbose", "--split", "test"])
+    assert cfg == Flat(checkpoint="m", context_lengths=[32, 128], names=["a", "b,c"], both_strands=False,
+                       verbose=True, split="test")
+    assert parse_config(Flat, ["--context_lengths", "[8, 9]", "--window=7"]).context_lengths == [8, 9]
+    for argv, match in ((["--window", "0"], "--window: must be >= 1"),
+                        (["--window", "x"], "--window: invalid value 'x'"),
+                        (["--split", "train"], "--split: invalid choice 'train'"),
+                        (["--nope", "1"], "unrecognized option --nope"),
+                        (["--verbose", "maybe"], "--verbose")):
+        with pytest.raises(UserError, match=match):
+            parse_config(Flat, argv)
+
+
+def test_nested_groups_yaml_and_round_trip(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  d_state: 4\n  mixer_options: {mamba: {conv_bias: false}}\n"
+                                     "optim: {lr: 0.5}\n")
+    cfg = parse_config(Nested, ["--config", str(tmp_path / "c.yaml"), "--model.d-model", "48"])
+    assert (cfg.model.d_state, cfg.model.d_model, cfg.model.vocab_size) == (4, 48, 7)
+    assert cfg.model.mixer_options == {"mamba": {"conv_bias": False}}
+    assert cfg.optim.lr == 0.5 and cfg.optim.betas == (0.9, 0.95)     # the rest of the group's default kept
+    (tmp_path / "round.yaml").write_text(dump_config(cfg))
+    assert parse_config(Nested, ["--config", str(tmp_path / "round.yaml")]) == cfg
+    for argv, match in ((["--d-state", "4"], "--d-state: moved to --model.d_state"),
+                        (["--lr", "1"], "--lr: moved to --optim.lr"),
+                        (["--model.d_state", "0.5"], "--model.d_state: invalid value"),
+                        (["--model", "x"], "--model: give the group's fields")):
+        with pytest.raises(UserError, match=match):
+            parse_config(Nested, argv)
+    (tmp_path / "old.yaml").write_text("d_model: 8\n")
+    with pytest.raises(UserError, match="unknown option 'd_model' .moved to 'model.d_model'"):
+        parse_config(Nested, ["--config", str(tmp_path / "old.yaml")])
+    (tmp_path / "bad.yaml").write_text("model: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        parse_config(Nested, ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_run_prints_one_line_and_debug_shows_the_traceback(capsys):
+    assert run(lambda cfg: None, Flat, ["--window", "0"], prog="p") == 2
+    assert capsys.readouterr().err.strip() == "p: error: --window: must be >= 1, got 0"
+    with pytest.raises(UserError):
+        run(lambda cfg: None, Flat, ["--window", "0", "--debug"], prog="p")
+
+
+def test_print_config_prints_the_resolved_config():
+    r = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--model.d_state", "4", "--print_config"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "  d_state: 4\n" in r.stdout and "keep_softmask: true\n" in r.stdout and "vocab_size" not in r.stdout
