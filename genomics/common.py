@@ -10,20 +10,23 @@ import torch
 
 from ssm_core import MambaLM
 from ssm_core.cli import UserError
+from ssm_core.interop import WEIGHT_FILES
 
 from . import tokenizer as tok
 
 
 def resolve_model_dir(path: str) -> Path:
-    """--checkpoint may name a pretrain output folder or its model/ folder."""
+    """--checkpoint may name a pretrain output folder, its model/ folder, or a mamba_ssm MambaLMHeadModel
+    folder (config.json + pytorch_model.bin or model.safetensors)."""
     p = Path(path)
     for cand in (p, p / "model"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+        if (cand / "config.json").is_file() and any((cand / w).is_file() for w in WEIGHT_FILES):
             return cand
     if not p.exists():
         raise UserError(f"--checkpoint {path}: no such file or folder")
     raise UserError(f"--checkpoint {path}: no trained model here (expected model/config.json and "
-                    "model.safetensors, as written by genomics.pretrain)")
+                    "model.safetensors, as written by genomics.pretrain, or a mamba_ssm folder with "
+                    "config.json and pytorch_model.bin)")
 
 
 def load_model(path: str, device: str = "auto") -> tuple[MambaLM, dict, torch.device]:
