@@ -246,3 +246,64 @@ def species_fastas(folder: str | os.PathLike, n_species: int = 3, contig_len: in
             recs.append((f"sp{k}_chr{c + 1}", bytes(np.frombuffer(b"ACGT", dtype=np.uint8)[seq])))
         out.append(write_fasta(folder / f"species{k}.fa", recs))
     return out
+
+
+# --- planted variants (genomics.score's demo) ------------------------------------------------------------
+def generator_sites(contigs: dict[str, int] | None = None) -> tuple[dict[str, tuple[bytes, list]], list[np.ndarray]]:
+    """Re-run the generator with its seed: {contig: (sequence bytes, motif placements (start, motif index))}
+    and the motif PWMs. The same bytes as demo_genome writes; a few seconds."""
+    contigs = contigs or CONTIGS
+    rng = np.random.default_rng(SEED)
+    table = markov_table(rng)
+    families = [sample_background(rng, table, np.full(int(n), 0.45))[0] for n in rng.integers(150, 300, 3)]
+    motifs = make_motifs(rng)
+    out = {}
+    for name, length in contigs.items():
+        seq, _, placed = generate_contig(rng, length, table, families, motifs)
+        out[name] = (seq, placed)
+    return out, motifs
+
+
+def planted_variants(contigs: tuple[str, ...] = ("chr20", "chr21"), seed: int = 0,
+                     margin: int = 100) -> list[dict]:
+    """SNVs on the held-out demo contigs, half of them breaking a planted motif, half in the background.
+
+    Motif-breaking: one per motif placement that no later placement, repeat (soft-mask) or N run touched:
+    a position where the placed base is the motif's consensus, changed to a non-consensus base. Background:
+    as many positions of the Markov chain at least `margin` bases from any placement, repeat or N, each
+    changed to a random other base. Dicts with contig, pos (0-based), ref, alt, label ('motif' or
+    'background') and motif_offset (the changed position inside the motif, -1 for background)."""
+    sites, motifs = generator_sites()
+    rng = np.random.default_rng([SEED, seed])
+    out = []
+    for name in contigs:
+        seq, placed = sites[name]
+        arr = np.frombuffer(seq, dtype=np.uint8)
+        plain = np.isin(arr, np.frombuffer(b"ACGT", dtype=np.uint8))   # upper case: not repeat, not N
+        covered = np.zeros(len(arr), dtype=np.int32)
+        for start, m in placed:
+            covered[start:start + motifs[m].shape[0]] += 1
+        motif_rows = []
+        for start, m in placed:
+            cons = motifs[m].argmax(1)
+            end = start + len(cons)
+            if (covered[start:end] != 1).any() or not plain[start:end].all():
+                continue
+            bases = np.searchsorted(np.frombuffer(b"ACGT", dtype=np.uint8), arr[start:end])
+            ok = np.nonzero(bases == cons)[0]
+            if not len(ok):
+                continue
+            k = int(rng.choice(ok))
+            alt = int(rng.choice([b for b in range(4) if b != cons[k]]))
+            motif_rows.append({"contig": name, "pos": start + k, "ref": "ACGT"[cons[k]], "alt": "ACGT"[alt],
+                               "label": "motif", "motif_offset": k})
+        near = np.convolve((covered > 0) | ~plain, np.ones(2 * margin + 1), mode="same") > 0
+        far = np.nonzero(~near)[0]
+        far = far[(far >= margin) & (far < len(arr) - margin)]
+        for p in rng.choice(far, size=min(len(motif_rows), len(far)), replace=False):
+            ref = "ACGT".index(chr(arr[p]))
+            alt = int(rng.choice([b for b in range(4) if b != ref]))
+            out.append({"contig": name, "pos": int(p), "ref": "ACGT"[ref], "alt": "ACGT"[alt],
+                        "label": "background", "motif_offset": -1})
+        out += motif_rows
+    return sorted(out, key=lambda r: (r["contig"], r["pos"]))
