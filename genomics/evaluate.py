@@ -77,7 +77,7 @@ def bits_per_base(model, sampler: WindowSampler, L: int, n_tokens: int, batch_si
 
 @torch.no_grad()
 def stream_bits(model, genome: Genome, contig: int, end: int, chunk: int, softmask: bool,
-                device: torch.device, progress: bool = True) -> dict:
+                device: torch.device, progress: bool = True, autocast: bool = True) -> dict:
     """Next-base bits per base of every base of contig[:end] but the first, each predicted from everything
     before it: the chunks' logits continue across chunk boundaries (the last position of one chunk
     predicts the first base of the next)."""
@@ -91,7 +91,7 @@ def stream_bits(model, genome: Genome, contig: int, end: int, chunk: int, softma
     t0 = time.perf_counter()
     bar = tqdm(total=end, desc=genome.contigs[contig].name, unit="b", unit_scale=True, disable=not progress)
     pos = 0
-    for ids, h in stream_hidden(model, genome_chunks(genome, contig, 0, end, chunk, softmask), device):
+    for ids, h in stream_hidden(model, genome_chunks(genome, contig, 0, end, chunk, softmask), device, autocast):
         logits = model.logits(h)
         tgt = torch.from_numpy(target_ids(ids)).to(device)
         pred = logits[:-1] if prev is None else torch.cat([prev, logits[:-1]])

@@ -216,12 +216,13 @@ def masked_site_llr(model, items: list[tuple[np.ndarray, int, int, int]], device
 
 
 def score_variants(model, meta: dict, genome: Genome, variants: list[Variant], context_length: int,
-                   both_strands: bool, device: torch.device, batch_size: int, progress: bool = True) -> None:
-    """Fill v.score (and v.note) for every record."""
+                   both_strands: bool, device: torch.device, batch_size: int, progress: bool = True,
+                   autocast: bool = True) -> None:
+    """Fill v.score (and v.note) for every record (bf16 autocast on a GPU unless autocast=False)."""
     objective = meta.get("objective", "causal")
     softmask = bool(meta.get("keep_softmask", False))
     match = contig_matcher(genome)
-    use_amp = device.type == "cuda"
+    use_amp = autocast and device.type == "cuda"
     jobs = []   # (variant, ref ids, alt ids, offset)
     for v in variants:
         ok = check_record(v, genome, match, max(1, context_length // 4))

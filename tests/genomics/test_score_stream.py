@@ -200,3 +200,19 @@ def test_many_short_records_hold_out_whole_records(tmp_path):
     assert make_splits(g, None, None, min_holdout=1025, seed=1) == sp           # seeded: the same split again
     assert make_splits(g, None, None, min_holdout=1025, seed=2) != sp
     assert check_lengths(g, sp, 1025, skip_short=True)["valid"]
+
+
+def test_stream_benchmark_runs_tiny_on_cpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), "--d-model", "16", "--n-layer",
+                    "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048", "--score-context", "128",
+                    "--score-variants", "4", "--device", "cpu", "--precisions", "float32", "--workdir",
+                    str(tmp_path), "--out", str(out)], check=True, cwd=repo, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["bases"] for r in res["stream"]] == [5000, 20000] and res["contig_bases"] == 20000
+    assert all(r["tokens_per_second"] > 0 and "error" not in r for r in res["stream"])
+    assert res["score"][0]["scored"] == 4 and res["score"][0]["variants_per_second"] > 0
