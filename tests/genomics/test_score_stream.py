@@ -216,3 +216,21 @@ def test_stream_benchmark_runs_tiny_on_cpu(tmp_path):
     assert [r["bases"] for r in res["stream"]] == [5000, 20000] and res["contig_bases"] == 20000
     assert all(r["tokens_per_second"] > 0 and "error" not in r for r in res["stream"])
     assert res["score"][0]["scored"] == 4 and res["score"][0]["variants_per_second"] > 0
+
+
+def test_pretrain_on_many_short_records_needs_no_val_contigs(tmp_path):
+    from genomics.pretrain import PretrainConfig
+    from genomics.pretrain import main as pretrain_main
+    rng = np.random.default_rng(1)
+    recs = [(f"gene{i}", np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, int(rng.integers(150, 350)))].tobytes())
+            for i in range(80)]
+    fa = write_fasta(tmp_path / "16s.fa", recs)
+    out = tmp_path / "run"
+    assert run(pretrain_main, PretrainConfig, ["--fasta", str(fa), "--seq-len", "128", "--skip-short-records",
+                                               "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
+                                               "--d-model", "16", "--n-layer", "1", "--val-batches", "1",
+                                               "--accelerator", "cpu", "--seed", "5"], prog="t") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["holdout"]["whole_records_valid"] == 4 and m["holdout"]["seed"] == 5 and m["val_tokens"] > 0
+    held = json.loads((out / "model" / "genomics.json").read_text())["val_contigs"]
+    assert len(held) == 4 and all(h.startswith("gene") for h in held)
