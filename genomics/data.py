@@ -47,7 +47,7 @@ class Contig:
 
 
 # --- opening and indexing ----------------------------------------------------------------------------------
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """'fasta', 'bgzf', 'gzip' (plain gzip of any text), 'genbank', 'embl' or 'unknown'."""
     with open(path, "rb") as f:
         head = f.read(18)
@@ -144,7 +144,7 @@ class Genome:
         for i, p in enumerate(map(Path, paths)):
             if not p.is_file():
                 raise UserError(f"{flag} {p}: no such file")
-            kind = _sniff(p)
+            kind = sniff(p)
             if kind == "unknown":
                 raise UserError(f"{flag} {p}: not a FASTA, GenBank or EMBL file (no '>' header at the start)")
             if kind in ("gzip", "genbank", "embl"):

@@ -34,7 +34,7 @@ from ssm_core.training import prepare_output_dir
 from . import demo
 from . import tokenizer as tok
 from .common import load_model
-from .data import Genome, _sniff, target_ids
+from .data import Genome, sniff, target_ids
 
 _ACGT = frozenset("ACGT")
 
@@ -85,7 +85,7 @@ def read_vcf(path: str) -> list[Variant]:
     out = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if _sniff(p) == "gzip":   # plain gzip (not bgzip): htslib cannot read it, so decompress first
+            if sniff(p) == "gzip":   # plain gzip (not bgzip): htslib cannot read it, so decompress first
                 plain = Path(tmp) / "variants.vcf"
                 with gzip.open(p, "rb") as src, open(plain, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -292,7 +292,10 @@ def demo_report(variants: list[Variant], rows: list[dict], out: Path, checkpoint
         if (y[sel]).any():
             by_offset[f"{lo}-{hi - 1}"] = {"auroc": float(roc_auc_score(y[sel], -s[sel])),
                                            "n_motif": int(y[sel].sum())}
+    # The same AUROC for the generator's own likelihood ratio: what a perfect model of the demo genome gets.
+    oracle = float(roc_auc_score(y, -demo.generator_llr(rows)))
     res = {"auroc_motif_breaking_vs_background": auroc, "auroc_by_motif_offset": by_offset,
+           "generator_auroc": oracle,
            "n_motif": int(y[ok].sum()), "n_background": int((~y[ok]).sum()),
            "mean_score_motif": float(s[ok & y].mean()), "mean_score_background": float(s[ok & ~y].mean()),
            "context_length": cfg.context_length, "checkpoint": checkpoint, "seed": cfg.seed,
@@ -303,7 +306,9 @@ def demo_report(variants: list[Variant], rows: list[dict], out: Path, checkpoint
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     fpr, tpr, _ = roc_curve(y[ok], -s[ok])
-    ax.plot(fpr, tpr, label=f"AUROC {auroc:.3f}")
+    ax.plot(fpr, tpr, label=f"model: AUROC {auroc:.3f}")
+    gfpr, gtpr, _ = roc_curve(y, -demo.generator_llr(rows))
+    ax.plot(gfpr, gtpr, label=f"generator's own ratio: {oracle:.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="false positive rate (background)", ylabel="true positive rate (motif-breaking)",
            title="planted demo variants: low score = damaging")
@@ -346,7 +351,8 @@ def main(cfg: ScoreConfig) -> dict:
     if rows is not None:
         result.update(demo_report(variants, rows, out_dir, cfg.checkpoint, cfg))
         print(f"AUROC motif-breaking vs background: {result['auroc_motif_breaking_vs_background']:.3f} "
-              f"({result['n_motif']} + {result['n_background']} variants) -> {out_dir / 'score.json'}")
+              f"({result['n_motif']} + {result['n_background']} variants; the generator's own likelihood ratio: "
+              f"{result['generator_auroc']:.3f}) -> {out_dir / 'score.json'}")
     return result
 
 

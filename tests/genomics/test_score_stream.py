@@ -234,3 +234,20 @@ def test_pretrain_on_many_short_records_needs_no_val_contigs(tmp_path):
     assert m["holdout"]["whole_records_valid"] == 4 and m["holdout"]["seed"] == 5 and m["val_tokens"] > 0
     held = json.loads((out / "model" / "genomics.json").read_text())["val_contigs"]
     assert len(held) == 4 and all(h.startswith("gene") for h in held)
+
+
+def test_planted_demo_variants_and_the_generator_ceiling():
+    from genomics import demo
+    rows = demo.planted_variants()
+    motif = [r for r in rows if r["label"] == "motif"]
+    assert len(motif) == len(rows) - len(motif) > 100
+    g = Genome.open([demo.demo_genome()])
+    for r in rows[::25]:     # REF is the demo FASTA's base
+        assert g.fetch(g.index_of(r["contig"]), r["pos"], r["pos"] + 1).tobytes().decode() == r["ref"]
+    llr = demo.generator_llr(rows)
+    sites, motifs, _ = demo.generator_sites()
+    for r, v in zip(rows, llr):
+        if r["label"] == "motif":
+            m = next(m for s, m in sites[r["contig"]][1] if s <= r["pos"] < s + motifs[m].shape[0])
+            if r["motif_offset"] < motifs[m].shape[0] - 2:      # no chain base after it within reach
+                assert v == pytest.approx(math.log((1 - demo.MOTIF_PWM_TOP) / 3 / demo.MOTIF_PWM_TOP))
