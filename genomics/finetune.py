@@ -11,8 +11,8 @@ that are all numbers with a fraction (or --target regression) make a regression 
 Without a test set, --test-frac of the data is held out; --val-frac of the rest is the validation split that
 early stopping watches (stratified for classes, drawn with --seed).
 
-Model: the pretrained backbone, mean-pooled over the sequence (both strands averaged for RC-equivariant
-models), and a linear head; the whole backbone trains (a lower --backbone-lr) unless --freeze-backbone.
+Model: the pretrained backbone, mean- and max-pooled over the sequence (both strands averaged for
+RC-equivariant models), and a linear head; the whole backbone trains (a lower --backbone-lr) unless --freeze-backbone.
 Lightning with early stopping on the validation loss; the best epoch is tested. The baseline is scikit-learn
 logistic regression (ridge for regression) on k-mer frequencies, k in --kmer-sizes chosen on the same
 validation split, scored on the same test split. Metrics by torchmetrics: accuracy, MCC and AUROC for classes,
@@ -56,8 +56,8 @@ class FinetuneConfig(TrainConfig):
     folder: str | None = field(default=None, metadata={"help": "one subfolder per class (optionally under train/ test/)"})
     target: Literal["auto", "classification", "regression"] = "auto"
     freeze_backbone: bool = field(default=False, metadata={"help": "train the head only"})
-    lr: float = field(default=2e-3, metadata={"help": "head learning rate"})
-    backbone_lr: float = field(default=5e-4, metadata={"help": "backbone learning rate (unless frozen)"})
+    lr: float = field(default=3e-3, metadata={"help": "head learning rate"})
+    backbone_lr: float = field(default=1e-3, metadata={"help": "backbone learning rate (unless frozen)"})
     weight_decay: float = 0.01
     patience: int = field(default=4, metadata={"help": "early stopping: epochs without a better val loss"})
     val_frac: float = 0.15
@@ -204,19 +204,24 @@ def collate(batch):
 
 # --- model --------------------------------------------------------------------------------------------------
 class SequenceModel(nn.Module):
-    """Pretrained backbone -> mean over the sequence's positions -> linear head."""
+    """Pretrained backbone -> [mean, max] over the sequence's positions -> linear head. The mean carries
+    composition; the max lets one position decide (a motif anywhere in the sequence)."""
 
     def __init__(self, config: MambaConfig, n_out: int):
         super().__init__()
         self.backbone = MambaModel(config)
-        self.head = nn.Linear(config.d_model, n_out)
+        self.head = nn.Linear(2 * config.d_model, n_out)
+
+    def _pool(self, ids: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(ids)
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return torch.cat([mean, h.masked_fill(m == 0, float("-inf")).amax(1)], -1)
 
     def pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).float()
-        out = (self.backbone(ids) * m).sum(1) / m.sum(1).clamp(min=1)
+        out = self._pool(ids, m)
         if self.backbone.config.rc_equivariant:   # both strands: the prediction is strand-invariant
-            rc = self.backbone.complement[ids.flip(1)]
-            out = 0.5 * (out + (self.backbone(rc) * m.flip(1)).sum(1) / m.sum(1).clamp(min=1))
+            out = 0.5 * (out + self._pool(self.backbone.complement[ids.flip(1)], m.flip(1)))
         return out
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,17 @@ def test_finetune_empty_class_folder_fails_cleanly(checkpoint, tmp_path, capsys)
                                              "--output-dir", str(tmp_path / "o"), *FAST], prog="t")
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "empty class folder" in err and len(err.splitlines()) == 1
+
+
+def test_rc_equivariant_sequence_model_is_strand_invariant():
+    import torch
+
+    from genomics.finetune import SequenceModel
+    from genomics.lightning_module import build_model_config
+    torch.manual_seed(0)
+    m = SequenceModel(build_model_config(16, 1, 4, 1, False, True, False, False), 3).eval()
+    ids = torch.from_numpy(tok.encode_bytes("ACGGTTACGATTTACG")[None].astype(np.int64))
+    rc = torch.from_numpy(tok.reverse_complement(ids.numpy()).copy())
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, mask), m(rc, mask), rtol=1e-5, atol=1e-5)
