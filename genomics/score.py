@@ -223,7 +223,7 @@ def score_variants(model, meta: dict, genome: Genome, variants: list[Variant], c
     softmask = bool(meta.get("keep_softmask", False))
     match = contig_matcher(genome)
     use_amp = autocast and device.type == "cuda"
-    jobs = []   # (variant, ref ids, alt ids, offset)
+    jobs = []   # (variant, contig index)
     for v in variants:
         ok = check_record(v, genome, match, max(1, context_length // 4))
         if ok is None:
@@ -232,14 +232,14 @@ def score_variants(model, meta: dict, genome: Genome, variants: list[Variant], c
         if objective == "mlm" and (len(v.ref) != 1 or len(v.alts[0]) != 1):
             v.note = "indel / MNV: a masked LM scores SNVs only"
             continue
-        jobs.append((v, *variant_windows(genome, i, v, context_length, softmask)))
+        jobs.append((v, i))
     if not jobs:
         return
     from tqdm import tqdm
     scores = np.zeros(len(jobs))
-    step = 256   # records per pass: progress shows, memory stays bounded
+    step = 256   # records per pass, their windows read for that pass only: memory does not grow with the VCF
     for j in tqdm(range(0, len(jobs), step), desc="score", unit=f"x{step} variants", disable=not progress):
-        part = jobs[j:j + step]
+        part = [(v, *variant_windows(genome, i, v, context_length, softmask)) for v, i in jobs[j:j + step]]
         strands = [(r, a, s, len(v.ref), len(v.alts[0])) for v, r, a, s in part]
         per_strand = []
         for rc in ([False, True] if both_strands else [False]):
@@ -254,7 +254,7 @@ def score_variants(model, meta: dict, genome: Genome, variants: list[Variant], c
                 ll = causal_suffix_loglik(model, seqs, device, batch_size, use_amp)
                 per_strand.append(ll[len(strands):] - ll[:len(strands)])
         scores[j:j + len(part)] = np.mean(per_strand, axis=0)
-    for (v, *_), sc in zip(jobs, scores):
+    for (v, _), sc in zip(jobs, scores):
         v.score = float(sc)
 
 
