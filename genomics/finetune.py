@@ -12,7 +12,7 @@ Without a test set, --test-frac of the data is held out; --val-frac of the rest 
 early stopping watches (stratified for classes, drawn with --seed).
 
 Model: the pretrained backbone, mean- and max-pooled over the sequence (both strands averaged for
-RC-equivariant models), and a linear head; the whole backbone trains (a lower --backbone-lr) unless --freeze-backbone.
+RC-equivariant models), batch-normalised, and a linear head; the whole backbone trains (a lower --backbone-lr) unless --freeze-backbone.
 Lightning with early stopping on the validation loss; the best epoch is tested. The baseline is scikit-learn
 logistic regression (ridge for regression) on k-mer frequencies, k in --kmer-sizes chosen on the same
 validation split, scored on the same test split. Metrics by torchmetrics: accuracy, MCC and AUROC for classes,
@@ -204,13 +204,15 @@ def collate(batch):
 
 # --- model --------------------------------------------------------------------------------------------------
 class SequenceModel(nn.Module):
-    """Pretrained backbone -> [mean, max] over the sequence's positions -> linear head. The mean carries
-    composition; the max lets one position decide (a motif anywhere in the sequence)."""
+    """Pretrained backbone -> [mean, max] over the sequence's positions -> batch norm -> linear head. The
+    mean carries composition; the max lets one position decide (a motif anywhere in the sequence). The
+    batch norm standardises the pooled features across sequences, as a StandardScaler before a logistic
+    regression: classes that differ by small shifts of the mean (composition) need it."""
 
     def __init__(self, config: MambaConfig, n_out: int):
         super().__init__()
         self.backbone = MambaModel(config)
-        self.head = nn.Linear(2 * config.d_model, n_out)
+        self.head = nn.Sequential(nn.BatchNorm1d(2 * config.d_model), nn.Linear(2 * config.d_model, n_out))
 
     def _pool(self, ids: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         h = self.backbone(ids)
@@ -368,8 +370,10 @@ def main(cfg: FinetuneConfig) -> dict:
 
     def loader(split, shuffle):
         seqs, y = data[split]
+        # Training drops a last batch of one sequence: batch norm needs two.
         return torch.utils.data.DataLoader(list(zip(seqs, y)), batch_size=cfg.batch_size, shuffle=shuffle,
                                            collate_fn=collate, num_workers=cfg.num_workers,
+                                           drop_last=shuffle and len(y) % cfg.batch_size == 1,
                                            generator=torch.Generator().manual_seed(cfg.seed))
     trainer = make_trainer(cfg, monitor="val_loss",
                            callbacks=[EarlyStopping("val_loss", patience=cfg.patience, mode="min")],
