@@ -4,6 +4,9 @@
     python -m genomics.embed        embeddings of FASTA records or BED regions (.npy / parquet)
     python -m genomics.evaluate     held-out bits per base at several context lengths
     python -m genomics.probe        logistic-regression probes (FASTA-per-class, CSV, species, planted motif)
+    python -m genomics.score        zero-shot variant effect scores from a VCF (log-likelihood ratios)
+    python -m genomics.finetune     fine-tune on labelled sequences, beside a k-mer logistic-regression baseline
+`--stream` (evaluate, embed) carries the model's state across chunks: whole chromosomes in constant memory.
 """
 from . import tokenizer
 from .data import Genome, WindowBatches, WindowSampler, causal_batch, make_splits, mlm_batch

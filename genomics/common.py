@@ -10,20 +10,23 @@ import torch
 
 from ssm_core import MambaLM
 from ssm_core.cli import UserError
+from ssm_core.interop import WEIGHT_FILES
 
 from . import tokenizer as tok
 
 
 def resolve_model_dir(path: str) -> Path:
-    """--checkpoint may name a pretrain output folder or its model/ folder."""
+    """--checkpoint may name a pretrain output folder, its model/ folder, or a mamba_ssm MambaLMHeadModel
+    folder (config.json + pytorch_model.bin or model.safetensors)."""
     p = Path(path)
     for cand in (p, p / "model"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+        if (cand / "config.json").is_file() and any((cand / w).is_file() for w in WEIGHT_FILES):
             return cand
     if not p.exists():
         raise UserError(f"--checkpoint {path}: no such file or folder")
     raise UserError(f"--checkpoint {path}: no trained model here (expected model/config.json and "
-                    "model.safetensors, as written by genomics.pretrain)")
+                    "model.safetensors, as written by genomics.pretrain, or a mamba_ssm folder with "
+                    "config.json and pytorch_model.bin)")
 
 
 def load_model(path: str, device: str = "auto") -> tuple[MambaLM, dict, torch.device]:
@@ -98,3 +101,53 @@ def _pooled(model: MambaLM, x: np.ndarray, device: torch.device, use_amp: bool) 
     keep = (tok.unmask(x) != tok.N)
     keep_t = torch.from_numpy(keep).to(device).float().unsqueeze(-1)
     return (h * keep_t).sum(1).cpu().numpy(), keep.sum(1).astype(np.float64)
+
+
+# --- streaming: whole contigs with the state carried across chunks ------------------------------------------
+def check_streamable(model: MambaLM, flag: str = "--stream") -> None:
+    if not model.config.streamable:
+        raise UserError(f"{flag}: this model is bidirectional / RC-equivariant and sees the future of the "
+                        "sequence, so it cannot stream; use windows (drop --stream)")
+
+
+def genome_chunks(genome, contig: int, start: int, end: int, chunk: int, softmask: bool) -> Iterator[np.ndarray]:
+    """Token ids of contig[start:end] as consecutive chunks of `chunk` bases, read from the FASTA one chunk
+    at a time (memory does not grow with the contig)."""
+    for s in range(start, end, chunk):
+        yield tok.encode_bytes(genome.fetch(contig, s, min(end, s + chunk)), softmask)
+
+
+@torch.no_grad()
+def stream_hidden(model: MambaLM, chunks: Iterable[np.ndarray], device: torch.device,
+                  autocast: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(chunk ids, hidden states (T, d_model)) for consecutive chunks of one sequence: `MambaModel.stream`
+    carries the recurrent state from chunk to chunk, so every position sees the whole sequence to its left
+    and the result equals one forward pass over the concatenation (up to float rounding), in memory set by
+    the chunk length alone."""
+    check_streamable(model)
+    state = model.init_state(1, device=device)
+    use_amp = autocast and device.type == "cuda"
+    for ids in chunks:
+        x = torch.from_numpy(np.ascontiguousarray(ids)[None]).to(device).long()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            h, state = model.backbone.stream(x, state)
+        yield ids, h[0]
+
+
+def stream_embedding(model: MambaLM, chunks: Iterable[np.ndarray], device: torch.device) -> np.ndarray:
+    """Mean of the streamed hidden states over the non-N positions of one sequence (d_model,)."""
+    total, count = None, 0.0
+    for ids, h in stream_hidden(model, chunks, device):
+        keep = torch.from_numpy(tok.unmask(ids) != tok.N).to(h.device)
+        s = (h.float() * keep[:, None]).sum(0)
+        total = s if total is None else total + s
+        count += float(keep.sum())
+    return (total / max(count, 1.0)).cpu().numpy()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process (CUDA), else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux

@@ -49,7 +49,7 @@ class Contig:
 
 
 # --- opening and indexing ----------------------------------------------------------------------------------
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """'fasta', 'bgzf', 'gzip' (plain gzip of any text), 'genbank', 'embl' or 'unknown'."""
     with open(path, "rb") as f:
         head = f.read(18)
@@ -148,7 +148,7 @@ class Genome:
         for i, p in enumerate(map(Path, paths)):
             if not p.is_file():
                 raise UserError(f"{flag} {p}: no such file")
-            kind = _sniff(p)
+            kind = sniff(p)
             if kind == "unknown":
                 raise UserError(f"{flag} {p}: not a FASTA, GenBank or EMBL file (no '>' header at the start)")
             if kind in ("gzip", "genbank", "embl"):
@@ -246,35 +246,61 @@ def named_contigs(genome: Genome, names: list[str], flag: str) -> list[int]:
 
 
 def make_splits(genome: Genome, val_contigs: list[str] | None, test_contigs: list[str] | None,
-                bed: str | None = None, holdout_frac: float = 0.05, min_holdout: int = 0) -> dict[str, list[Interval]]:
-    """Intervals of each split.
+                bed: str | None = None, holdout_frac: float = 0.05, min_holdout: int = 0, seed: int = 0,
+                info: dict | None = None) -> dict[str, list[Interval]]:
+    """Intervals of each split; `info`, if given, is filled with the rule used (for metrics.json).
 
     BED (chrom, start, end, split) when given. Else contigs named by --val-contigs/--test-contigs (an
     error if absent). With neither: hg38's chr20/chr21 when the genome has them, else the last
     `holdout_frac` (at least `min_holdout` bases, one window) of every contig long enough to spare it is
-    validation and as much before it test."""
+    validation and as much before it test, and the records too short for that (amplicons, transcripts,
+    draft contigs: fewer than 3 x that many bases) are held out whole: `holdout_frac` of those at least
+    `min_holdout` long each for validation and test, drawn with `seed`."""
+    info = {} if info is None else info
     if bed:
+        info.update(rule="bed", bed=str(bed))
         return _bed_splits(genome, bed)
     if val_contigs is None and test_contigs is None:
         if genome.index_of("chr20") is not None and genome.index_of("chr21") is not None:
             val_contigs, test_contigs = ["chr20"], ["chr21"]
         else:
-            splits = {s: [] for s in SPLITS}
-            for i, c in enumerate(genome.contigs):
-                k = max(int(c.length * holdout_frac), min_holdout)
-                if 3 * k > c.length:        # too short to give up two windows: all of it trains
-                    splits["train"].append((i, 0, c.length))
-                    continue
-                splits["train"].append((i, 0, c.length - 2 * k))
-                splits["test"].append((i, c.length - 2 * k, c.length - k))
-                splits["valid"].append((i, c.length - k, c.length))
-            return splits
+            return _default_splits(genome, holdout_frac, min_holdout, seed, info)
+    info.update(rule="named contigs", val_contigs=list(val_contigs or []), test_contigs=list(test_contigs or []))
     val = named_contigs(genome, val_contigs or [], "--val-contigs")
     test = named_contigs(genome, test_contigs or [], "--test-contigs")
     held = set(val) | set(test)
     return {"train": [(i, 0, c.length) for i, c in enumerate(genome.contigs) if i not in held],
             "valid": [(i, 0, genome.contigs[i].length) for i in val],
             "test": [(i, 0, genome.contigs[i].length) for i in test]}
+
+
+def _default_splits(genome: Genome, holdout_frac: float, min_holdout: int, seed: int,
+                    info: dict) -> dict[str, list[Interval]]:
+    splits = {s: [] for s in SPLITS}
+    short = []
+    for i, c in enumerate(genome.contigs):
+        k = max(int(c.length * holdout_frac), min_holdout)
+        if 3 * k > c.length:        # too short to give up two windows: a candidate for whole-record hold-out
+            short.append(i)
+            continue
+        splits["train"].append((i, 0, c.length - 2 * k))
+        splits["test"].append((i, c.length - 2 * k, c.length - k))
+        splits["valid"].append((i, c.length - k, c.length))
+    # Records that hold a window can be held out whole; the rest train (or are dropped by check_lengths).
+    usable = [i for i in short if genome.contigs[i].length >= min_holdout]
+    held = {}
+    if len(usable) >= 3:
+        n = max(1, round(holdout_frac * len(usable)))
+        order = np.random.default_rng([seed, 97]).permutation(usable)
+        held = {int(i): "valid" for i in order[:n]} | {int(i): "test" for i in order[n:2 * n]}
+    for i in short:
+        c = genome.contigs[i]
+        splits[held.get(i, "train")].append((i, 0, c.length))
+    info.update(rule="tail of each long contig" + (" + whole short records" if held else ""),
+                holdout_frac=holdout_frac, tail_contigs=len(genome.contigs) - len(short),
+                short_records=len(short), whole_records_valid=sum(v == "valid" for v in held.values()),
+                whole_records_test=sum(v == "test" for v in held.values()), seed=seed)
+    return splits
 
 
 def _bed_splits(genome: Genome, bed: str) -> dict[str, list[Interval]]:
@@ -369,12 +395,17 @@ class WindowSampler:
         return out
 
 
+def target_ids(ids: np.ndarray) -> np.ndarray:
+    """Ids as prediction targets (int64): upper-case ids, with N and specials IGNORE_INDEX."""
+    target = tok.unmask(ids).astype(np.int64)
+    target[(target < tok.A) | (target == tok.N)] = tok.IGNORE_INDEX
+    return target
+
+
 def causal_batch(ids: np.ndarray) -> dict[str, torch.Tensor]:
     """Next-base prediction: inputs ids[:, :-1], targets ids[:, 1:] with N (and specials) ignored."""
-    target = tok.unmask(ids[:, 1:]).astype(np.int64)
-    target[(target < tok.A) | (target == tok.N)] = tok.IGNORE_INDEX
     return {"input_ids": torch.from_numpy(np.ascontiguousarray(ids[:, :-1])),
-            "targets": torch.from_numpy(target)}
+            "targets": torch.from_numpy(target_ids(ids[:, 1:]))}
 
 
 def mlm_batch(ids: np.ndarray, rng: np.random.Generator, mask_prob: float = 0.15) -> dict[str, torch.Tensor]:

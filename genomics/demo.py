@@ -107,11 +107,14 @@ def sample_pwm(rng: np.random.Generator, pwm: np.ndarray) -> np.ndarray:
 
 
 def generate_contig(rng, length: int, table, families, motifs, repeat_frac=0.01, tandem_frac=0.008,
-                    motif_frac=0.006, n_runs: int = 3):
-    """One contig: (ASCII bytes with soft-masking, per-base entropy in bits, motif placements)."""
+                    motif_frac=0.006, n_runs: int = 3, hidden: dict | None = None):
+    """One contig: (ASCII bytes with soft-masking, per-base entropy in bits, motif placements). `hidden`, if
+    given, receives the local G+C weight of every base ("gc")."""
     x = np.arange(length)
     period, phase = rng.uniform(20_000, 60_000), rng.uniform(0, 2 * np.pi)
     gc = 0.45 + 0.1 * np.sin(2 * np.pi * x / period + phase)
+    if hidden is not None:
+        hidden["gc"] = gc
     seq, ent = sample_background(rng, table, gc)
     soft = np.zeros(length, dtype=bool)
     placed = []
@@ -246,3 +249,98 @@ def species_fastas(folder: str | os.PathLike, n_species: int = 3, contig_len: in
             recs.append((f"sp{k}_chr{c + 1}", bytes(np.frombuffer(b"ACGT", dtype=np.uint8)[seq])))
         out.append(write_fasta(folder / f"species{k}.fa", recs))
     return out
+
+
+# --- planted variants (genomics.score's demo) ------------------------------------------------------------
+def generator_sites(contigs: dict[str, int] | None = None) -> tuple[dict[str, tuple[bytes, list, np.ndarray]],
+                                                                     list[np.ndarray], np.ndarray]:
+    """Re-run the generator with its seed: {contig: (sequence bytes, motif placements (start, motif index),
+    local G+C weight per base)}, the motif PWMs and the chain's transition table. The same bytes as
+    demo_genome writes; a few seconds."""
+    contigs = contigs or CONTIGS
+    rng = np.random.default_rng(SEED)
+    table = markov_table(rng)
+    families = [sample_background(rng, table, np.full(int(n), 0.45))[0] for n in rng.integers(150, 300, 3)]
+    motifs = make_motifs(rng)
+    out = {}
+    for name, length in contigs.items():
+        hidden = {}
+        seq, _, placed = generate_contig(rng, length, table, families, motifs, hidden=hidden)
+        out[name] = (seq, placed, hidden["gc"])
+    return out, motifs, table
+
+
+def generator_llr(rows: list[dict]) -> np.ndarray:
+    """The generator's own log-likelihood ratio ALT vs REF (nats) of each planted SNV (`planted_variants`):
+    at a motif site the PWM's ratio, in the background the chain's over the SNV and the ORDER bases after it
+    (whose contexts it changes), at the local G+C weight. What a perfect model of the demo genome would score:
+    the ceiling for any model's AUROC on these variants."""
+    sites, motifs, table = generator_sites()
+    out = np.zeros(len(rows))
+
+    def chain(b: list[int], gc: np.ndarray, t: int) -> float:
+        p = table[b[t - 2] * 4 + b[t - 1]] * np.array([1 - gc[t], gc[t], gc[t], 1 - gc[t]])
+        return float(np.log(p[b[t]] / p.sum()))
+
+    for j, r in enumerate(rows):
+        seq, placed, gc = sites[r["contig"]]
+        p = r["pos"]
+        ref = [b"ACGT".index(bytes([c]).upper()) for c in seq[p - ORDER:p + ORDER + 1]]
+        alt = list(ref)
+        alt[ORDER] = "ACGT".index(r["alt"])
+        win = gc[p - ORDER:p + ORDER + 1]
+        if r["label"] == "motif":
+            start, m = next((s, m) for s, m in placed if s <= p < s + motifs[m].shape[0])
+            pwm, k = motifs[m], p - start
+            out[j] = np.log(pwm[k, alt[ORDER]] / pwm[k, ref[ORDER]])
+            # bases after the motif's end are the chain's again, with the SNV in their context
+            after = [t for t in range(ORDER + 1, 2 * ORDER + 1) if k + t - ORDER >= pwm.shape[0]]
+        else:
+            after = list(range(ORDER, 2 * ORDER + 1))
+        out[j] += sum(chain(alt, win, t) - chain(ref, win, t) for t in after)
+    return out
+
+
+def planted_variants(contigs: tuple[str, ...] = ("chr20", "chr21"), seed: int = 0,
+                     margin: int = 100) -> list[dict]:
+    """SNVs on the held-out demo contigs, half of them breaking a planted motif, half in the background.
+
+    Motif-breaking: one per motif placement that no later placement, repeat (soft-mask) or N run touched:
+    a position where the placed base is the motif's consensus, changed to a non-consensus base. Background:
+    as many positions of the Markov chain at least `margin` bases from any placement, repeat or N, each
+    changed to a random other base. Dicts with contig, pos (0-based), ref, alt, label ('motif' or
+    'background') and motif_offset (the changed position inside the motif, -1 for background)."""
+    sites, motifs, _ = generator_sites()
+    rng = np.random.default_rng([SEED, seed])
+    out = []
+    for name in contigs:
+        seq, placed, _ = sites[name]
+        arr = np.frombuffer(seq, dtype=np.uint8)
+        plain = np.isin(arr, np.frombuffer(b"ACGT", dtype=np.uint8))   # upper case: not repeat, not N
+        covered = np.zeros(len(arr), dtype=np.int32)
+        for start, m in placed:
+            covered[start:start + motifs[m].shape[0]] += 1
+        motif_rows = []
+        for start, m in placed:
+            cons = motifs[m].argmax(1)
+            end = start + len(cons)
+            if (covered[start:end] != 1).any() or not plain[start:end].all():
+                continue
+            bases = np.searchsorted(np.frombuffer(b"ACGT", dtype=np.uint8), arr[start:end])
+            ok = np.nonzero(bases == cons)[0]
+            if not len(ok):
+                continue
+            k = int(rng.choice(ok))
+            alt = int(rng.choice([b for b in range(4) if b != cons[k]]))
+            motif_rows.append({"contig": name, "pos": start + k, "ref": "ACGT"[cons[k]], "alt": "ACGT"[alt],
+                               "label": "motif", "motif_offset": k})
+        near = np.convolve((covered > 0) | ~plain, np.ones(2 * margin + 1), mode="same") > 0
+        far = np.nonzero(~near)[0]
+        far = far[(far >= margin) & (far < len(arr) - margin)]
+        for p in rng.choice(far, size=min(len(motif_rows), len(far)), replace=False):
+            ref = "ACGT".index(chr(arr[p]))
+            alt = int(rng.choice([b for b in range(4) if b != ref]))
+            out.append({"contig": name, "pos": int(p), "ref": "ACGT"[ref], "alt": "ACGT"[alt],
+                        "label": "background", "motif_offset": -1})
+        out += motif_rows
+    return sorted(out, key=lambda r: (r["contig"], r["pos"]))

@@ -6,6 +6,12 @@
 One mean-pooled vector (d_model) per record/region. `.npy` writes a float32 (n, d_model) array plus
 `<output>.ids.tsv` naming the rows; `.parquet` writes one row per sequence (name, contig, start, end, embedding).
 Long sequences are processed in windows (constant memory), batched; RC-equivariant models average both strands.
+With --stream (causal models) each sequence instead goes through the model once, in chunks of --window
+bases with the state carried across them (`MambaModel.stream`): every position sees the whole sequence to
+its left, memory stays flat however long the record (a 100 Mb chromosome), and the embedding equals that
+of a single window covering the whole sequence.
+
+    python -m genomics.embed --checkpoint runs/genomics --fasta chr1.fa --stream --window 65536 --output chr1.npy
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from ssm_core.io import atomic_path, write_text_atomic
 from ssm_core.training import prepare_output_dir
 
 from . import tokenizer as tok
-from .common import embed_sequences, load_model
+from .common import check_streamable, embed_sequences, genome_chunks, load_model, stream_embedding
 from .data import Genome
 
 
@@ -34,6 +40,7 @@ class EmbedConfig:
     batch_size: int = 32
     device: str = "auto"
     cache_dir: str | None = None
+    stream: bool = field(default=False, metadata={"help": "carry the state across windows (full left context)"})
 
     def __post_init__(self):
         if not self.fasta:
@@ -85,9 +92,15 @@ def main(cfg: EmbedConfig) -> Path:
         for _, i, s, e, _ in todo:
             yield tok.encode_bytes(genome.fetch(i, s, e), softmask)
 
+    def streamed() -> Iterator[np.ndarray]:
+        for _, i, s, e, _ in todo:
+            yield stream_embedding(model, genome_chunks(genome, i, s, e, cfg.window, softmask), device)
+
     from tqdm import tqdm
-    embs = np.stack(list(tqdm(embed_sequences(model, token_streams(), device, cfg.window, cfg.batch_size),
-                              total=len(todo), desc="embed", unit="seq"))).astype(np.float32)
+    if cfg.stream:
+        check_streamable(model)
+    it = streamed() if cfg.stream else embed_sequences(model, token_streams(), device, cfg.window, cfg.batch_size)
+    embs = np.stack(list(tqdm(it, total=len(todo), desc="embed", unit="seq"))).astype(np.float32)
     if out.suffix == ".npy":
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
             np.save(f, embs)

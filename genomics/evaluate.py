@@ -3,9 +3,17 @@
     python -m genomics.evaluate --checkpoint runs/genomics                 # the FASTA it was trained on
     python -m genomics.evaluate --checkpoint runs/genomics --fasta hg38.fa --contigs chr21 --context-lengths 1024 8192
 
+    python -m genomics.evaluate --checkpoint runs/genomics --stream                 # every base, full left context
+
 Scores random windows of the held-out contigs (the model's validation contigs by default): for a causal
 model next-base bits per base over the whole window, for an MLM model bits per masked base. Writes
 <output-dir>/evaluate.json and evaluate.png (bits per base against context length).
+
+--stream (causal models) scores every base of each contig instead, in one pass that carries the model's
+state across chunks of --chunk bases (`MambaModel.stream`): each base is predicted from the whole contig to its
+left, in memory that does not grow with the contig, and the result equals a single window covering the
+whole contig. evaluate.json then has per-contig bits per base, tokens/s and peak memory; evaluate_stream.png
+shows bits per base along each contig.
 """
 from __future__ import annotations
 
@@ -21,8 +29,8 @@ from ssm_core.io import save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
 from . import demo
-from .common import load_model
-from .data import Genome, WindowSampler, causal_batch, check_lengths, mlm_batch, named_contigs
+from .common import check_streamable, genome_chunks, load_model, peak_memory_gib, stream_hidden
+from .data import Genome, WindowSampler, causal_batch, check_lengths, mlm_batch, named_contigs, target_ids
 from .lightning_module import LN2, token_stats
 
 
@@ -38,8 +46,13 @@ class EvaluateConfig:
     device: str = "auto"
     seed: int = 1234
     cache_dir: str | None = None
+    stream: bool = field(default=False, metadata={"help": "score whole contigs with the state carried across chunks"})
+    chunk: int = field(default=65536, metadata={"help": "--stream: bases per forward pass"})
+    stream_bases: int | None = field(default=None, metadata={"help": "--stream: only the first N bases of each contig"})
 
     def __post_init__(self):
+        if self.chunk < 1 or (self.stream_bases is not None and self.stream_bases < 2):
+            raise ValueError("--chunk must be >= 1 and --stream-bases >= 2")
         if not self.context_lengths or min(self.context_lengths) < 2:
             raise ValueError("--context-lengths: give one or more lengths >= 2")
         if self.tokens < 1 or self.batch_size < 1:
@@ -62,6 +75,85 @@ def bits_per_base(model, sampler: WindowSampler, L: int, n_tokens: int, batch_si
     return nll / max(count, 1) / LN2, correct / max(count, 1), int(count)
 
 
+@torch.no_grad()
+def stream_bits(model, genome: Genome, contig: int, end: int, chunk: int, softmask: bool,
+                device: torch.device, progress: bool = True, autocast: bool = True) -> dict:
+    """Next-base bits per base of every base of contig[:end] but the first, each predicted from everything
+    before it: the chunks' logits continue across chunk boundaries (the last position of one chunk
+    predicts the first base of the next)."""
+    import time
+
+    from tqdm import tqdm
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    nll = count = correct = 0.0
+    prev, along = None, []
+    t0 = time.perf_counter()
+    bar = tqdm(total=end, desc=genome.contigs[contig].name, unit="b", unit_scale=True, disable=not progress)
+    pos = 0
+    for ids, h in stream_hidden(model, genome_chunks(genome, contig, 0, end, chunk, softmask), device, autocast):
+        logits = model.logits(h)
+        tgt = torch.from_numpy(target_ids(ids)).to(device)
+        pred = logits[:-1] if prev is None else torch.cat([prev, logits[:-1]])
+        a, b, c = token_stats(pred, tgt[1:] if prev is None else tgt)
+        prev = logits[-1:]
+        nll, count, correct = nll + float(a), count + float(b), correct + float(c)
+        if float(b):
+            along.append((pos + len(ids) / 2, float(a) / float(b) / LN2))
+        pos += len(ids)
+        bar.update(len(ids))
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"contig": genome.contigs[contig].name, "bases": end, "scored_tokens": int(count),
+            "bits_per_base": nll / max(count, 1) / LN2, "accuracy": correct / max(count, 1),
+            "tokens_per_second": end / seconds, "seconds": seconds, "chunk": chunk,
+            "peak_memory_gib": peak_memory_gib(device), "along": along}
+
+
+def plot_stream(rows: list[dict], path: Path, entropy: float | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in rows:
+        if r["along"]:
+            x, y = zip(*r["along"])
+            ax.plot(np.array(x) / 1e6, y, ".-", lw=0.8, ms=3, label=f"{r['contig']}: {r['bits_per_base']:.4f}")
+    if entropy is not None:
+        ax.axhline(entropy, color="k", ls="--", lw=1, label=f"generator entropy {entropy:.3f}")
+    ax.set(xlabel="position (Mb)", ylabel="bits per base (per chunk)", title="streamed, full left context")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure_atomic(fig, path)
+
+
+def main_stream(cfg: EvaluateConfig, model, meta: dict, device, out: Path, fasta: list[str], genome: Genome,
+                contigs: list[str], idx: list[int]) -> dict:
+    check_streamable(model)
+    if meta.get("objective", "causal") != "causal":
+        raise UserError("--stream: needs a causal model (next-base objective)")
+    softmask = bool(meta.get("keep_softmask", False))
+    rows = []
+    for i in idx:
+        end = genome.contigs[i].length if cfg.stream_bases is None else min(cfg.stream_bases, genome.contigs[i].length)
+        r = stream_bits(model, genome, i, end, cfg.chunk, softmask, device)
+        rows.append(r)
+        print(f"{r['contig']}: {r['bits_per_base']:.4f} bits/base, accuracy {r['accuracy']:.3f} over "
+              f"{r['scored_tokens']:,} bases at {r['tokens_per_second']:,.0f} bases/s, peak memory "
+              f"{r['peak_memory_gib']:.2f} GiB")
+    entropy = demo.known_entropy(fasta[0], contigs) if cfg.stream_bases is None else None
+    total = sum(r["scored_tokens"] for r in rows)
+    result = {"checkpoint": str(cfg.checkpoint), "fasta": list(fasta), "contigs": list(contigs), "mode": "stream",
+              "objective": "causal", "chunk": cfg.chunk, "stream": rows,
+              "bits_per_base": sum(r["bits_per_base"] * r["scored_tokens"] for r in rows) / max(total, 1),
+              "generator_bits_per_base": entropy}
+    write_json_atomic(out / "evaluate.json", result)
+    plot_stream(rows, out / "evaluate_stream.png", entropy)
+    return result
+
+
 def main(cfg: EvaluateConfig) -> dict:
     model, meta, device = load_model(cfg.checkpoint, cfg.device)
     out = prepare_output_dir(cfg.output_dir or Path(cfg.checkpoint), "--output-dir")
@@ -73,6 +165,8 @@ def main(cfg: EvaluateConfig) -> dict:
         raise UserError("--contigs: give the held-out contigs to score")
     genome = Genome.open(fasta, cfg.cache_dir)
     idx = named_contigs(genome, contigs, "--contigs")
+    if cfg.stream:
+        return main_stream(cfg, model, meta, device, out, fasta, genome, contigs, idx)
     intervals = [(i, 0, genome.contigs[i].length) for i in idx]
     check_lengths(genome, {"train": intervals}, max(cfg.context_lengths) + 1, skip_short=False,
                   seq_len_flag="the longest --context-lengths")

@@ -118,11 +118,13 @@ def open_genome(cfg: PretrainConfig):
     """FASTA(s) -> (genome, paths, splits), every input problem raised as one UserError line."""
     paths = cfg.fasta or [str(demo.demo_genome(Path(cfg.cache_dir) / f"demo-v{demo.VERSION}" if cfg.cache_dir else None))]
     genome = Genome.open(paths, cfg.cache_dir)
-    splits = make_splits(genome, cfg.val_contigs, cfg.test_contigs, cfg.bed, min_holdout=cfg.seq_len + 1)
+    holdout = {}   # the hold-out rule, for metrics.json
+    splits = make_splits(genome, cfg.val_contigs, cfg.test_contigs, cfg.bed, min_holdout=cfg.seq_len + 1,
+                         seed=cfg.seed, info=holdout)
     splits = check_lengths(genome, splits, cfg.seq_len + 1, cfg.skip_short_records)
     if not splits.get("valid"):
         raise UserError("no validation records: give --val-contigs (or valid rows in --bed)")
-    return genome, paths, splits
+    return genome, paths, splits, holdout
 
 
 def plot_history(history: dict, path: Path, entropy: float | None, title: str) -> None:
@@ -145,7 +147,7 @@ def plot_history(history: dict, path: Path, entropy: float | None, title: str) -
 def main(cfg: PretrainConfig) -> dict:
     out = prepare_output_dir(cfg.output_dir)       # fail on an unwritable folder before any work
     ckpt_path = resume_checkpoint(cfg)
-    genome, paths, splits = open_genome(cfg)
+    genome, paths, splits, holdout = open_genome(cfg)
     save_run_config(cfg, out)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     module = DNALightningModule(cfg.model.to_dict(), dataclasses.asdict(cfg.optim), total_steps=run_length(cfg))
@@ -187,7 +189,7 @@ def main(cfg: PretrainConfig) -> dict:
                                 if module.device.type == "cuda" else None),
         "n_params": sum(p.numel() for p in model.parameters()),
         "objective": cfg.objective, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-        "fasta": [str(p) for p in paths], "synthetic_data": cfg.synthetic_data,
+        "fasta": [str(p) for p in paths], "synthetic_data": cfg.synthetic_data, "holdout": holdout,
     }
     if entropy is not None:
         metrics["generator_bits_per_base"] = entropy

@@ -70,19 +70,45 @@ def from_fasta_per_class(paths: list[str], window: int, per_class: int, seed: in
     return seqs, np.array(labels), names
 
 
-def from_csv(path: str) -> tuple[list, np.ndarray, list]:
+def read_labelled_csv(path: str, flag: str = "--csv"):
+    """(token id arrays, the label column as a pandas Series) of a CSV with columns sequence,label."""
     import pandas as pd
     if not Path(path).is_file():
-        raise UserError(f"--csv {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
         df = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as e:
-        raise UserError(f"--csv {path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path}: not a readable CSV ({str(e).splitlines()[0]})") from None
     if not {"sequence", "label"} <= set(df.columns):
-        raise UserError(f"--csv {path}: needs columns 'sequence' and 'label', found {list(df.columns)}")
-    names = sorted(df["label"].astype(str).unique())
-    labels = df["label"].astype(str).map({n: i for i, n in enumerate(names)}).to_numpy()
-    return [tok.encode_bytes(str(s)) for s in df["sequence"]], labels, names
+        raise UserError(f"{flag} {path}: needs columns 'sequence' and 'label', found {list(df.columns)}")
+    if df.empty:
+        raise UserError(f"{flag} {path}: no rows")
+    bad = df["sequence"].isna() | df["label"].isna()
+    if bad.any():
+        raise UserError(f"{flag} {path}: row {int(np.argmax(bad.to_numpy())) + 2} has an empty sequence or label")
+    return [tok.encode_bytes(str(s)) for s in df["sequence"]], df["label"]
+
+
+def class_indices(labels, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """String labels -> (class index per row, sorted class names)."""
+    names = names or sorted(labels.astype(str).unique())
+    return labels.astype(str).map({n: i for i, n in enumerate(names)}).to_numpy(), names
+
+
+def from_csv(path: str) -> tuple[list, np.ndarray, list]:
+    seqs, labels = read_labelled_csv(path)
+    y, names = class_indices(labels)
+    return seqs, y, names
+
+
+def demo_task(task: str, window: int, samples_per_class: int, seed: int, cache_dir) -> tuple[list, np.ndarray, list]:
+    """(token id arrays, labels, class names) of a built-in demo task: 'motif' or 'species'."""
+    if task == "motif":
+        strs, y = demo.motif_task(n=2 * samples_per_class, length=min(window, 200), seed=seed)
+        return [tok.encode_bytes(s) for s in strs], y, ["background", "motif"]
+    folder = (Path(cache_dir) if cache_dir else demo.cache_root()) / f"species-v{demo.VERSION}"
+    paths = [str(p) for p in demo.species_fastas(folder)]
+    return from_fasta_per_class(paths, window, samples_per_class, seed, cache_dir)
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> dict:
@@ -106,13 +132,8 @@ def cross_validate(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> dict:
 def main(cfg: ProbeConfig) -> dict:
     model, _, device = load_model(cfg.checkpoint, cfg.device)
     out = prepare_output_dir(cfg.output_dir or Path(cfg.checkpoint), "--output-dir")
-    if cfg.task == "motif":
-        strs, y = demo.motif_task(n=2 * cfg.samples_per_class, length=min(cfg.window, 200), seed=cfg.seed)
-        seqs, names = [tok.encode_bytes(s) for s in strs], ["background", "motif"]
-    elif cfg.task == "species":
-        folder = (Path(cfg.cache_dir) if cfg.cache_dir else demo.cache_root()) / f"species-v{demo.VERSION}"
-        paths = [str(p) for p in demo.species_fastas(folder)]
-        seqs, y, names = from_fasta_per_class(paths, cfg.window, cfg.samples_per_class, cfg.seed, cfg.cache_dir)
+    if cfg.task in ("motif", "species"):
+        seqs, y, names = demo_task(cfg.task, cfg.window, cfg.samples_per_class, cfg.seed, cfg.cache_dir)
     elif cfg.csv:
         seqs, y, names = from_csv(cfg.csv)
     else:

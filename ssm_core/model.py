@@ -373,17 +373,29 @@ class MambaLM(nn.Module):
 
 
 # --- persistence ------------------------------------------------------------------------------------------
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, format: str = "long-ssm",
+                    weights: str = "pytorch_model.bin") -> Path:
     """Write config.json and model.safetensors into `directory` atomically: both files are staged in a
-    temporary folder beside it that then takes its place, so a reader never sees a half-written model."""
+    temporary folder beside it that then takes its place, so a reader never sees a half-written model.
+    format="mamba_ssm" writes mamba_ssm's MambaLMHeadModel folder instead (config.json + `weights`,
+    pytorch_model.bin or model.safetensors; see ssm_core.interop)."""
     from safetensors.torch import save_model
+
+    from . import interop
+    if format not in ("long-ssm", "mamba_ssm"):
+        raise ValueError(f"save_pretrained: format must be 'long-ssm' or 'mamba_ssm', got {format!r}")
+    if format == "mamba_ssm":
+        interop.config_to_mamba_ssm(model.config)   # refuse before touching the folder
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        meta = {"class": type(model).__name__, "config": model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
+        if format == "mamba_ssm":
+            interop.write_mamba_ssm(model, tmp, weights)
+        else:
+            meta = {"class": type(model).__name__, "config": model.config.to_dict()}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            save_model(model, str(tmp / "model.safetensors"))
         os.chmod(tmp, DIR_MODE)
         for f in tmp.iterdir():
             os.chmod(f, FILE_MODE)
@@ -400,8 +412,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def from_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model written by `save_pretrained` (safetensors: no pickle, nothing executed)."""
+    """Load a model written by `save_pretrained` (safetensors: no pickle, nothing executed), or a mamba_ssm
+    MambaLMHeadModel folder (config.json + pytorch_model.bin / model.safetensors) as a MambaLM."""
     from safetensors.torch import load_model
+
+    from . import interop
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -410,6 +425,8 @@ def from_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+    if isinstance(meta, dict) and interop.is_mamba_ssm_config(meta):
+        return interop.load_mamba_ssm(directory, meta, map_location)
     cls = {"MambaModel": MambaModel, "MambaLM": MambaLM}.get(meta.get("class"))
     if cls is None:
         raise ValueError(f"{cfg_path}: unknown model class {meta.get('class')!r}")

@@ -1,0 +1,131 @@
+"""genomics.finetune on tiny inputs: CSV and folder-per-class data, regression, the k-mer baseline, and
+clean one-line failures on bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from genomics import tokenizer as tok
+from genomics.finetune import FinetuneConfig, kmer_features, metrics, stratified_split
+from genomics.finetune import main as finetune_main
+from ssm_core import MambaConfig
+from ssm_core.cli import run
+
+from .test_score_stream import save_tiny
+
+FAST = ["--max-epochs", "2", "--batch-size", "16", "--accelerator", "cpu", "--kmer-sizes", "2", "3"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_tiny(folder, softmask=True)
+    return folder
+
+
+def labelled(n, rng, motif="GATTACAGATTACA"):
+    """Half the sequences carry a motif: a task a k-mer model and the fine-tuned model can both learn."""
+    seqs, labels = [], []
+    for i in range(n):
+        s = "".join(rng.choice(list("ACGT"), 60))
+        if i % 2:
+            at = int(rng.integers(0, 60 - len(motif)))
+            s = s[:at] + motif + s[at + len(motif):]
+        seqs.append(s)
+        labels.append("motif" if i % 2 else "plain")
+    return seqs, labels
+
+
+def test_finetune_csv_writes_metrics_baseline_and_png(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    seqs, labels = labelled(80, rng)
+    csv = tmp_path / "train.csv"
+    csv.write_text("sequence,label\n" + "".join(f"{s},{y}\n" for s, y in zip(seqs, labels)))
+    out = tmp_path / "run"
+    assert run(finetune_main, FinetuneConfig, ["--checkpoint", str(checkpoint), "--csv", str(csv),
+                                               "--output-dir", str(out), *FAST], prog="t") == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["task"] == "classification" and res["classes"] == ["motif", "plain"]
+    assert res["n"] == {"train": 54, "valid": 10, "test": 16}          # 20% test, then 15% validation
+    for side in (res["finetuned"], res["baseline"]["test"]):
+        assert {"accuracy", "mcc", "auroc", "confusion_matrix"} <= set(side)
+        assert sum(map(sum, side["confusion_matrix"])) == 16
+    assert res["baseline"]["k"] in (2, 3) and res["baseline"]["test"]["accuracy"] > 0.7   # the motif shows in 3-mers
+    assert (out / "finetune.png").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    assert len((out / "predictions.tsv").read_text().splitlines()) == 17
+
+
+def test_finetune_class_folders_with_train_test_and_regression(checkpoint, tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "bench"
+    for split, n in (("train", 30), ("test", 8)):
+        for c in ("neg", "pos"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                (root / split / c / f"{i}.txt").write_text("".join(rng.choice(list("ACGT"), 40)) + "\n")
+    out = tmp_path / "cls"
+    assert run(finetune_main, FinetuneConfig, ["--checkpoint", str(checkpoint), "--folder", str(root),
+                                               "--output-dir", str(out), *FAST], prog="t") == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["n"]["test"] == 16 and res["n"]["train"] + res["n"]["valid"] == 60
+
+    seqs = ["".join(rng.choice(list("ACGT"), 50)) for _ in range(60)]
+    csv = tmp_path / "gc.csv"     # regression: GC content
+    csv.write_text("sequence,label\n" + "".join(f"{s},{(s.count('G') + s.count('C')) / 50:.3f}\n" for s in seqs))
+    out = tmp_path / "reg"
+    assert run(finetune_main, FinetuneConfig, ["--checkpoint", str(checkpoint), "--csv", str(csv),
+                                               "--output-dir", str(out), *FAST], prog="t") == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["task"] == "regression" and {"r2", "pearson", "mse"} <= set(res["finetuned"])
+    assert res["baseline"]["test"]["r2"] > 0.8                   # 2-mer frequencies give GC content
+
+
+def test_kmer_features_and_metrics():
+    f = kmer_features([tok.encode_bytes("ACGTN" + "AC")], 2)
+    # 2-mers AC, CG, GT, AC (windows with N left out): AC twice of four
+    assert f.shape == (1, 16) and f[0, 0 * 4 + 1] == pytest.approx(0.5) and f.sum() == pytest.approx(1.0)
+    m = metrics(np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]), np.array([0, 1, 1]), 2)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["confusion_matrix"] == [[1, 0], [1, 1]]
+    keep, held = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0, True)
+    assert len(held) == 4 and len(set(keep) | set(held)) == 20
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p.write_text("seq,lab\nACGT,1\n"), "needs columns 'sequence' and 'label'"),
+    (lambda p: p.write_text("sequence,label\n" + "ACGT,a\n" * 20), "one class only"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00bad"), "not a readable CSV"),
+])
+def test_finetune_bad_csv_fails_in_one_line(checkpoint, tmp_path, capsys, make, match):
+    csv = tmp_path / "x.csv"
+    make(csv)
+    rc = run(finetune_main, FinetuneConfig, ["--checkpoint", str(checkpoint), "--csv", str(csv),
+                                             "--output-dir", str(tmp_path / "o"), *FAST], prog="t")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and match in err and len(err.splitlines()) == 1
+
+
+def test_finetune_empty_class_folder_fails_cleanly(checkpoint, tmp_path, capsys):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir()
+    (tmp_path / "d" / "a" / "1.txt").write_text("ACGT\n")
+    rc = run(finetune_main, FinetuneConfig, ["--checkpoint", str(checkpoint), "--folder", str(tmp_path / "d"),
+                                             "--output-dir", str(tmp_path / "o"), *FAST], prog="t")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "empty class folder" in err and len(err.splitlines()) == 1
+
+
+def test_rc_equivariant_sequence_model_is_strand_invariant():
+    import torch
+
+    from genomics.finetune import SequenceModel
+    from genomics.lightning_module import model_inputs
+    torch.manual_seed(0)
+    m = SequenceModel(MambaConfig(d_model=16, n_layer=1, d_state=4, expand=1, rc_equivariant=True,
+                                      **model_inputs(False, True)), 3).eval()
+    ids = torch.from_numpy(tok.encode_bytes("ACGGTTACGATTTACG")[None].astype(np.int64))
+    rc = torch.from_numpy(tok.reverse_complement(ids.numpy()).astype(np.int64))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, mask), m(rc, mask), rtol=1e-5, atol=1e-5)
