@@ -12,8 +12,9 @@ Without a test set, --test-frac of the data is held out; --val-frac of the rest 
 early stopping watches (stratified for classes, drawn with --seed).
 
 Model: the pretrained backbone, mean- and max-pooled over the sequence (both strands averaged for
-RC-equivariant models), batch-normalised, and a linear head; the whole backbone trains (at --backbone-lr; the head at --optim.lr) unless --freeze-backbone. The
-optimiser is the shared recipe (AdamW that never decays norms, biases or A_log; --optim.*).
+RC-equivariant models), batch-normalised, and a linear head; the whole backbone trains (at --backbone-lr;
+the head at --optim.lr) unless --freeze-backbone. The optimiser is the shared recipe (AdamW that never
+decays norms, biases or A_log; --optim.*).
 Lightning with early stopping on the validation loss; the best epoch is tested. The baseline is scikit-learn
 logistic regression (ridge for regression) on k-mer frequencies, k in --kmer-sizes chosen on the same
 validation split, scored on the same test split. Metrics by torchmetrics: accuracy, MCC and AUROC for classes,
