@@ -12,7 +12,9 @@ Without a test set, --test-frac of the data is held out; --val-frac of the rest 
 early stopping watches (stratified for classes, drawn with --seed).
 
 Model: the pretrained backbone, mean- and max-pooled over the sequence (both strands averaged for
-RC-equivariant models), batch-normalised, and a linear head; the whole backbone trains (a lower --backbone-lr) unless --freeze-backbone.
+RC-equivariant models), batch-normalised, and a linear head; the whole backbone trains (at --backbone-lr;
+the head at --optim.lr) unless --freeze-backbone. The optimiser is the shared recipe (AdamW that never
+decays norms, biases or A_log; --optim.*).
 Lightning with early stopping on the validation loss; the best epoch is tested. The baseline is scikit-learn
 logistic regression (ridge for regression) on k-mer frequencies, k in --kmer-sizes chosen on the same
 validation split, scored on the same test split. Metrics by torchmetrics: accuracy, MCC and AUROC for classes,
@@ -21,7 +23,7 @@ scatter), predictions.tsv, checkpoints/ and logs/.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 from ssm_core import MambaConfig, MambaModel
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic, write_text_atomic
-from ssm_core.training import TrainConfig, make_trainer, prepare_output_dir
+from ssm_core.lightning_module import TaskModule
+from ssm_core.training import OptimConfig, TrainConfig, make_trainer, prepare_output_dir
 
 from . import tokenizer as tok
 from .common import load_model, resolve_model_dir
@@ -56,9 +59,12 @@ class FinetuneConfig(TrainConfig):
     folder: str | None = field(default=None, metadata={"help": "one subfolder per class (optionally under train/ test/)"})
     target: Literal["auto", "classification", "regression"] = "auto"
     freeze_backbone: bool = field(default=False, metadata={"help": "train the head only"})
-    lr: float = field(default=3e-3, metadata={"help": "head learning rate"})
-    backbone_lr: float = field(default=1e-3, metadata={"help": "backbone learning rate (unless frozen)"})
-    weight_decay: float = 0.01
+    # The head's learning rate is --optim.lr. The defaults are the behaviour before the shared recipe: lr
+    # 3e-3, decay 0.01, and a constant learning rate (no warm-up, a "cosine" that ends where it starts), as
+    # early stopping decides the run's length and a cosine over --max-epochs would assume it.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, min_lr_ratio=1.0))
+    backbone_lr: float = field(default=1e-3, metadata={
+        "help": "the backbone's peak learning rate (unless frozen); the schedule scales it as --optim.lr"})
     patience: int = field(default=4, metadata={"help": "early stopping: epochs without a better val loss"})
     val_frac: float = 0.15
     test_frac: float = 0.2
@@ -79,6 +85,8 @@ class FinetuneConfig(TrainConfig):
             raise ValueError("--val-frac and --test-frac: must be in (0, 0.5)")
         if not self.kmer_sizes or min(self.kmer_sizes) < 1 or max(self.kmer_sizes) > 8:
             raise ValueError("--kmer-sizes: give sizes between 1 and 8")
+        if self.backbone_lr <= 0:
+            raise ValueError(f"--backbone-lr: must be > 0, got {self.backbone_lr}")
         if self.patience < 1 or self.window < 8 or self.samples_per_class < 10:
             raise ValueError("--patience must be >= 1, --window >= 8, --samples-per-class >= 10")
 
@@ -230,44 +238,39 @@ class SequenceModel(nn.Module):
         return self.head(self.pooled(ids, mask))
 
 
-def _lightning_module():
-    import lightning as L
+class FinetuneModule(TaskModule):
+    """SequenceModel + cross-entropy (classes) or MSE (regression); the optimiser is ssm_core's shared recipe,
+    with the backbone at `backbone_lr` and the head at optim["lr"]."""
 
-    class FinetuneModule(L.LightningModule):
-        def __init__(self, model_config: dict, n_out: int, regression: bool, lr: float, backbone_lr: float,
-                     weight_decay: float, freeze_backbone: bool):
-            super().__init__()
-            self.save_hyperparameters()
-            self.model = SequenceModel(MambaConfig.from_dict(model_config), n_out)
-            self.model.backbone.requires_grad_(not freeze_backbone)
+    def __init__(self, model_config: dict, n_out: int, regression: bool, optim: dict, backbone_lr: float,
+                 freeze_backbone: bool, total_steps: int | None = None):
+        super().__init__(optim, total_steps)
+        self.save_hyperparameters()
+        self.model = SequenceModel(MambaConfig.from_dict(model_config), n_out)
+        # Frozen parameters have requires_grad off, so parameter_groups leaves them out of the optimiser.
+        self.model.backbone.requires_grad_(not freeze_backbone)
 
-        def _loss(self, batch):
-            ids, mask, y = batch
-            out = self.model(ids, mask)
-            if self.hparams.regression:
-                return F.mse_loss(out.squeeze(-1).float(), y.float()), len(y)
-            return F.cross_entropy(out.float(), y.long()), len(y)
+    def lr_scale(self) -> dict[str, float]:
+        return {"backbone": self.hparams.backbone_lr / self.optim.lr}
 
-        def training_step(self, batch, batch_idx):
-            loss, n = self._loss(batch)
-            self.log("train_loss", loss, prog_bar=True, batch_size=n)
-            return loss
+    def _loss(self, batch):
+        ids, mask, y = batch
+        out = self.model(ids, mask)
+        if self.hparams.regression:
+            return F.mse_loss(out.squeeze(-1).float(), y.float()), len(y)
+        return F.cross_entropy(out.float(), y.long()), len(y)
 
-        def validation_step(self, batch, batch_idx):
-            loss, n = self._loss(batch)
-            self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True)
+    def training_step(self, batch, batch_idx):
+        loss, n = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        return loss
 
-        def predict_step(self, batch, batch_idx):
-            return self.model(batch[0], batch[1]).float()
+    def validation_step(self, batch, batch_idx):
+        loss, n = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True)
 
-        def configure_optimizers(self):
-            hp = self.hparams
-            groups = [{"params": self.model.head.parameters(), "lr": hp.lr}]
-            if not hp.freeze_backbone:
-                groups.append({"params": self.model.backbone.parameters(), "lr": hp.backbone_lr})
-            return torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
-
-    return FinetuneModule
+    def predict_step(self, batch, batch_idx):
+        return self.model(batch[0], batch[1]).float()
 
 
 # --- metrics and baseline ----------------------------------------------------------------------------------
@@ -363,9 +366,8 @@ def main(cfg: FinetuneConfig) -> dict:
     data, names, source = load_data(cfg)
     n_classes = None if names is None else len(names)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    Module = _lightning_module()
-    module = Module(lm.config.to_dict(), n_classes or 1, names is None, cfg.lr, cfg.backbone_lr,
-                    cfg.weight_decay, cfg.freeze_backbone)
+    module = FinetuneModule(lm.config.to_dict(), n_classes or 1, names is None, asdict(cfg.optim), cfg.backbone_lr,
+                            cfg.freeze_backbone)
     module.model.backbone.load_state_dict(lm.backbone.state_dict())
 
     def loader(split, shuffle):

@@ -23,6 +23,10 @@ class TaskModule(L.LightningModule):
         """The warm-up of a run of `total_steps` (default: the OptimConfig's)."""
         return self.optim.warmup_steps
 
+    def lr_scale(self) -> dict[str, float] | None:
+        """Learning-rate multipliers of `self.model`'s submodules by name (default: none, one lr)."""
+        return None
+
     def configure_optimizers(self):
         total = self.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        return lightning_optimizers(self.model, self.optim, total, self.warmup_steps(total))
+        return lightning_optimizers(self.model, self.optim, total, self.warmup_steps(total), self.lr_scale())

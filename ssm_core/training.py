@@ -90,13 +90,28 @@ def no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.dim() < 2 or getattr(p, "_no_weight_decay", False) or name.endswith(".bias")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups [decayed, not decayed] of a model's trainable parameters."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float,
+                     lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups [decayed, not decayed] of a model's trainable parameters. `lr_scale` maps a submodule's
+    name (e.g. "backbone") to a learning-rate multiplier: then there is one [decayed, not decayed] pair per
+    multiplier, each group with its "lr_scale" (1.0 for parameters no name covers), and the same decay rule
+    everywhere."""
+    scales = lr_scale or {}
+
+    def scale_of(name: str) -> float:
+        return next((s for prefix, s in scales.items() if name == prefix or name.startswith(prefix + ".")), 1.0)
+
+    pairs: dict[float, tuple[list, list]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
+            decay, no_decay = pairs.setdefault(scale_of(name), ([], []))
             (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if not scales:
+        decay, no_decay = pairs.get(1.0, ([], []))
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for s, (decay, no_decay) in pairs.items()
+            for g in ({"params": decay, "weight_decay": weight_decay, "lr_scale": s},
+                      {"params": no_decay, "weight_decay": 0.0, "lr_scale": s})]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -110,11 +125,16 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return factor
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, warmup_steps: int | None = None):
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, warmup_steps: int | None = None,
+                   lr_scale: dict[str, float] | None = None):
     """The one training recipe: (AdamW over `parameter_groups`, its scheduler, "step" or "epoch").
     `total_steps`: the cosine's length unless optim.decay_steps sets it; `warmup_steps` overrides
-    optim.warmup_steps; the warm-up is capped at the cosine's length."""
-    opt = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    optim.warmup_steps; the warm-up is capped at the cosine's length. `lr_scale`: per-submodule multipliers
+    of optim.lr (see `parameter_groups`); the schedule scales every group alike."""
+    groups = parameter_groups(model, optim.weight_decay, lr_scale)
+    for g in groups:
+        g["lr"] = optim.lr * g.get("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
     if optim.schedule == "exponential":
         return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=optim.lr_decay), "epoch"
     total = optim.decay_steps or max(1, total_steps)
@@ -123,9 +143,9 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int,
 
 
 def lightning_optimizers(model: torch.nn.Module, optim: OptimConfig, total_steps: int,
-                         warmup_steps: int | None = None) -> dict:
+                         warmup_steps: int | None = None, lr_scale: dict[str, float] | None = None) -> dict:
     """`make_optimizer` in the form LightningModule.configure_optimizers returns."""
-    opt, sched, interval = make_optimizer(model, optim, total_steps, warmup_steps)
+    opt, sched, interval = make_optimizer(model, optim, total_steps, warmup_steps, lr_scale)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
 

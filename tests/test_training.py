@@ -40,6 +40,27 @@ def test_a_2d_parameter_marked_no_weight_decay_is_not_decayed():
     assert decay["params"] == [] and len(no_decay["params"]) == 2
 
 
+def test_lr_scale_gives_a_submodule_its_own_lr_with_the_same_decay_rule_and_schedule():
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(3, 3), "backbone2": torch.nn.Linear(3, 3),
+                                 "head": torch.nn.LayerNorm(3)})
+    groups = parameter_groups(model, 0.1, {"backbone": 0.25})
+    by_param = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    got = {n: by_param[id(p)] for n, p in model.named_parameters()}
+    # a name prefix matches whole submodule names only: "backbone2" keeps the base lr
+    assert got == {"backbone.weight": (0.25, 0.1), "backbone.bias": (0.25, 0.0), "backbone2.weight": (1.0, 0.1),
+                   "backbone2.bias": (1.0, 0.0), "head.weight": (1.0, 0.0), "head.bias": (1.0, 0.0)}
+    opt, sched, _ = make_optimizer(model, OptimConfig(lr=0.4, warmup_steps=2), total_steps=10,
+                                   lr_scale={"backbone": 0.25})
+    steps = []
+    for _ in range(4):
+        assert len({(g["lr_scale"], g["lr"]) for g in opt.param_groups}) == 2   # a pair shares its lr
+        steps.append({g["lr_scale"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    assert steps[:2] == [{1.0: 0.2, 0.25: 0.05}, {1.0: 0.4, 0.25: 0.1}]     # one warm-up + cosine, both scaled
+    assert steps[3][0.25] == pytest.approx(0.25 * steps[3][1.0]) and steps[3][1.0] < 0.4
+
+
 def test_warmup_cosine_schedule():
     f = warmup_cosine(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

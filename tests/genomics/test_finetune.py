@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from genomics import tokenizer as tok
-from genomics.finetune import FinetuneConfig, kmer_features, metrics, stratified_split
+from genomics.finetune import FinetuneConfig, FinetuneModule, kmer_features, metrics, stratified_split
 from genomics.finetune import main as finetune_main
 from ssm_core import MambaConfig
-from ssm_core.cli import run
+from ssm_core.cli import UserError, parse_config, run
 
 from .test_score_stream import save_tiny
 
@@ -129,3 +129,41 @@ def test_rc_equivariant_sequence_model_is_strand_invariant():
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(m(ids, mask), m(rc, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_optimiser_decays_weights_only_and_trains_the_backbone_at_its_own_lr():
+    import dataclasses
+
+    from genomics.lightning_module import model_inputs
+    cfg = parse_config(FinetuneConfig, ["--task", "motif"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.backbone_lr) == (3e-3, 0.01, 1e-3)
+    config = MambaConfig(d_model=16, n_layer=2, d_state=4, expand=1, **model_inputs(False, False)).to_dict()
+    module = FinetuneModule(config, 2, False, dataclasses.asdict(cfg.optim), cfg.backbone_lr, False, total_steps=20)
+    opt_sched = module.configure_optimizers()
+    opt, sched = opt_sched["optimizer"], opt_sched["lr_scheduler"]["scheduler"]
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    got = {n: where[id(p)] for n, p in module.model.named_parameters()}
+    assert set(got) == {n for n, _ in module.model.named_parameters()}        # every parameter trains
+    no_decay = [n for n in got if n.endswith(("A_log", ".D", "bias")) or "norm" in n or n.startswith("head.0.")]
+    assert any(n.endswith("A_log") for n in no_decay) and any("norm" in n for n in no_decay)
+    for n, (lr, wd) in got.items():
+        assert lr == pytest.approx(1e-3 if n.startswith("backbone.") else 3e-3), n
+        assert wd == (0.0 if n in no_decay else 0.01), n     # A_log, norms (batch norm too), biases: never
+    assert got["head.1.weight"] == (pytest.approx(3e-3), 0.01)
+    assert any(wd == 0.01 for n, (_, wd) in got.items() if n.endswith("in_proj.weight"))
+    for _ in range(20):         # the default schedule keeps the learning rates constant, as before the recipe
+        opt.step()
+        sched.step()
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == [1e-3, 3e-3]
+
+    frozen = FinetuneModule(config, 2, False, dataclasses.asdict(cfg.optim), cfg.backbone_lr, True, total_steps=20)
+    params = [p for g in frozen.configure_optimizers()["optimizer"].param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in frozen.model.head.parameters()}
+
+
+@pytest.mark.parametrize("flag,match", [("--lr", "--lr: moved to --optim.lr"),
+                                        ("--weight-decay", "--weight-decay: moved to --optim.weight_decay"),
+                                        ("--backbone-lr", "--backbone-lr: must be > 0")])
+def test_finetune_old_optimiser_flags_name_their_new_spelling(flag, match):
+    with pytest.raises(UserError, match=match):
+        parse_config(FinetuneConfig, ["--task", "motif", flag, "0"])
