@@ -39,9 +39,9 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     return vocab_size + (-vocab_size) % max(1, multiple)
 
 
-def config_from_mamba_ssm(meta: dict, where: str = "config.json"):
-    """mamba_ssm's config.json fields -> our MambaConfig (ValueError for what we cannot represent)."""
-    from .model import MambaConfig
+def config_from_mamba_ssm(meta: dict, where: str = "config.json") -> dict:
+    """mamba_ssm's config.json fields -> the fields of our MambaConfig (ValueError for what we cannot
+    represent). Plain data: this module sits below ssm_core.model, which builds the model from it."""
     if meta.get("d_intermediate", 0):
         raise ValueError(f"{where}: d_intermediate={meta['d_intermediate']} (a gated MLP per block) is not supported")
     if meta.get("attn_layer_idx"):
@@ -58,11 +58,11 @@ def config_from_mamba_ssm(meta: dict, where: str = "config.json"):
     if ssm:
         raise ValueError(f"{where}: unknown ssm_cfg fields {sorted(ssm)}")
     vocab = padded_vocab(int(meta["vocab_size"]), int(meta.get("pad_vocab_size_multiple", 8)))
-    return MambaConfig(d_model=int(meta["d_model"]), n_layer=int(meta["n_layer"]), vocab_size=vocab,
-                       mixer="mamba", mixer_options={"mamba": mixer} if mixer else {},
-                       tie_embeddings=bool(meta.get("tie_embeddings", True)),
-                       residual_in_fp32=bool(meta.get("residual_in_fp32", True)),
-                       norm_eps=MAMBA_SSM_NORM_EPS, **shape)
+    return dict(d_model=int(meta["d_model"]), n_layer=int(meta["n_layer"]), vocab_size=vocab,
+                mixer="mamba", mixer_options={"mamba": mixer} if mixer else {},
+                tie_embeddings=bool(meta.get("tie_embeddings", True)),
+                residual_in_fp32=bool(meta.get("residual_in_fp32", True)),
+                norm_eps=MAMBA_SSM_NORM_EPS, **shape)
 
 
 def config_to_mamba_ssm(cfg) -> dict:
@@ -112,11 +112,10 @@ def read_state_dict(directory: Path, map_location) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory}: mamba_ssm config.json but no {' or '.join(WEIGHT_FILES)}")
 
 
-def load_mamba_ssm(directory: str | Path, meta: dict, map_location="cpu"):
-    """A MambaLM from a mamba_ssm MambaLMHeadModel folder whose config.json holds `meta`."""
-    from .model import MambaLM
+def load_mamba_ssm(model, directory: str | Path, map_location="cpu"):
+    """Fill `model` (the MambaLM that ssm_core.model built from `config_from_mamba_ssm`) with the weights of
+    a mamba_ssm MambaLMHeadModel folder."""
     directory = Path(directory)
-    model = MambaLM(config_from_mamba_ssm(meta, str(directory / "config.json")))
     sd = read_state_dict(directory, map_location)
     if model.config.tie_embeddings:
         head = sd.pop("lm_head.weight", None)
@@ -134,8 +133,7 @@ def load_mamba_ssm(directory: str | Path, meta: dict, map_location="cpu"):
 
 def write_mamba_ssm(model, directory: Path, weights: str = "pytorch_model.bin") -> None:
     """Write config.json and the weights of `model` (a MambaLM) into the existing folder `directory`."""
-    from .model import MambaLM
-    if not isinstance(model, MambaLM):
+    if not hasattr(model, "head_weight"):   # a MambaLM (duck-typed: this module sits below ssm_core.model)
         raise ValueError(f"mamba_ssm format: needs a MambaLM (a model with its LM head), got {type(model).__name__}")
     if weights not in WEIGHT_FILES:
         raise ValueError(f"mamba_ssm format: weights must be one of {WEIGHT_FILES}, got {weights!r}")

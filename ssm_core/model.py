@@ -426,7 +426,8 @@ def from_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
     if isinstance(meta, dict) and interop.is_mamba_ssm_config(meta):
-        return interop.load_mamba_ssm(directory, meta, map_location)
+        model = MambaLM(MambaConfig(**interop.config_from_mamba_ssm(meta, str(cfg_path))))
+        return interop.load_mamba_ssm(model, directory, map_location)
     cls = {"MambaModel": MambaModel, "MambaLM": MambaLM}.get(meta.get("class"))
     if cls is None:
         raise ValueError(f"{cfg_path}: unknown model class {meta.get('class')!r}")
