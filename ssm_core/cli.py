@@ -332,36 +332,25 @@ def load_yaml_config(config_cls: type[T], path: str, argv: list[str] = ()) -> T:
 
 def run(main: Callable[[T], Any], config_cls: type[T], argv: list[str] | None = None, prog: str | None = None,
         description: str | None = None) -> int:
-    """Parse the command line into `config_cls`, call `main(config)`, turn user errors into one line."""
+    """Parse the command line into `config_cls`, check the run's options (ssm_core.validation) before any work,
+    call `main(config)`; every exception becomes one line and an exit status (ssm_core.errors.report)."""
+    from .errors import report, strip_debug_flag
+    from .validation import validate_run
     prog = prog or os.path.basename(sys.argv[0])
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("SSM_DEBUG"))
-    argv = [a for a in argv if a != "--debug"]
+    argv, debug = strip_debug_flag(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_config(config_cls, argv, prog, description)
+        validate_run(cfg)
         main(cfg)
         return 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        if debug:
-            raise
-        msg = str(e) if isinstance(e, UserError) else _os_error_line(e)
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 (the last line of defence: report decides what is shown)
+        return report(exc, prog, debug or None)
 
 
 def plain_warnings() -> None:
     """Command-line warnings as one line `warning: ...`, without the library's file and line."""
     import warnings
     warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
-
-
-def _os_error_line(e: OSError) -> str:
-    if e.filename:
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
 
 
 def main_entry(main: Callable[[T], Any], config_cls: type[T], prog: str, description: str | None = None) -> None:
