@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from .cli import UserError
-from .io import FILE_MODE, write_text_atomic
+from .io import atomic_path, write_text_atomic
 
 
 @dataclass
@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from <output-dir>/checkpoints/last.ckpt"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the earlier run in --output-dir (only its own files are removed)"})
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -192,17 +194,8 @@ def atomic_checkpoint_io():
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
-                os.chmod(tmp, FILE_MODE)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
 
     return AtomicCheckpointIO()
 
@@ -210,10 +203,18 @@ def atomic_checkpoint_io():
 def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "min",
                  callbacks: Sequence[Any] = (), every_n_train_steps: int | None = None, **trainer_kwargs):
     """A Lightning Trainer with the common flags, CSV + TensorBoard logs under <output-dir>/logs, and atomic
-    checkpoints under <output-dir>/checkpoints (`last.ckpt` always, `best.ckpt` when `monitor` is given)."""
+    checkpoints under <output-dir>/checkpoints (`last.ckpt` always, `best.ckpt` when `monitor` is given).
+
+    Every run also gets FiniteGuard (a NaN/inf loss or validation metric, or a validation that saw no tokens
+    when the module logs `val_tokens`, stops it with one line and exit 2; nothing is exported) and
+    SignalCheckpoint (SIGTERM/SIGINT save last.ckpt and end with 143/130); its CSV log keeps the rows of the
+    run it resumes."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from .callbacks import FiniteGuard, SignalCheckpoint
+    from .loggers import ResumableCSVLogger
 
     out = prepare_output_dir(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -222,7 +223,8 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
     if monitor:
         ckpts.append(ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="best", monitor=monitor, mode=mode,
                                      save_top_k=1, enable_version_counter=False))
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="tb")]
+    loggers = [ResumableCSVLogger(out, name="logs", version="", resume=cfg.resume),
+               TensorBoardLogger(out, name="logs", version="tb")]
     kwargs = dict(
         default_root_dir=str(out),
         max_steps=cfg.max_steps,
@@ -233,7 +235,7 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
         strategy=cfg.strategy,
         precision=default_precision(cfg),
         logger=loggers,
-        callbacks=[*ckpts, *callbacks],
+        callbacks=[*ckpts, *callbacks, FiniteGuard(count_metric="val_tokens"), SignalCheckpoint(checkpoint_dir(cfg))],
         plugins=[atomic_checkpoint_io()],
         log_every_n_steps=10,
         gradient_clip_val=(optim.grad_clip or None) if (optim := getattr(cfg, "optim", None)) else None,
