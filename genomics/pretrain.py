@@ -27,7 +27,7 @@ from ssm_core.training import (
     TrainConfig,
     checkpoint_dir,
     make_trainer,
-    prepare_output_dir,
+    prepare_run,
     resume_checkpoint,
     run_length,
     save_run_config,
@@ -142,8 +142,14 @@ def plot_history(history: dict, path: Path, entropy: float | None, title: str) -
     save_figure_atomic(fig, path)
 
 
+# What a run writes into --output-dir (and what --overwrite may remove there).
+OUTPUTS = ("checkpoints", "logs", "model", "config.yaml", "metrics.json", "loss_curve.png")
+
+
 def main(cfg: PretrainConfig) -> dict:
-    out = prepare_output_dir(cfg.output_dir)       # fail on an unwritable folder before any work
+    # The output-folder policy (ssm_core.run_dir): refuses a user's folder and an earlier run without
+    # --resume/--overwrite, before any work.
+    out = prepare_run(cfg, "genomics.pretrain", OUTPUTS)
     ckpt_path = resume_checkpoint(cfg)
     genome, paths, splits = open_genome(cfg)
     save_run_config(cfg, out)

@@ -91,6 +91,21 @@ class FiniteGuard(Callback):
                                      "no usable positions (e.g. only N bases, or too short for one window)")
 
 
+class StepSeed(Callback):
+    """Seed torch's random generators from (seed, global step, rank) before every training batch, so that
+    a step's augmentation and dropout depend on its position only: a run resumed at step k draws what the
+    uninterrupted run drew there (the generator state is not in a checkpoint, and loading one consumes
+    random numbers, e.g. for data-loader seeds)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from .training import step_seed
+        torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
 class SignalCheckpoint(Callback):
     """On SIGTERM / SIGINT: save `<dirpath>/<filename>.ckpt` at the next batch boundary and exit 128 + signal.
     Other exceptions save nothing: a run that failed (e.g. on NaN) must not leave a checkpoint for --resume."""

@@ -15,8 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .io import DIR_MODE, FILE_MODE
+from .io import atomic_path, write_text_atomic
 from .mamba import Mamba
 from .ops import rms_norm
 
@@ -374,28 +372,18 @@ class MambaLM(nn.Module):
 
 # --- persistence ------------------------------------------------------------------------------------------
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors into `directory` atomically: both files are staged in a
-    temporary folder beside it that then takes its place, so a reader never sees a half-written model."""
+    """Write config.json and model.safetensors into `directory`, each atomically (a reader never sees a
+    half-written file). Only those two files are replaced: the folder itself is never swapped or removed, so
+    other files in it (a user's notes, a package's metadata) stay. The weights go first and the config last:
+    a reader between the two renames gets a config that does not fit the weights, which loading refuses
+    (strict), never a silently mixed model."""
     from safetensors.torch import save_model
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        meta = {"class": type(model).__name__, "config": model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
-        os.chmod(tmp, DIR_MODE)
-        for f in tmp.iterdir():
-            os.chmod(f, FILE_MODE)
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / "model")
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    meta = {"class": type(model).__name__, "config": model.config.to_dict()}
+    write_text_atomic(directory / "config.json", json.dumps(meta, indent=2))
     return directory
 
 

@@ -157,6 +157,53 @@ def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> P
     return p
 
 
+# Set by the launchers of a multi-process run (Lightning's own for --devices N, torchrun, SLURM) in each process.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str]) -> Path:
+    """The run's --output-dir under ssm_core.run_dir's policy (refuse a user's folder, an earlier run only with
+    --resume or --overwrite, stale .tmp files removed). Only the first process applies it: Lightning starts the
+    other processes of `--devices N` by rerunning the command, when the folder is already this run's."""
+    from .run_dir import prepare_run_dir
+    if any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
+        return Path(cfg.output_dir)
+    return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed for one (run seed, step or epoch, rank): what a resumed run reproduces from its position alone."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2 ** 63
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler of shuffled epochs that resumes exactly: epoch e is the permutation seeded by
+    (seed, e), and each iteration starts at the run's position, read from the trainer when iteration starts
+    (after --resume restored it): a run resumed after step k draws the batches the uninterrupted run drew
+    from step k on, where Lightning's own shuffling would start the epoch's order afresh. With several
+    processes each takes its share of every epoch (as DistributedSampler; the Trainer needs
+    use_distributed_sampler=False). Assumes one batch per optimizer step (no gradient accumulation)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, trainer, drop_last: bool = True):
+        self.n, self.batch_size, self.seed, self.trainer, self.drop_last = n, batch_size, seed, trainer, drop_last
+
+    def _share(self) -> int:
+        return self.n // max(1, self.trainer.world_size)
+
+    def __len__(self) -> int:
+        per_rank = self._share()
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        batches = len(self)
+        epoch, done = divmod(int(self.trainer.global_step), max(1, batches))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch)))
+        world, rank = max(1, self.trainer.world_size), self.trainer.global_rank
+        mine = order[rank::world][:self._share()]
+        for b in range(done, batches):
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
 def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
@@ -169,6 +216,15 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     if not last.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last}")
     return str(last)
+
+
+def best_checkpoint(trainer) -> Path | None:
+    """The best checkpoint this run recorded (restored with --resume), or None. Never a `best.ckpt` found
+    on disk: one left by an earlier run in the folder is not this run's result."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) and cb.best_model_path and Path(cb.best_model_path).is_file():
+            return Path(cb.best_model_path)
+    return None
 
 
 def resolve_accelerator(cfg: TrainConfig) -> str:
