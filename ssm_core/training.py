@@ -168,6 +168,8 @@ def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str]) -> Path:
     from .run_dir import prepare_run_dir
     if any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
         return Path(cfg.output_dir)
+    if cfg.resume and not cfg.overwrite:
+        resume_checkpoint(cfg)   # nothing to continue from: refused before the folder is touched
     return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
 
 

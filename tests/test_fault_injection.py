@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssm_core.run_dir import MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = textwrap.dedent("""
@@ -121,6 +123,12 @@ def world(tmp_path_factory):
     kws = _audio_inputs(root)
     dna = _genomics_inputs(root)
     (root / "blocker").write_text("a file where a folder is expected")
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("a user's folder, not a run's")
+    (root / "earlier").mkdir()   # the folder of an earlier run, as prepare_run_dir marks it
+    (root / "earlier" / MARKER).write_text(json.dumps({"tool": "long-ssm", "program": "timeseries.fit",
+                                                       "owned": ["metrics.json"]}))
+    (root / "earlier" / "metrics.json").write_text("{}")
     return {"root": root, "ts": ts_model, "csv": csv, "kws": kws, "dna": dna}
 
 
@@ -159,11 +167,44 @@ def _cases(w):
         "embed-corrupt-bgzf": ("genomics.embed", ["--checkpoint", dna, "--fasta", str(r / "corrupt.fa.bgz"),
                                                   "--output", str(r / "out" / "e.npy"), *cache],
                                "corrupt.fa.bgz: not a valid FASTA file"),
+        # The run layer: every option checked before any work (no process, no data, no folder).
+        **{f"pretrain-{name}": ("genomics.pretrain", [*args, "--output-dir", str(r / "out" / "g")], expected)
+           for name, args, expected in RUN_OPTION_CASES},
+        "fit-devices-99": ("timeseries.fit", ["--devices", "99", "--accelerator", "cpu", "--output-dir",
+                                              str(r / "out" / "t")], "--devices 99: this machine has"),
+        "audio-train-val-every-0": ("audio.train", ["--val-every", "0", "--synth-cache", str(r / "no-synth"),
+                                                    "--output-dir", str(r / "out" / "a")],
+                                    "--val-every: must be >= 1, got 0"),
+        "audio-train-n-mels-0": ("audio.train", ["--features.n_mels", "0", "--synth-cache", str(r / "no-synth"),
+                                                 "--output-dir", str(r / "out" / "a")], "--n-mels: must be >= 1"),
+        "audio-evaluate-batch-size-0": ("audio.evaluate", ["--model", kws, "--batch-size", "0"],
+                                        "--batch-size: must be >= 1, got 0"),
+        # The output folder: a user's is refused, an earlier run needs --resume or --overwrite.
+        "pretrain-into-a-users-folder": ("genomics.pretrain", ["--output-dir", str(r / "mine"), *cache],
+                                         "is not empty (notes.txt) and is not a folder of an earlier run"),
+        "fit-into-an-earlier-run": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier")],
+                                    "holds an earlier run; pass --resume to continue it or --overwrite"),
+        "fit-resume-and-overwrite": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier"),
+                                                        "--resume", "--overwrite"], "--resume and --overwrite"),
+        "fit-resume-without-a-checkpoint": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier"),
+                                                               "--resume"], "--resume: no checkpoint"),
         "embed-duplicate-names-keeps-users-fai": ("genomics.embed", ["--checkpoint", dna, "--fasta",
                                                                      str(r / "dups" / "dup.fa"), "--output",
                                                                      str(r / "out" / "e.npy"), *cache],
                                                   'Duplicate key "a"'),
     }
+
+
+# (name, flags, what the line says) of genomics.pretrain runs refused before any work.
+RUN_OPTION_CASES = [
+    ("devices-99", ["--devices", "99", "--accelerator", "cpu"], "--devices 99: this machine has"),
+    ("lr-nan", ["--optim.lr", "nan"], "--optim.lr"),
+    ("lr-inf", ["--optim.lr", "inf"], "--optim.lr"),
+    ("lr-negative", ["--optim.lr", "-1"], "--optim.lr: must be > 0"),
+    ("precision-7", ["--precision", "7"], "--precision: expected one of"),
+    ("fsdp-on-cpu", ["--strategy", "fsdp", "--accelerator", "cpu"], "--strategy fsdp: needs CUDA GPUs"),
+    ("num-workers-negative", ["--num-workers", "-1"], "--num-workers: must be >= 0, got -1"),
+]
 
 
 def _reruns(w):
