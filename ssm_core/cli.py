@@ -230,6 +230,11 @@ def _one_line(err: Exception, fields: dict) -> str:
         got = re.search(r"(?:Got value|Given value): (.*)", msg)
         value = got.group(1).strip() if got else None
         tp = fields.get(key, (None,))[0]
+        shown = value.strip("'\"") if value is not None else None
+        if shown is not None and shown.lstrip("+-").lower() in ("nan", "inf", "infinity"):
+            # jsonargparse refuses non-finite floats as "invalid": say why, in ssm_core.validation's words.
+            flag = key if "." in key else key.replace("_", "-")
+            return f"--{flag}: must be a finite number, got {shown}"
         if tp is not None and typing.get_origin(_unwrap_optional(tp)) is Literal:
             choices = ", ".join(map(str, typing.get_args(_unwrap_optional(tp))))
             return f"--{key}: invalid choice {value!r} (choose from {choices})"
