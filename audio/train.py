@@ -120,7 +120,9 @@ def dataset_root(cfg: AudioTrainConfig) -> Path:
 
 
 # What a run writes into --output-dir (and what --overwrite may remove there).
-OUTPUTS = ("checkpoints", "logs", "model", "config.yaml", "metrics.json", "confusion.png")
+# model/: its files only, so a user's file put there survives --overwrite.
+OUTPUTS = ("checkpoints", "logs", "model/config.json", "model/model.safetensors", "config.yaml", "metrics.json",
+           "confusion.png")
 
 
 def main(cfg: AudioTrainConfig) -> dict:

@@ -143,7 +143,9 @@ def plot_history(history: dict, path: Path, entropy: float | None, title: str) -
 
 
 # What a run writes into --output-dir (and what --overwrite may remove there).
-OUTPUTS = ("checkpoints", "logs", "model", "config.yaml", "metrics.json", "loss_curve.png")
+# model/: its files only, so a user's file put there survives --overwrite.
+OUTPUTS = ("checkpoints", "logs", "model/config.json", "model/model.safetensors", "model/genomics.json", "config.yaml",
+           "metrics.json", "loss_curve.png")
 
 
 def main(cfg: PretrainConfig) -> dict:

@@ -50,8 +50,8 @@ def describe(prep: Prepared) -> str:
 
 
 # What a run writes into --output-dir (and what --overwrite may remove there); data.csv: the embedded data.
-OUTPUTS = ("checkpoints", "logs", "model", "baselines", "config.yaml", "data.csv", "metrics.json", "forecast.csv",
-           "forecast.png")
+OUTPUTS = ("checkpoints", "logs", "model/forecaster.json", "model/model.safetensors", "baselines", "config.yaml",
+           "data.csv", "metrics.json", "forecast.csv", "forecast.png")
 
 
 def fit(cfg: FitConfig) -> dict:
