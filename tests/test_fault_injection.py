@@ -305,3 +305,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert "continue with --resume" in last[0] and "Traceback" not in err
     import torch
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] >= 2
+
+
+# --- non-finite and empty results are errors ----------------------------------------------------------------
+def test_all_n_validation_is_an_error_not_zero_bits(tmp_path):
+    """A held-out contig of only N used to report `val bits/base 0.0000` with exit 0."""
+    seq = np.random.default_rng(0).choice(np.frombuffer(b"ACGT", np.uint8), 6000).tobytes().decode()
+    (tmp_path / "n.fa").write_text(f">chr1\n{seq}\n>chr20\n{'N' * 2000}\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "n.fa"),
+                           "--val-contigs", "chr20", "--max-steps", "2", "--val-every", "2", "--seq-len", "64",
+                           "--batch-size", "4", "--model.d_model", "8", "--model.n_layer", "1", "--val-batches", "1",
+                           "--accelerator", "cpu", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last.startswith("python -m genomics.pretrain: error: validation saw nothing (val_tokens = 0)"), last
+    assert "Traceback" not in proc.stderr
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()

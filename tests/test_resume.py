@@ -4,7 +4,8 @@ with --resume ends with the uninterrupted run's metrics to the last digit, for e
 Each run is a real `python -m pkg.mod` process on tiny settings. The kill comes from inside the process, at
 a chosen point, through a driver that wraps the entry point for the test only: `step K` adds a callback
 that SIGKILLs the process when training reaches step K (after a checkpoint exists); `save N` makes the N-th
-checkpoint write stop half-way through its temporary file and SIGKILLs the process there.
+checkpoint write stop half-way through its temporary file and SIGKILLs the process there; `term K` sends
+SIGTERM at step K instead, which must save a checkpoint (mid-epoch) and end with status 143.
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ DRIVER = textwrap.dedent("""
     import os, runpy, signal, sys
     mode, at, module, *args = sys.argv[1:]
     at = int(at)
-    if mode == "step":
+    if mode in ("step", "term"):
         from lightning.pytorch.callbacks import Callback
         import ssm_core.training as training
 
         class Kill(Callback):
             def on_train_batch_start(self, trainer, *rest):
-                if trainer.global_step == at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if trainer.global_step == at and not trainer.received_sigterm:
+                    os.kill(os.getpid(), signal.SIGKILL if mode == "step" else signal.SIGTERM)
 
         make = training.make_trainer
         training.make_trainer = lambda cfg, *a, callbacks=(), **k: make(cfg, *a, callbacks=[*callbacks, Kill()], **k)
@@ -67,7 +68,12 @@ def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tup
     done = _run(module, [*args, "--output-dir", str(full)])
     assert done.returncode == 0, done.stderr[-3000:]
     killed = _run(module, [*args, "--output-dir", str(cut)], kill)
-    assert killed.returncode == -signal.SIGKILL, (kill, killed.returncode, killed.stderr[-3000:])
+    if kill[0] == "term":
+        assert killed.returncode == 128 + signal.SIGTERM, (kill, killed.returncode, killed.stderr[-3000:])
+        line = killed.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"python -m {module}: stopped by SIGTERM; checkpoint saved at step "), line
+    else:
+        assert killed.returncode == -signal.SIGKILL, (kill, killed.returncode, killed.stderr[-3000:])
     assert (cut / "checkpoints" / "last.ckpt").is_file(), kill
     resumed = _run(module, [*args, "--output-dir", str(cut), "--resume"])
     assert resumed.returncode == 0, (kill, resumed.stderr[-3000:])
@@ -105,7 +111,7 @@ def test_genomics_resume_is_exact(tmp_path):
     _same_logs(full, cut, kill)
 
 
-@pytest.mark.parametrize("kill", [("step", None), ("save", 2)], ids=["kill-at-a-step", "kill-mid-checkpoint"])
+@pytest.mark.parametrize("kill", [("term", None), ("save", 2)], ids=["sigterm-mid-epoch", "kill-mid-checkpoint"])
 def test_timeseries_resume_is_exact(tmp_path, kill):
     from timeseries.data import synthetic_frame
     csv = tmp_path / "s.csv"
@@ -113,8 +119,8 @@ def test_timeseries_resume_is_exact(tmp_path, kill):
     # 146 training windows at batch 32: 5 steps an epoch, a checkpoint after each epoch's validation.
     args = ["--csv", str(csv), "--lookback", "24", "--horizon", "8", "--model.d_model", "8", "--model.n_layer", "1",
             "--model.d_state", "4", "--max-epochs", "3", "--batch-size", "32", "--no-progress", "--no-baselines"]
-    if kill[0] == "step":
-        kill = ("step", random.randrange(6, 15))
+    if kill[0] == "term":
+        kill = ("term", random.choice([6, 7, 8, 11, 12, 13]))   # not an epoch's first step: mid-epoch
     full, cut = _killed_then_resumed(tmp_path, "timeseries.fit", args, kill)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, cut))
     keys = ("test_mse", "test_mae", "test_mse_original", "test_mae_original")
