@@ -91,6 +91,11 @@ class FiniteGuard(Callback):
                                      "no usable positions (e.g. only N bases, or too short for one window)")
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed for one (run seed, step or epoch, rank): what a resumed run reproduces from its position alone."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2 ** 63
+
+
 class StepSeed(Callback):
     """Seed torch's random generators from (seed, global step, rank) before every training batch, so that
     a step's augmentation and dropout depend on its position only: a run resumed at step k draws what the
@@ -102,7 +107,6 @@ class StepSeed(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        from .training import step_seed
         torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
 
 

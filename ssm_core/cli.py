@@ -32,11 +32,10 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
+from .errors import UserError, report, strip_debug_flag  # UserError: importable from here, as before
+
 T = TypeVar("T")
 
-
-class UserError(Exception):
-    """A problem with the user's input (file, flag, data). Printed as one line; exit status 2."""
 
 
 # --- the fields of a (nested) config dataclass ----------------------------------------------------------
@@ -275,6 +274,10 @@ def instantiate(config_cls: type[T], values: dict) -> T:
                 v = instantiate(tp, v)
             except ValueError as e:   # the group's own messages ("MambaConfig.mixer: ...") in flag terms
                 msg = str(e).splitlines()[0].replace(f"{tp.__name__}.", f"--{f.name}.")
+                # "features: --n-mels: ..." (a group naming its field as a flat flag): --features.n_mels
+                m = re.match(rf"(?:{f.name}: )?--([\w-]+)(.*)", msg)
+                if m and m.group(1).replace("-", "_") in {g.name for g in dataclasses.fields(tp)}:
+                    msg = f"--{f.name}.{m.group(1).replace('-', '_')}{m.group(2)}"
                 raise ValueError(msg if msg.startswith("--") else f"--{f.name}: {msg}") from None
         elif typing.get_origin(_unwrap_optional(tp)) is tuple and isinstance(v, list):
             v = tuple(v)
@@ -339,7 +342,6 @@ def run(main: Callable[[T], Any], config_cls: type[T], argv: list[str] | None = 
         description: str | None = None) -> int:
     """Parse the command line into `config_cls`, check the run's options (ssm_core.validation) before any work,
     call `main(config)`; every exception becomes one line and an exit status (ssm_core.errors.report)."""
-    from .errors import report, strip_debug_flag
     from .validation import validate_run
     prog = prog or os.path.basename(sys.argv[0])
     argv, debug = strip_debug_flag(sys.argv[1:] if argv is None else argv)

@@ -173,11 +173,6 @@ def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str]) -> Path:
     return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A seed for one (run seed, step or epoch, rank): what a resumed run reproduces from its position alone."""
-    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2 ** 63
-
-
 class EpochBatches(torch.utils.data.Sampler):
     """A batch sampler of shuffled epochs that resumes exactly: epoch e is the permutation seeded by
     (seed, e), and each iteration starts at the run's position, read from the trainer when iteration starts
@@ -197,6 +192,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
     def __iter__(self):
+        from .callbacks import step_seed
         batches = len(self)
         epoch, done = divmod(int(self.trainer.global_step), max(1, batches))
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch)))

@@ -180,7 +180,8 @@ def _cases(w):
                                                     "--output-dir", str(r / "out" / "a")],
                                     "--val-every: must be >= 1, got 0"),
         "audio-train-n-mels-0": ("audio.train", ["--features.n_mels", "0", "--synth-cache", str(r / "no-synth"),
-                                                 "--output-dir", str(r / "out" / "a")], "--n-mels: must be >= 1"),
+                                                 "--output-dir", str(r / "out" / "a")],
+                                 "--features.n_mels: must be >= 1, got 0"),
         "audio-evaluate-batch-size-0": ("audio.evaluate", ["--model", kws, "--batch-size", "0"],
                                         "--batch-size: must be >= 1, got 0"),
         # The output folder: a user's is refused, an earlier run needs --resume or --overwrite.
