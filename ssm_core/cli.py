@@ -37,7 +37,6 @@ from .errors import UserError, report, strip_debug_flag  # UserError: importable
 T = TypeVar("T")
 
 
-
 # --- the fields of a (nested) config dataclass ----------------------------------------------------------
 def _unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
