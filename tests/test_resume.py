@@ -146,3 +146,20 @@ def test_audio_resume_is_exact(tmp_path, synth_cache):
     assert a["steps"] == b["steps"] == 9
     assert a["validation"] == b["validation"] and a["testing"] == b["testing"], kill
     _same_logs(full, cut, kill)
+
+
+def test_genomics_checkpoints_from_before_train_tokens_was_saved_still_load():
+    import torch
+
+    from genomics.lightning_module import DNALightningModule
+    from genomics.tokenizer import VOCAB_SIZE
+    from ssm_core import MambaConfig
+    module = DNALightningModule(MambaConfig(d_model=8, n_layer=1, d_state=4, vocab_size=VOCAB_SIZE).to_dict())
+    module.train_tokens.update(torch.tensor(640.0))
+    saved = {"state_dict": module.state_dict()}
+    assert float(saved["state_dict"]["train_tokens.sum_value"]) == 640.0   # the count is in a checkpoint now
+    old = {"state_dict": {k: v for k, v in saved["state_dict"].items() if not k.startswith("train_tokens.")}}
+    fresh = DNALightningModule(MambaConfig(d_model=8, n_layer=1, d_state=4, vocab_size=VOCAB_SIZE).to_dict())
+    fresh.on_load_checkpoint(old)                  # what Lightning calls before loading the state dict
+    fresh.load_state_dict(old["state_dict"])       # strict, as Lightning loads it
+    assert float(fresh.train_tokens.compute()) == 0.0
