@@ -275,8 +275,10 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
     ckpts = [ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="last", save_last=False, save_top_k=1,
                              every_n_train_steps=every_n_train_steps, enable_version_counter=False)]
     if monitor:
-        ckpts.append(ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="best", monitor=monitor, mode=mode,
-                                     save_top_k=1, enable_version_counter=False))
+        # First, so that last.ckpt, written after it at the same validation, holds its updated best score:
+        # otherwise a run resumed from there forgets that validation and may export another "best" model.
+        ckpts.insert(0, ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="best", monitor=monitor, mode=mode,
+                                        save_top_k=1, enable_version_counter=False))
     loggers = [ResumableCSVLogger(out, name="logs", version="", resume=cfg.resume),
                TensorBoardLogger(out, name="logs", version="tb")]
     kwargs = dict(
