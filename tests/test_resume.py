@@ -111,7 +111,7 @@ def test_genomics_resume_is_exact(tmp_path):
     _same_logs(full, cut, kill)
 
 
-@pytest.mark.parametrize("kill", [("term", None), ("save", 2)], ids=["sigterm-mid-epoch", "kill-mid-checkpoint"])
+@pytest.mark.parametrize("kill", [("term", None), ("save", 3)], ids=["sigterm-mid-epoch", "kill-mid-checkpoint"])
 def test_timeseries_resume_is_exact(tmp_path, kill):
     from timeseries.data import synthetic_frame
     csv = tmp_path / "s.csv"
