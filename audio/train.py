@@ -23,8 +23,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssm_core import MambaConfig
+from ssm_core.callbacks import StepSeed
 from ssm_core.cli import UserError, main_entry
-from ssm_core.training import OptimConfig, TrainConfig, make_trainer, resume_checkpoint, save_run_config
+from ssm_core.training import (
+    EpochBatches,
+    OptimConfig,
+    TrainConfig,
+    best_checkpoint,
+    make_trainer,
+    prepare_run,
+    resume_checkpoint,
+    save_run_config,
+)
 
 from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root
 from .evaluate import evaluate_items, write_report
@@ -109,7 +119,14 @@ def dataset_root(cfg: AudioTrainConfig) -> Path:
     return ensure_dataset(synth_config(cfg.synth_size, cfg.seed), cfg.synth_cache)
 
 
+# What a run writes into --output-dir (and what --overwrite may remove there).
+# model/: its files only, so a user's file put there survives --overwrite.
+OUTPUTS = ("checkpoints", "logs", "model/config.json", "model/model.safetensors", "config.yaml", "metrics.json",
+           "confusion.png")
+
+
 def main(cfg: AudioTrainConfig) -> dict:
+    prepare_run(cfg, "audio.train", OUTPUTS)
     root = dataset_root(cfg)
     labels = label_names(root, cfg.labels)
     splits = build_splits(root, labels, seed=cfg.seed)
@@ -125,21 +142,23 @@ def main(cfg: AudioTrainConfig) -> dict:
     module.model.feat_mean.copy_(mean)
     module.model.feat_std.copy_(std)
     module.noise_bank = load_noise_bank(root, sr)
-    loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    train_dl = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > cfg.batch_size, **loader)
-    val_dl = DataLoader(val_ds, shuffle=False, **loader)
     print(f"audio.train: {len(train_ds)} train / {len(val_ds)} validation clips, {len(labels)} classes, "
           f"{module.model.num_parameters():,} parameters, data {root}")
     # Validate every val_every steps counted across epochs (and at the last step when it is a multiple).
     interval = min(cfg.val_every, cfg.max_steps) if cfg.max_steps > 0 else cfg.val_every
+    # Exact resume: the data order (EpochBatches) and the augmentation draws (StepSeed) follow from the step.
     trainer = make_trainer(cfg, monitor="val_acc", mode="max", val_check_interval=interval,
-                           check_val_every_n_epoch=None)
+                           check_val_every_n_epoch=None, callbacks=[StepSeed(cfg.seed)],
+                           use_distributed_sampler=False)
+    workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    train_dl = DataLoader(train_ds, batch_sampler=EpochBatches(len(train_ds), cfg.batch_size, cfg.seed, trainer,
+                                                               drop_last=len(train_ds) > cfg.batch_size), **workers)
+    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, **workers)
     save_run_config(cfg, cfg.output_dir)
     trainer.fit(module, train_dl, val_dl, ckpt_path=resume_checkpoint(cfg))
 
     out = Path(cfg.output_dir)
-    best = out / "checkpoints" / "best.ckpt"
-    model = load_model(best if best.is_file() else out / "checkpoints" / "last.ckpt")
+    model = load_model(best_checkpoint(trainer) or out / "checkpoints" / "last.ckpt")
     export_model(model, out / "model")
     model.to(trainer.strategy.root_device)     # evaluate where training ran (the GPU if any)
     metrics = {"labels": labels, "num_parameters": model.num_parameters(), "steps": trainer.global_step,

@@ -43,8 +43,13 @@ class DNALightningModule(TaskModule):
         super().__init__(optim or {}, total_steps)
         self.save_hyperparameters()
         self.model = MambaLM(MambaConfig.from_dict(model_config))
-        self.val_nll, self.val_count, self.val_correct = (torchmetrics.SumMetric() for _ in range(3))
+        # nan_strategy="disable": a NaN loss must reach the validation metric (and FiniteGuard), not be
+        # dropped from the sum (torchmetrics' default warns and drops it, which reported 0 bits/base).
+        self.val_nll, self.val_count, self.val_correct = (torchmetrics.SumMetric(nan_strategy="disable")
+                                                          for _ in range(3))
+        # Saved in the checkpoint, so that metrics.json counts the tokens of the whole run across --resume.
         self.train_tokens = torchmetrics.SumMetric()
+        self.train_tokens.persistent(True)
         self.history: dict[str, list] = {"train": [], "valid": []}   # (step, bits/base) for the loss curve
         self.last_val: dict[str, float] = {}
         self._timed_tokens, self._timed_seconds, self._t0, self._timing = 0, 0.0, None, False
@@ -102,7 +107,9 @@ class DNALightningModule(TaskModule):
         for m in (self.val_nll, self.val_count, self.val_correct):
             m.reset()
         loss = nll / count.clamp(min=1)
-        self.log_dict({"val_loss": loss, "val_bits_per_base": loss / LN2, "val_accuracy": correct / count.clamp(min=1)},
+        # val_tokens: FiniteGuard stops a run whose validation scored nothing (a FASTA of only N).
+        self.log_dict({"val_loss": loss, "val_bits_per_base": loss / LN2, "val_accuracy": correct / count.clamp(min=1),
+                       "val_tokens": count},
                       prog_bar=True, sync_dist=False)   # SumMetric already reduced across ranks
         self.last_val = {"val_loss": float(loss), "val_bits_per_base": float(loss) / LN2,
                          "val_accuracy": float(correct / count.clamp(min=1)), "val_tokens": int(count)}
@@ -115,6 +122,10 @@ class DNALightningModule(TaskModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.history = checkpoint.get("genomics_history", self.history)
+        # Checkpoints from before train_tokens was saved: load them with the count starting at 0.
+        state = checkpoint.get("state_dict", {})
+        for name, value in self.train_tokens.state_dict(prefix="train_tokens.").items():
+            state.setdefault(name, value)
 
 
 class SyntheticBatches(torch.utils.data.Dataset):

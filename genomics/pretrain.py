@@ -27,7 +27,7 @@ from ssm_core.training import (
     TrainConfig,
     checkpoint_dir,
     make_trainer,
-    prepare_output_dir,
+    prepare_run,
     resume_checkpoint,
     run_length,
     save_run_config,
@@ -144,8 +144,16 @@ def plot_history(history: dict, path: Path, entropy: float | None, title: str) -
     save_figure_atomic(fig, path)
 
 
+# What a run writes into --output-dir (and what --overwrite may remove there).
+# model/: its files only, so a user's file put there survives --overwrite.
+OUTPUTS = ("checkpoints", "logs", "model/config.json", "model/model.safetensors", "model/genomics.json", "config.yaml",
+           "metrics.json", "loss_curve.png")
+
+
 def main(cfg: PretrainConfig) -> dict:
-    out = prepare_output_dir(cfg.output_dir)       # fail on an unwritable folder before any work
+    # The output-folder policy (ssm_core.run_dir): refuses a user's folder and an earlier run without
+    # --resume/--overwrite, before any work.
+    out = prepare_run(cfg, "genomics.pretrain", OUTPUTS)
     ckpt_path = resume_checkpoint(cfg)
     genome, paths, splits, holdout = open_genome(cfg)
     save_run_config(cfg, out)

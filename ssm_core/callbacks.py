@@ -91,6 +91,25 @@ class FiniteGuard(Callback):
                                      "no usable positions (e.g. only N bases, or too short for one window)")
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed for one (run seed, step or epoch, rank): what a resumed run reproduces from its position alone."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2 ** 63
+
+
+class StepSeed(Callback):
+    """Seed torch's random generators from (seed, global step, rank) before every training batch, so that
+    a step's augmentation and dropout depend on its position only: a run resumed at step k draws what the
+    uninterrupted run drew there (the generator state is not in a checkpoint, and loading one consumes
+    random numbers, e.g. for data-loader seeds)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
 class SignalCheckpoint(Callback):
     """On SIGTERM / SIGINT: save `<dirpath>/<filename>.ckpt` at the next batch boundary and exit 128 + signal.
     Other exceptions save nothing: a run that failed (e.g. on NaN) must not leave a checkpoint for --resume."""

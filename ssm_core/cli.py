@@ -32,11 +32,9 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
+from .errors import UserError, report, strip_debug_flag  # UserError: importable from here, as before
+
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """A problem with the user's input (file, flag, data). Printed as one line; exit status 2."""
 
 
 # --- the fields of a (nested) config dataclass ----------------------------------------------------------
@@ -230,6 +228,11 @@ def _one_line(err: Exception, fields: dict) -> str:
         got = re.search(r"(?:Got value|Given value): (.*)", msg)
         value = got.group(1).strip() if got else None
         tp = fields.get(key, (None,))[0]
+        shown = value.strip("'\"") if value is not None else None
+        if shown is not None and shown.lstrip("+-").lower() in ("nan", "inf", "infinity"):
+            # jsonargparse refuses non-finite floats as "invalid": say why, in ssm_core.validation's words.
+            flag = key if "." in key else key.replace("_", "-")
+            return f"--{flag}: must be a finite number, got {shown}"
         if tp is not None and typing.get_origin(_unwrap_optional(tp)) is Literal:
             choices = ", ".join(map(str, typing.get_args(_unwrap_optional(tp))))
             return f"--{key}: invalid choice {value!r} (choose from {choices})"
@@ -270,6 +273,10 @@ def instantiate(config_cls: type[T], values: dict) -> T:
                 v = instantiate(tp, v)
             except ValueError as e:   # the group's own messages ("MambaConfig.mixer: ...") in flag terms
                 msg = str(e).splitlines()[0].replace(f"{tp.__name__}.", f"--{f.name}.")
+                # "features: --n-mels: ..." (a group naming its field as a flat flag): --features.n_mels
+                m = re.match(rf"(?:{f.name}: )?--([\w-]+)(.*)", msg)
+                if m and m.group(1).replace("-", "_") in {g.name for g in dataclasses.fields(tp)}:
+                    msg = f"--{f.name}.{m.group(1).replace('-', '_')}{m.group(2)}"
                 raise ValueError(msg if msg.startswith("--") else f"--{f.name}: {msg}") from None
         elif typing.get_origin(_unwrap_optional(tp)) is tuple and isinstance(v, list):
             v = tuple(v)
@@ -332,36 +339,24 @@ def load_yaml_config(config_cls: type[T], path: str, argv: list[str] = ()) -> T:
 
 def run(main: Callable[[T], Any], config_cls: type[T], argv: list[str] | None = None, prog: str | None = None,
         description: str | None = None) -> int:
-    """Parse the command line into `config_cls`, call `main(config)`, turn user errors into one line."""
+    """Parse the command line into `config_cls`, check the run's options (ssm_core.validation) before any work,
+    call `main(config)`; every exception becomes one line and an exit status (ssm_core.errors.report)."""
+    from .validation import validate_run
     prog = prog or os.path.basename(sys.argv[0])
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("SSM_DEBUG"))
-    argv = [a for a in argv if a != "--debug"]
+    argv, debug = strip_debug_flag(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_config(config_cls, argv, prog, description)
+        validate_run(cfg)
         main(cfg)
         return 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        if debug:
-            raise
-        msg = str(e) if isinstance(e, UserError) else _os_error_line(e)
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 (the last line of defence: report decides what is shown)
+        return report(exc, prog, debug or None)
 
 
 def plain_warnings() -> None:
     """Command-line warnings as one line `warning: ...`, without the library's file and line."""
     import warnings
     warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
-
-
-def _os_error_line(e: OSError) -> str:
-    if e.filename:
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
 
 
 def main_entry(main: Callable[[T], Any], config_cls: type[T], prog: str, description: str | None = None) -> None:

@@ -25,8 +25,12 @@ import signal
 import sys
 from typing import Any, Callable, Sequence
 
-from .cli import UserError
 from .io import intended_path
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, flag, data). Printed as one line; exit status 2."""
+
 
 DEBUG_FLAG = "--debug"
 DEBUG_HINT = f"rerun with {DEBUG_FLAG} (or SSM_DEBUG=1) to see the traceback"

@@ -48,6 +48,11 @@ class ResumableCSVLogger(CSVLogger):
         super().__init__(*args, **kwargs)
         self.resume = resume
 
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # Rows are otherwise written every flush_logs_every_n_steps: a run killed after a checkpoint would
+        # lose the rows before it, which its resume does not log again.
+        self.save()
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:

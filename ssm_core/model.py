@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .io import DIR_MODE, FILE_MODE
+from .io import FILE_MODE, atomic_path, write_text_atomic
 from .mamba import Mamba
 from .ops import rms_norm
 
@@ -375,10 +375,13 @@ class MambaLM(nn.Module):
 # --- persistence ------------------------------------------------------------------------------------------
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, format: str = "long-ssm",
                     weights: str = "pytorch_model.bin") -> Path:
-    """Write config.json and model.safetensors into `directory` atomically: both files are staged in a
-    temporary folder beside it that then takes its place, so a reader never sees a half-written model.
+    """Write config.json and model.safetensors into `directory`, each atomically (a reader never sees a
+    half-written file). Only those files are replaced: the folder itself is never swapped or removed, so
+    other files in it (a user's notes, a package's metadata) stay. The weights go first and the config last:
+    a reader between the two renames gets a config that does not fit the weights, which loading refuses
+    (strict), never a silently mixed model.
     format="mamba_ssm" writes mamba_ssm's MambaLMHeadModel folder instead (config.json + `weights`,
-    pytorch_model.bin or model.safetensors; see ssm_core.interop)."""
+    pytorch_model.bin or model.safetensors; see ssm_core.interop), with the same rules."""
     from safetensors.torch import save_model
 
     from . import interop
@@ -387,27 +390,23 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, format: str 
     if format == "mamba_ssm":
         interop.config_to_mamba_ssm(model.config)   # refuse before touching the folder
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        if format == "mamba_ssm":
-            interop.write_mamba_ssm(model, tmp, weights)
-        else:
-            meta = {"class": type(model).__name__, "config": model.config.to_dict()}
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            save_model(model, str(tmp / "model.safetensors"))
-        os.chmod(tmp, DIR_MODE)
-        for f in tmp.iterdir():
-            os.chmod(f, FILE_MODE)
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / "model")
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    if format == "mamba_ssm":
+        # interop writes both files into a staging folder on the same file system; each is then renamed
+        # into place, weights first.
+        staging = Path(tempfile.mkdtemp(prefix=".mamba_ssm.", suffix=".tmp", dir=directory))
+        try:
+            interop.write_mamba_ssm(model, staging, weights)
+            for name in (weights, "config.json"):
+                os.chmod(staging / name, FILE_MODE)
+                os.replace(staging / name, directory / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    meta = {"class": type(model).__name__, "config": model.config.to_dict()}
+    write_text_atomic(directory / "config.json", json.dumps(meta, indent=2))
     return directory
 
 

@@ -75,8 +75,9 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
                     owned: Iterable[str] = (), program: str = "", flag: str = "--output-dir") -> Path:
     """Apply the policy above and return the folder, created and marked, ready for the run's outputs.
 
-    `owned`: the top-level entries this run writes (files or folders); with --overwrite they, and those
-    the earlier run listed, are removed before the run starts."""
+    `owned`: the entries this run writes (files or folders, relative paths: "model/config.json" owns that file
+    and not the rest of model/); with --overwrite they, and those the earlier run listed, are removed before
+    the run starts."""
     owned = list(owned)
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one of them (continue the earlier run, or replace it)")
@@ -84,7 +85,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     existing = _contents(p) if p.is_dir() else []
     # A folder holding only what this run would write is one of ours too: a run made before the mark
     # existed, or one killed before writing it.
-    ours = is_run_dir(p) or (bool(owned) and set(existing) <= set(owned))
+    ours = is_run_dir(p) or (bool(owned) and set(existing) <= {Path(o).parts[0] for o in owned})
     if existing and not ours:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise UserError(f"{flag} {p}: the folder is not empty ({shown}) and is not a folder of an earlier run; "

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from .cli import UserError
-from .io import FILE_MODE, write_text_atomic
+from .io import atomic_path, write_text_atomic
 
 
 @dataclass
@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from <output-dir>/checkpoints/last.ckpt"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the earlier run in --output-dir (only its own files are removed)"})
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -175,6 +177,51 @@ def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> P
     return p
 
 
+# Set by the launchers of a multi-process run (Lightning's own for --devices N, torchrun, SLURM) in each process.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str]) -> Path:
+    """The run's --output-dir under ssm_core.run_dir's policy (refuse a user's folder, an earlier run only with
+    --resume or --overwrite, stale .tmp files removed). Only the first process applies it: Lightning starts the
+    other processes of `--devices N` by rerunning the command, when the folder is already this run's."""
+    from .run_dir import prepare_run_dir
+    if any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
+        return Path(cfg.output_dir)
+    if cfg.resume and not cfg.overwrite:
+        resume_checkpoint(cfg)   # nothing to continue from: refused before the folder is touched
+    return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler of shuffled epochs that resumes exactly: epoch e is the permutation seeded by
+    (seed, e), and each iteration starts at the run's position, read from the trainer when iteration starts
+    (after --resume restored it): a run resumed after step k draws the batches the uninterrupted run drew
+    from step k on, where Lightning's own shuffling would start the epoch's order afresh. With several
+    processes each takes its share of every epoch (as DistributedSampler; the Trainer needs
+    use_distributed_sampler=False). Assumes one batch per optimizer step (no gradient accumulation)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, trainer, drop_last: bool = True):
+        self.n, self.batch_size, self.seed, self.trainer, self.drop_last = n, batch_size, seed, trainer, drop_last
+
+    def _share(self) -> int:
+        return self.n // max(1, self.trainer.world_size)
+
+    def __len__(self) -> int:
+        per_rank = self._share()
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        from .callbacks import step_seed
+        batches = len(self)
+        epoch, done = divmod(int(self.trainer.global_step), max(1, batches))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch)))
+        world, rank = max(1, self.trainer.world_size), self.trainer.global_rank
+        mine = order[rank::world][:self._share()]
+        for b in range(done, batches):
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
 def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
@@ -187,6 +234,15 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     if not last.is_file():
         raise UserError(f"--resume: no checkpoint to resume from at {last}")
     return str(last)
+
+
+def best_checkpoint(trainer) -> Path | None:
+    """The best checkpoint this run recorded (restored with --resume), or None. Never a `best.ckpt` found
+    on disk: one left by an earlier run in the folder is not this run's result."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) and cb.best_model_path and Path(cb.best_model_path).is_file():
+            return Path(cb.best_model_path)
+    return None
 
 
 def resolve_accelerator(cfg: TrainConfig) -> str:
@@ -212,17 +268,8 @@ def atomic_checkpoint_io():
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 torch.save(checkpoint, tmp)
-                os.chmod(tmp, FILE_MODE)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
 
     return AtomicCheckpointIO()
 
@@ -230,19 +277,30 @@ def atomic_checkpoint_io():
 def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "min",
                  callbacks: Sequence[Any] = (), every_n_train_steps: int | None = None, **trainer_kwargs):
     """A Lightning Trainer with the common flags, CSV + TensorBoard logs under <output-dir>/logs, and atomic
-    checkpoints under <output-dir>/checkpoints (`last.ckpt` always, `best.ckpt` when `monitor` is given)."""
+    checkpoints under <output-dir>/checkpoints (`last.ckpt` always, `best.ckpt` when `monitor` is given).
+
+    Every run also gets FiniteGuard (a NaN/inf loss or validation metric, or a validation that saw no tokens
+    when the module logs `val_tokens`, stops it with one line and exit 2; nothing is exported) and
+    SignalCheckpoint (SIGTERM/SIGINT save last.ckpt and end with 143/130); its CSV log keeps the rows of the
+    run it resumes."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from .callbacks import FiniteGuard, SignalCheckpoint
+    from .loggers import ResumableCSVLogger
 
     out = prepare_output_dir(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpts = [ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="last", save_last=False, save_top_k=1,
                              every_n_train_steps=every_n_train_steps, enable_version_counter=False)]
     if monitor:
-        ckpts.append(ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="best", monitor=monitor, mode=mode,
-                                     save_top_k=1, enable_version_counter=False))
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="tb")]
+        # First, so that last.ckpt, written after it at the same validation, holds its updated best score:
+        # otherwise a run resumed from there forgets that validation and may export another "best" model.
+        ckpts.insert(0, ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="best", monitor=monitor, mode=mode,
+                                        save_top_k=1, enable_version_counter=False))
+    loggers = [ResumableCSVLogger(out, name="logs", version="", resume=cfg.resume),
+               TensorBoardLogger(out, name="logs", version="tb")]
     kwargs = dict(
         default_root_dir=str(out),
         max_steps=cfg.max_steps,
@@ -253,7 +311,7 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
         strategy=cfg.strategy,
         precision=default_precision(cfg),
         logger=loggers,
-        callbacks=[*ckpts, *callbacks],
+        callbacks=[*ckpts, *callbacks, FiniteGuard(count_metric="val_tokens"), SignalCheckpoint(checkpoint_dir(cfg))],
         plugins=[atomic_checkpoint_io()],
         log_every_n_steps=10,
         gradient_clip_val=(optim.grad_clip or None) if (optim := getattr(cfg, "optim", None)) else None,

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from .errors import UserError
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssm_core.run_dir import MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = textwrap.dedent("""
@@ -54,14 +56,16 @@ def _env():
 
 # --- tiny inputs ------------------------------------------------------------------------------------------
 def _timeseries_model(root: Path) -> tuple[Path, Path]:
+    from ssm_core import MambaConfig
     from timeseries.data import prepare, synthetic_frame, table_from_frame
     from timeseries.models import ForecasterConfig, build_model
-    from timeseries.train import save_forecaster
+    from timeseries.persistence import save_forecaster
     df = synthetic_frame(n_rows=200, n_series=2, seed=1)
     csv = root / "history.csv"
     df.to_csv(csv, index=False)
     prep = prepare(table_from_frame(df), 24, 8)
-    model = build_model(ForecasterConfig(n_series=2, lookback=24, horizon=8, d_model=8, n_layer=1, d_state=4))
+    model = build_model(ForecasterConfig(n_series=2, lookback=24, horizon=8,
+                                         backbone=MambaConfig(d_model=8, n_layer=1, d_state=4, d_input=24)))
     save_forecaster(root / "forecaster" / "model", model, prep)
     df.loc[150, "series_1"] = np.inf
     df.to_csv(root / "with_inf.csv", index=False)
@@ -73,8 +77,10 @@ def _audio_inputs(root: Path) -> Path:
 
     from audio.features import save_audio
     from audio.model import KeywordSpotter, KWSConfig, export_model
-    export_model(KeywordSpotter(KWSConfig(labels=["yes", "no", "_silence_", "_unknown_"], d_model=8, n_layer=1,
-                                          d_state=4)), root / "kws")
+    from ssm_core import MambaConfig
+    encoder = MambaConfig(d_model=8, n_layer=1, d_state=4, d_input=80)
+    export_model(KeywordSpotter(KWSConfig(labels=["yes", "no", "_silence_", "_unknown_"], encoder=encoder)),
+                 root / "kws")
     t = np.arange(16000) / 16000
     save_audio(root / "tone.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
     wave = (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
@@ -121,6 +127,12 @@ def world(tmp_path_factory):
     kws = _audio_inputs(root)
     dna = _genomics_inputs(root)
     (root / "blocker").write_text("a file where a folder is expected")
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("a user's folder, not a run's")
+    (root / "earlier").mkdir()   # the folder of an earlier run, as prepare_run_dir marks it
+    (root / "earlier" / MARKER).write_text(json.dumps({"tool": "long-ssm", "program": "timeseries.fit",
+                                                       "owned": ["metrics.json"]}))
+    (root / "earlier" / "metrics.json").write_text("{}")
     return {"root": root, "ts": ts_model, "csv": csv, "kws": kws, "dna": dna}
 
 
@@ -159,11 +171,45 @@ def _cases(w):
         "embed-corrupt-bgzf": ("genomics.embed", ["--checkpoint", dna, "--fasta", str(r / "corrupt.fa.bgz"),
                                                   "--output", str(r / "out" / "e.npy"), *cache],
                                "corrupt.fa.bgz: not a valid FASTA file"),
+        # The run layer: every option checked before any work (no process, no data, no folder).
+        **{f"pretrain-{name}": ("genomics.pretrain", [*args, "--output-dir", str(r / "out" / "g")], expected)
+           for name, args, expected in RUN_OPTION_CASES},
+        "fit-devices-99": ("timeseries.fit", ["--devices", "99", "--accelerator", "cpu", "--output-dir",
+                                              str(r / "out" / "t")], "--devices 99: this machine has"),
+        "audio-train-val-every-0": ("audio.train", ["--val-every", "0", "--synth-cache", str(r / "no-synth"),
+                                                    "--output-dir", str(r / "out" / "a")],
+                                    "--val-every: must be >= 1, got 0"),
+        "audio-train-n-mels-0": ("audio.train", ["--features.n_mels", "0", "--synth-cache", str(r / "no-synth"),
+                                                 "--output-dir", str(r / "out" / "a")],
+                                 "--features.n_mels: must be >= 1, got 0"),
+        "audio-evaluate-batch-size-0": ("audio.evaluate", ["--model", kws, "--batch-size", "0"],
+                                        "--batch-size: must be >= 1, got 0"),
+        # The output folder: a user's is refused, an earlier run needs --resume or --overwrite.
+        "pretrain-into-a-users-folder": ("genomics.pretrain", ["--output-dir", str(r / "mine"), *cache],
+                                         "is not empty (notes.txt) and is not a folder of an earlier run"),
+        "fit-into-an-earlier-run": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier")],
+                                    "holds an earlier run; pass --resume to continue it or --overwrite"),
+        "fit-resume-and-overwrite": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier"),
+                                                        "--resume", "--overwrite"], "--resume and --overwrite"),
+        "fit-resume-without-a-checkpoint": ("timeseries.fit", ["--csv", csv, "--output-dir", str(r / "earlier"),
+                                                               "--resume"], "--resume: no checkpoint"),
         "embed-duplicate-names-keeps-users-fai": ("genomics.embed", ["--checkpoint", dna, "--fasta",
                                                                      str(r / "dups" / "dup.fa"), "--output",
                                                                      str(r / "out" / "e.npy"), *cache],
                                                   'Duplicate key "a"'),
     }
+
+
+# (name, flags, what the line says) of genomics.pretrain runs refused before any work.
+RUN_OPTION_CASES = [
+    ("devices-99", ["--devices", "99", "--accelerator", "cpu"], "--devices 99: this machine has"),
+    ("lr-nan", ["--optim.lr", "nan"], "--optim.lr: must be a finite number, got nan"),
+    ("lr-inf", ["--optim.lr", "inf"], "--optim.lr: must be a finite number, got inf"),
+    ("lr-negative", ["--optim.lr", "-1"], "--optim.lr: must be > 0"),
+    ("precision-7", ["--precision", "7"], "--precision: expected one of"),
+    ("fsdp-on-cpu", ["--strategy", "fsdp", "--accelerator", "cpu"], "--strategy fsdp: needs CUDA GPUs"),
+    ("num-workers-negative", ["--num-workers", "-1"], "--num-workers: must be >= 0, got -1"),
+]
 
 
 def _reruns(w):
@@ -260,3 +306,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert "continue with --resume" in last[0] and "Traceback" not in err
     import torch
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] >= 2
+
+
+# --- non-finite and empty results are errors ----------------------------------------------------------------
+def test_all_n_validation_is_an_error_not_zero_bits(tmp_path):
+    """A held-out contig of only N used to report `val bits/base 0.0000` with exit 0."""
+    seq = np.random.default_rng(0).choice(np.frombuffer(b"ACGT", np.uint8), 6000).tobytes().decode()
+    (tmp_path / "n.fa").write_text(f">chr1\n{seq}\n>chr20\n{'N' * 2000}\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "n.fa"),
+                           "--val-contigs", "chr20", "--max-steps", "2", "--val-every", "2", "--seq-len", "64",
+                           "--batch-size", "4", "--model.d_model", "8", "--model.n_layer", "1", "--val-batches", "1",
+                           "--accelerator", "cpu", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last.startswith("python -m genomics.pretrain: error: validation saw nothing (val_tokens = 0)"), last
+    assert "Traceback" not in proc.stderr
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()

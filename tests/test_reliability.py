@@ -251,6 +251,38 @@ def test_a_folder_of_only_our_outputs_counts_as_a_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == ["data.csv", "metrics.json"]
 
 
+def test_overwrite_removes_only_the_files_a_run_owns_inside_a_shared_folder(tmp_path):
+    owned = ("checkpoints", "model/config.json", "model/model.safetensors")
+    run = prepare_run_dir(tmp_path / "run", owned=owned)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_text("ckpt")
+    (run / "model").mkdir()
+    for name in ("config.json", "model.safetensors", "NOTES.md"):
+        (run / "model" / name).write_text(name)
+    prepare_run_dir(run, owned=owned, overwrite=True)
+    assert not (run / "checkpoints").exists() and sorted(p.name for p in (run / "model").iterdir()) == ["NOTES.md"]
+    # a folder of an unmarked run holding model/ (a file-level owned entry) still counts as ours
+    legacy = tmp_path / "legacy"
+    (legacy / "model").mkdir(parents=True)
+    (legacy / "model" / "config.json").write_text("{}")
+    prepare_run_dir(legacy, owned=owned, overwrite=True)
+    assert not (legacy / "model" / "config.json").exists()
+
+
+def test_save_pretrained_keeps_other_files_of_its_folder(tmp_path):
+    from ssm_core import MambaConfig, MambaLM, from_pretrained
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "NOTES.md").write_text("mine")
+    model = MambaLM(MambaConfig(d_model=8, n_layer=1, d_state=4, vocab_size=12))
+    model.save_pretrained(folder)
+    model.save_pretrained(folder)           # over its own earlier files
+    assert (folder / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.md", "config.json", "model.safetensors"]
+    loaded = from_pretrained(folder)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
 def test_resume_needs_an_earlier_run(tmp_path):
     with pytest.raises(UserError, match="no earlier run here"):
         prepare_run_dir(tmp_path / "run", resume=True)

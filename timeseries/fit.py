@@ -22,7 +22,7 @@ import torch
 
 from ssm_core.cli import main_entry, plain_warnings
 from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
-from ssm_core.training import prepare_output_dir, save_run_config
+from ssm_core.training import prepare_run, save_run_config
 
 from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
 from .evaluation import baseline_predictors, error_metrics, forecast_windows, model_predictor
@@ -49,9 +49,14 @@ def describe(prep: Prepared) -> str:
             f"{', '.join(prep.outputs[:8])}{' ...' if len(prep.outputs) > 8 else ''}; windows: {sizes}")
 
 
+# What a run writes into --output-dir (and what --overwrite may remove there); data.csv: the embedded data.
+OUTPUTS = ("checkpoints", "logs", "model/forecaster.json", "model/model.safetensors", "baselines", "config.yaml",
+           "data.csv", "metrics.json", "forecast.csv", "forecast.png")
+
+
 def fit(cfg: FitConfig) -> dict:
     """The whole `fit` command; returns the metrics it writes."""
-    out = prepare_output_dir(cfg.output_dir)
+    out = prepare_run(cfg, "timeseries.fit", OUTPUTS)
     save_run_config(cfg, out)
     torch.manual_seed(cfg.seed)
     if cfg.threads:

@@ -11,7 +11,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssm_core import MambaConfig
-from ssm_core.training import OptimConfig, TrainConfig, checkpoint_dir, make_trainer, resume_checkpoint
+from ssm_core.callbacks import StepSeed
+from ssm_core.training import (
+    EpochBatches,
+    OptimConfig,
+    TrainConfig,
+    best_checkpoint,
+    checkpoint_dir,
+    make_trainer,
+    resume_checkpoint,
+)
 
 from .data import Mode, Prepared, Protocol
 from .models import ForecasterConfig, ForecasterOptions, backbone_inputs
@@ -89,20 +98,25 @@ def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_
     from .lightning_module import ForecastModule  # Lightning loads on first use: predict/backtest skip it
 
     run_cfg = dataclasses.replace(cfg, output_dir=output_dir or cfg.output_dir)
+    if output_dir and cfg.resume and not (checkpoint_dir(run_cfg) / "last.ckpt").is_file():
+        # A baseline the interrupted run had not started yet: it starts now.
+        run_cfg = dataclasses.replace(run_cfg, resume=False)
     task = ForecastModule(cfg.forecaster_config(len(prep.inputs), kind).to_dict(), prep.output_idx_in_inputs,
                           dataclasses.asdict(cfg.optim), cfg.loss)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_dl = DataLoader(prep.datasets["train"], batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                          num_workers=cfg.num_workers)
-    val_dl = DataLoader(prep.datasets["val"], batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
     trainer = make_trainer(run_cfg, monitor="val_mse",
                            # Checked after each validation only: a --max-steps run may end mid-epoch without one.
+                           # StepSeed + EpochBatches: dropout and data order follow from the step (exact resume).
                            callbacks=[EarlyStopping("val_mse", patience=cfg.patience, mode="min",
-                                                    check_on_train_epoch_end=False)],
-                           enable_progress_bar=cfg.progress, enable_model_summary=False)
+                                                    check_on_train_epoch_end=False), StepSeed(cfg.seed)],
+                           enable_progress_bar=cfg.progress, enable_model_summary=False,
+                           use_distributed_sampler=False)
+    train = prep.datasets["train"]
+    train_dl = DataLoader(train, batch_sampler=EpochBatches(len(train), cfg.batch_size, cfg.seed, trainer,
+                                                            drop_last=False), num_workers=cfg.num_workers)
+    val_dl = DataLoader(prep.datasets["val"], batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
     trainer.fit(task, train_dl, val_dl, ckpt_path=resume_checkpoint(run_cfg))
-    best = checkpoint_dir(run_cfg) / "best.ckpt"
-    if best.is_file():
+    best = best_checkpoint(trainer)
+    if best is not None:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     return task.model.eval()
