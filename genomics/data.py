@@ -333,9 +333,11 @@ def _bed_splits(genome: Genome, bed: str) -> dict[str, list[Interval]]:
 
 
 def check_lengths(genome: Genome, splits: dict[str, list[Interval]], window: int, skip_short: bool,
-                  seq_len_flag: str = "--seq-len") -> dict[str, list[Interval]]:
+                  seq_len_flag: str = "--seq-len",
+                  skip_flag: str | None = "--skip-short-records") -> dict[str, list[Interval]]:
     """Every interval must hold a whole window (or is dropped with --skip-short-records); each used split
-    must keep at least one."""
+    must keep at least one. The error names the caller's own flags: `seq_len_flag` sets the window, and
+    `skip_flag` (None where the command has no such flag) would drop short records."""
     out = {}
     for split, intervals in splits.items():
         kept = []
@@ -344,8 +346,9 @@ def check_lengths(genome: Genome, splits: dict[str, list[Interval]], window: int
                 kept.append((i, s, e))
             elif not skip_short:
                 what = f"record {genome.contigs[i].name!r}" + (f" interval {s}-{e}" if (s, e) != (0, genome.contigs[i].length) else "")
+                fix = f"a shorter {seq_len_flag}" + (f" or {skip_flag}" if skip_flag else "")
                 raise UserError(f"{what} ({split}) has {e - s} bases, fewer than {seq_len_flag} + 1 = {window}; "
-                                "use a shorter --seq-len or --skip-short-records")
+                                f"use {fix}")
         if intervals and not kept and split != "test":    # the test split is not used while training
             raise UserError(f"no {split} record is at least {seq_len_flag} + 1 = {window} bases long")
         out[split] = kept

@@ -169,7 +169,7 @@ def main(cfg: EvaluateConfig) -> dict:
         return main_stream(cfg, model, meta, device, out, fasta, genome, contigs, idx)
     intervals = [(i, 0, genome.contigs[i].length) for i in idx]
     check_lengths(genome, {"train": intervals}, max(cfg.context_lengths) + 1, skip_short=False,
-                  seq_len_flag="the longest --context-lengths")
+                  seq_len_flag="--context-lengths", skip_flag=None)
     sampler = WindowSampler(genome, intervals, "test", cfg.seed, max_n_frac=0.1,
                             keep_softmask=bool(meta.get("keep_softmask", False)))
     objective = meta.get("objective", "causal")

@@ -125,8 +125,11 @@ def test_splits_contigs_auto_and_bed(fasta, tmp_path):
     bed.write_text("chr1\t0\t99999\ttrain\n")
     with pytest.raises(UserError, match="outside chr1"):
         make_splits(g, None, None, bed=str(bed))
-    with pytest.raises(UserError, match="fewer than --seq-len"):
+    with pytest.raises(UserError, match="fewer than --seq-len.*--skip-short-records"):
         check_lengths(g, auto, 1600, skip_short=False)  # chr21 has 1500 bases
+    # A command without --skip-short-records (genomics.evaluate) is told only about its own flag.
+    with pytest.raises(UserError, match=r"use a shorter --context-lengths$"):
+        check_lengths(g, auto, 1600, skip_short=False, seq_len_flag="--context-lengths", skip_flag=None)
     kept = check_lengths(g, auto, 1600, skip_short=True)
     assert kept["test"] == [] and len(kept["train"]) == 2
 
