@@ -10,8 +10,8 @@ original units), forecast.csv and forecast.png (the latest test window, forecast
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ from ssm_core.cli import main_entry
 from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
-from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
+from . import autofit
+from .data import Prepared, Table, read_table, season_length, synthetic_frame, table_from_frame
 from .train import (
     FitConfig,
     baseline_predictors,
@@ -31,11 +32,10 @@ from .train import (
     model_predictor,
     plain_warnings,
     save_forecaster,
-    train_model,
 )
 
 
-def load_data(cfg: FitConfig, out: Path) -> Prepared:
+def load_table(cfg: FitConfig, out: Path) -> Table:
     if cfg.csv is None:
         # The embedded default: written next to the results so `predict --csv` can be tried on it.
         frame = synthetic_frame(seed=cfg.seed)
@@ -44,7 +44,7 @@ def load_data(cfg: FitConfig, out: Path) -> Prepared:
         table = table_from_frame(frame, date_col=cfg.date_col, where="embedded data")
     else:
         table = read_table(cfg.csv, date_col=cfg.date_col)
-    return prepare(table, cfg.lookback, cfg.horizon, cfg.mode, cfg.target, cfg.protocol, tuple(cfg.split_ratios))
+    return table
 
 
 def describe(prep: Prepared) -> str:
@@ -57,29 +57,38 @@ def describe(prep: Prepared) -> str:
 def fit(cfg: FitConfig) -> dict:
     """The whole `fit` command; returns the metrics it writes."""
     out = prepare_output_dir(cfg.output_dir)
+    lookback_flag = cfg.lookback
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prep = load_data(cfg, out)
+    table = load_table(cfg, out)
+    unset = [k for k in ("lookback", "d_model", "n_layer", "loss", "lr") if getattr(cfg, k) is None]
+    if unset:
+        print(f"timeseries.fit: choosing {', '.join(unset)} on the validation split (search budget "
+              f"{cfg.search_budget:g} s, then the baselines at their own validation-chosen lookbacks; "
+              "--search-budget, or fix a setting with its flag)", file=sys.stderr)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    chosen = autofit.fit_forecaster(cfg, table, out, log)
+    model, prep, cfg = chosen.model, chosen.prep, chosen.cfg
     print(f"timeseries.fit: {describe(prep)}", file=sys.stderr)
+    print(f"timeseries.fit: chosen {settings_line(chosen)}", file=sys.stderr)
     season = cfg.season or season_length(prep.table.freq)
     mean, scale = prep.output_mean, prep.output_scale
-
-    start = time.perf_counter()
-    model = train_model(cfg, prep)
-    fit_seconds = time.perf_counter() - start
     pred, actual = forecast_windows(model_predictor(model, prep), prep.datasets["test"])
-    metrics = {**error_metrics(pred, actual, mean, scale), "fit_seconds": round(fit_seconds, 1)}
+    metrics = {**error_metrics(pred, actual, mean, scale), "fit_seconds": round(chosen.fit_seconds, 1),
+               "val_mse": chosen.val_mse, "selection": chosen.record}
 
     baselines = {}
     if cfg.baselines:
         for name, predict in baseline_predictors(prep, season).items():
             baselines[name] = error_metrics(*forecast_windows(predict, prep.datasets["test"]), mean, scale)
-        start = time.perf_counter()
-        dlinear = train_model(cfg, prep, kind="dlinear", output_dir=str(out / "baselines" / "dlinear"))
-        baselines["dlinear"] = {**error_metrics(*forecast_windows(model_predictor(dlinear, prep),
-                                                                  prep.datasets["test"]), mean, scale),
-                                "fit_seconds": round(time.perf_counter() - start, 1)}
+        for kind in ("dlinear", "rlinear"):
+            # Each at its own lookback, chosen on validation by the same rule (fixed if --lookback is given).
+            b = autofit.fit_linear_baseline(dataclasses.replace(cfg, lookback=lookback_flag), table, kind,
+                                            out / "baselines" / kind, log)
+            baselines[kind] = {**error_metrics(*forecast_windows(model_predictor(b.model, b.prep),
+                                                                 b.prep.datasets["test"]), mean, scale),
+                               "fit_seconds": round(b.fit_seconds, 1), "val_mse": b.val_mse, **b.record}
     metrics.update(baselines=baselines, model=model.cfg.to_dict(), season=season,
                    data={"csv": cfg.csv or "embedded", "rows": len(prep.table.values), "freq": prep.table.freq,
                          "inputs": prep.inputs, "outputs": prep.outputs, "mode": cfg.mode,
@@ -148,6 +157,18 @@ def write_forecast(out: Path, model, prep: Prepared, max_series: int = 4) -> Non
     fig.suptitle(f"{prep.outputs[0] if n == 1 else f'{n} of {len(prep.outputs)} series'}: "
                  f"horizon {H} from lookback {L}")
     save_figure_atomic(fig, out / "forecast.png")
+
+
+def settings_line(chosen: autofit.Fitted) -> str:
+    c = chosen.cfg
+    if c.model != "mamba":
+        return f"{c.model}, lookback {c.lookback}, loss {c.loss}, lr {c.lr:g} (validation MSE {chosen.val_mse:.4f})"
+    linear = chosen.record.get("linear")
+    head = (f"lookback {c.lookback}" + (f", linear map ridge alpha {linear['ridge_alpha']:g}" if linear else ""))
+    if not chosen.record.get("chosen", {}).get("correction", True):
+        return f"{head}, no Mamba correction (it did not lower the validation MSE {chosen.val_mse:.4f})"
+    return (f"{head}, Mamba correction over {c.token} tokens: d_model {c.d_model}, n_layer {c.n_layer}, "
+            f"patch {c.patch_len}, loss {c.loss}, lr {c.lr:g} (validation MSE {chosen.val_mse:.4f})")
 
 
 def summary_table(metrics: dict) -> str:

@@ -10,6 +10,8 @@
   backbone only has to learn what a linear forecaster misses, which keeps small data sets such as ETT from
   overfitting while the Mamba path captures the cross-series / nonlinear structure.
 * `DLinear` (Zeng et al. 2023): moving-average trend + remainder, one linear map each. A trained baseline.
+* `RLinear` (Li et al. 2023): RevIN + one linear map lookback -> horizon shared by all series. A trained
+  baseline, and the linear part of `MambaForecaster` on its own.
 * `repeat_last`, `seasonal_naive`: the untrained baselines.
 
 Every model predicts all its input series; the caller picks the output columns (M/S/MS modes).
@@ -32,7 +34,7 @@ class ForecasterConfig:
     n_series: int
     lookback: int
     horizon: int
-    kind: Literal["mamba", "dlinear"] = "mamba"
+    kind: Literal["mamba", "dlinear", "rlinear"] = "mamba"
     token: Literal["variate", "patch"] = "variate"
     d_model: int = 128
     n_layer: int = 2
@@ -176,8 +178,27 @@ class DLinear(nn.Module):
         return y.squeeze(-1) if not self.cfg.quantiles else y
 
 
+class RLinear(nn.Module):
+    """RevIN around one linear map lookback -> horizon, the same for every series (channel-independent)."""
+
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.revin = RevIN()
+        self.linear = nn.Linear(cfg.lookback, cfg.horizon * cfg.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, C = x.shape
+        xn, stats = self.revin.normalise(x)
+        y = self.linear(xn.transpose(1, 2)).reshape(b, C, self.cfg.horizon, self.cfg.n_outputs).permute(0, 2, 1, 3)
+        return RevIN.denormalise(y if self.cfg.quantiles else y.squeeze(-1), stats)
+
+
+MODELS = {"mamba": MambaForecaster, "dlinear": DLinear, "rlinear": RLinear}
+
+
 def build_model(cfg: ForecasterConfig) -> nn.Module:
-    return MambaForecaster(cfg) if cfg.kind == "mamba" else DLinear(cfg)
+    return MODELS[cfg.kind](cfg)
 
 
 def point_forecast(pred: torch.Tensor, quantiles: list[float]) -> torch.Tensor:

@@ -53,31 +53,37 @@ class FitConfig(TrainConfig):
                                                                    "--split-ratios) or the TSLib ETT borders"})
     split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2],
                                       metadata={"help": "train val test fractions (protocol ratios)"})
-    lookback: int = 96
+    # Settings left unset (None) are chosen on the validation split by timeseries/autofit.py.
+    lookback: int | None = field(default=None, metadata={"help": "history length (default: chosen on "
+                                                                  "validation among 96..720 and longer)"})
     horizon: int = 96
     # model
-    model: Literal["mamba", "dlinear"] = "mamba"
-    token: Literal["variate", "patch"] = field(default="variate", metadata={
-        "help": "variate: one token per series, bidirectional scan (S-Mamba); patch: channel-independent "
-                "patches over time"})
-    d_model: int = 64
-    n_layer: int = 2
+    model: Literal["mamba", "dlinear", "rlinear"] = "mamba"
+    token: Literal["variate", "patch"] = field(default="patch", metadata={
+        "help": "patch: channel-independent patches over time (the default recipe); variate: one token per "
+                "series, bidirectional scan (S-Mamba)"})
+    d_model: int | None = field(default=None, metadata={"help": "default: chosen on validation"})
+    n_layer: int | None = field(default=None, metadata={"help": "default: chosen on validation"})
     d_state: int = 8
     mixer: str = mixer_field()
     residual_in_fp32: bool = residual_in_fp32_field()
-    patch_len: int = 16
-    patch_stride: int = 8
+    patch_len: int | None = field(default=None, metadata={"help": "default: lookback / 48, at least 8"})
+    patch_stride: int | None = field(default=None, metadata={"help": "default: the patch length"})
     dropout: float = 0.1
     revin: bool = True
     linear_skip: bool = field(default=True, metadata={"help": "add a linear lookback->horizon path (RLinear)"})
+    ridge_init: bool = field(default=True, metadata={
+        "help": "start the linear path at its closed-form ridge fit (frozen) and the Mamba head at zero"})
     quantiles: list[float] = field(default_factory=list, metadata={
         "help": "train quantile outputs with the pinball loss, e.g. 0.1 0.5 0.9 (must include 0.5)"})
     # optimisation
-    lr: float = 1e-3
+    lr: float | None = field(default=None, metadata={"help": "default: chosen on validation"})
     lr_decay: float = field(default=0.5, metadata={"help": "learning rate factor per epoch (TSLib: 0.5)"})
     weight_decay: float = 0.0
-    loss: Literal["mse", "mae"] = "mse"
+    loss: Literal["mse", "mae"] | None = field(default=None, metadata={"help": "default: chosen on validation"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
+    search_budget: float = field(default=240.0, metadata={
+        "help": "seconds for the model search on validation (lookback, size, loss, lr); at least one trial runs"})
     # evaluation
     season: int | None = field(default=None, metadata={"help": "seasonal-naive period (default: from the "
                                                                 "date frequency, e.g. 24 for hourly)"})
@@ -91,12 +97,12 @@ class FitConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_mixer_spec(self.mixer)
-        if self.lookback < 1 or self.horizon < 1:
+        if (self.lookback is not None and self.lookback < 1) or self.horizon < 1:
             raise ValueError("--lookback and --horizon: must be >= 1")
         if len(self.split_ratios) != 3 or any(r <= 0 for r in self.split_ratios) or sum(self.split_ratios) > 1 + 1e-9:
             raise ValueError(f"--split-ratios: expected three positive fractions summing to <= 1, got "
                              f"{self.split_ratios}")
-        if self.lr <= 0 or not 0 < self.lr_decay <= 1:
+        if (self.lr is not None and self.lr <= 0) or not 0 < self.lr_decay <= 1:
             raise ValueError("--lr must be > 0 and --lr-decay in (0, 1]")
         if self.threads < 0:
             raise ValueError(f"--threads: must be >= 0, got {self.threads}")
@@ -104,15 +110,28 @@ class FitConfig(TrainConfig):
             raise ValueError("--patience: must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout: must be in [0, 1), got {self.dropout}")
-        # Validate the model options now (one clear line) rather than after loading the data.
-        self.forecaster_config(1)
+        if self.search_budget < 0:
+            raise ValueError(f"--search-budget: must be >= 0, got {self.search_budget}")
+        # Validate the model options now (one clear line) rather than after loading the data; settings
+        # still to be chosen take a stand-in that passes.
+        patch = self.patch_len or 16
+        self.forecaster_config(1, lookback=self.lookback or max(patch, 96), d_model=self.d_model or 8,
+                               n_layer=self.n_layer or 1, patch_len=patch, patch_stride=self.patch_stride or patch)
 
-    def forecaster_config(self, n_series: int, kind: str | None = None) -> ForecasterConfig:
-        return ForecasterConfig(
+    def forecaster_config(self, n_series: int, kind: str | None = None, **override) -> ForecasterConfig:
+        """The model's config; every setting must be chosen by now (autofit fills the unset ones)."""
+        values = dict(
             n_series=n_series, lookback=self.lookback, horizon=self.horizon, kind=kind or self.model,
             token=self.token, d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, mixer=self.mixer,
             patch_len=self.patch_len, patch_stride=self.patch_stride, dropout=self.dropout, revin=self.revin,
             linear_skip=self.linear_skip, quantiles=list(self.quantiles), residual_in_fp32=self.residual_in_fp32)
+        values.update(override)
+        if values["patch_len"] is not None and values["patch_stride"] is None:
+            values["patch_stride"] = values["patch_len"]
+        for name in ("d_model", "n_layer", "patch_len", "patch_stride"):
+            if values[name] is None:  # not used by the linear models: ForecasterConfig's default stands
+                values.pop(name)
+        return ForecasterConfig(**values)
 
 
 def _lightning_module():
@@ -157,12 +176,15 @@ def _lightning_module():
     return ForecastTask
 
 
-def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_dir: str | None = None) -> nn.Module:
-    """Fit one forecaster with Lightning (early stopping on validation MSE); returns the best weights."""
+def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_dir: str | None = None,
+                model: nn.Module | None = None, **trainer_kwargs) -> nn.Module:
+    """Fit one forecaster with Lightning (early stopping on validation MSE); returns the best weights.
+    `model`: start from these weights (else a new one from `cfg`); `trainer_kwargs`: for lightning.Trainer
+    (e.g. max_time, limit_train_batches)."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     run_cfg = dataclasses.replace(cfg, output_dir=output_dir or cfg.output_dir)
-    model = build_model(cfg.forecaster_config(len(prep.inputs), kind))
+    model = model if model is not None else build_model(cfg.forecaster_config(len(prep.inputs), kind))
     task = _lightning_module()(model, prep.output_idx_in_inputs, cfg.lr, cfg.lr_decay, cfg.weight_decay, cfg.loss)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_dl = DataLoader(prep.datasets["train"], batch_size=cfg.batch_size, shuffle=True, generator=gen,
@@ -172,7 +194,7 @@ def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_
                            # Checked after each validation only: a --max-steps run may end mid-epoch without one.
                            callbacks=[EarlyStopping("val_mse", patience=cfg.patience, mode="min",
                                                     check_on_train_epoch_end=False)],
-                           enable_progress_bar=cfg.progress, enable_model_summary=False)
+                           enable_progress_bar=cfg.progress, enable_model_summary=False, **trainer_kwargs)
     trainer.fit(task, train_dl, val_dl, ckpt_path=resume_checkpoint(run_cfg))
     best = checkpoint_dir(run_cfg) / "best.ckpt"
     if best.is_file():
