@@ -39,7 +39,7 @@ def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] =
                         min_windows_per_step: float = 2.0) -> list[int]:
     """Lookbacks worth trying: the base list, then doubling beyond 720 while the training split still has
     at least `min_windows_per_step` x lookback windows (a linear map has `lookback` weights per output,
-    fitted on windows x series rows); always at least the shortest one that fits."""
+    fitted on windows x series rows); a series too short for 96 gets one shorter lookback."""
     def windows(L: int) -> int:
         return n_train_rows - L - horizon + 1
 
@@ -48,8 +48,9 @@ def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] =
     while windows(L) >= min_windows_per_step * L:
         out.append(L)
         L *= 2
-    if not out:
-        fits = [L for L in (*base, 48, 24, 12) if windows(L) >= 1]
+    if not out:  # a short series: the longest shorter lookback with as many windows as steps, else any
+        short = (*base, 48, 24, 12)
+        fits = [L for L in short if windows(L) >= L] or [L for L in short if windows(L) >= 1]
         out = [max(fits)] if fits else []
     return sorted(set(out))
 
@@ -128,30 +129,6 @@ def select_linear(table: Table, horizon: int, lookbacks: list[int], prep_kwargs:
 def patch_for(lookback: int, max_tokens: int = 24) -> int:
     """Patch length (= stride) giving at most `max_tokens` tokens, at least 8 steps per patch."""
     return max(8, math.ceil(lookback / max_tokens))
-
-
-def one_se_choice(errors: list[np.ndarray], complexity: list[float], block: int) -> int:
-    """Index of the simplest candidate whose validation MSE is within one standard error of the best
-    (Breiman's one-standard-error rule): extra complexity has to earn a clear validation gain.
-
-    errors[i]: squared error per validation window (same windows, in time order, for every candidate).
-    Neighbouring windows share most of their rows, so the standard error of the MSE difference to the
-    best candidate comes from the means of consecutive blocks of `block` windows (the horizon: windows
-    further apart share no target rows). With fewer than two blocks there is no error estimate, and the
-    simplest candidate is taken."""
-    means = [float(e.mean()) for e in errors]
-    best = int(np.argmin(means))
-    n_blocks = len(errors[best]) // max(block, 1)
-    order = sorted(range(len(errors)), key=lambda i: (complexity[i], means[i]))
-    if n_blocks < 2:
-        return order[0]
-    for i in order:
-        if i == best:
-            return i
-        d = (errors[i] - errors[best])[:n_blocks * block].reshape(n_blocks, block).mean(1)
-        if means[i] - means[best] <= d.std(ddof=1) / np.sqrt(n_blocks):
-            return i
-    return best
 
 
 # --- stage 2 and the baselines: Lightning fits scored on validation ----------------------------------
@@ -309,14 +286,15 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
                              max_time=timedelta(seconds=max(cfg.search_budget - spent, 30.0)),
                              limit_train_batches=EPOCH_BATCHES)
         mse = float(val_errors(model, prep).mean())
-        candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True}))
+        candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True,
+                                                                "dir": str(out / "search" / f"trial{i}")}))
         log(f"autofit: trial {i}: d_model {d}, n_layer {n}, loss {loss}, lr {lr:g}: validation MSE {mse:.4f} "
             f"({last:.0f} s)")
     best = min(candidates, key=lambda c: c.val_mse)
     c = best.cfg
     record.update(chosen={"lookback": L, "correction": best.record["correction"], "d_model": c.d_model,
                           "n_layer": c.n_layer, "loss": c.loss, "lr": c.lr, "patch_len": c.patch_len,
-                          "val_mse": best.val_mse},
+                          "val_mse": best.val_mse, "checkpoints": best.record.get("dir")},
                   trials=[{"d_model": t.cfg.d_model, "n_layer": t.cfg.n_layer, "loss": t.cfg.loss, "lr": t.cfg.lr,
                            "correction": t.record["correction"], "val_mse": round(t.val_mse, 5),
                            "seconds": round(t.fit_seconds, 1)} for t in candidates],

@@ -23,7 +23,7 @@ from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
 from . import autofit
-from .data import Prepared, Table, read_table, season_length, synthetic_frame, table_from_frame
+from .data import Prepared, Table, prepare, read_table, season_length, synthetic_frame, table_from_frame
 from .train import (
     FitConfig,
     baseline_predictors,
@@ -62,6 +62,8 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     table = load_table(cfg, out)
+    # Bad columns or data too short for any window fail here, in one line, before any announcement.
+    prepare(table, min(autofit.lookback_candidates(table, cfg)), cfg.horizon, **autofit.prep_kwargs(cfg))
     unset = [k for k in ("lookback", "d_model", "n_layer", "loss", "lr") if getattr(cfg, k) is None]
     if unset:
         print(f"timeseries.fit: choosing {', '.join(unset)} on the validation split (search budget "

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ def fitted(small_csv, tmp_path_factory):
 def test_fit_writes_metrics_forecast_plot_model(fitted):
     metrics = json.loads((fitted / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
-    assert set(metrics["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear"}
+    assert set(metrics["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear", "rlinear"}
     for m in [metrics, *metrics["baselines"].values()]:
         assert METRIC_KEYS <= set(m) and all(np.isfinite(m[k]) for k in METRIC_KEYS)
     # 400 rows, ratios 0.7/0.1/0.2: the test split is rows [400 - 80 - 24, 400): every window counted.
@@ -50,7 +51,10 @@ def test_fit_writes_metrics_forecast_plot_model(fitted):
     assert len(forecast) == 8 and {"series_0_actual", "series_0_forecast", "series_1_q0.9"} <= set(forecast)
     assert (fitted / "forecast.png").stat().st_size > 1000
     assert (fitted / "model" / "model.safetensors").is_file()
-    assert (fitted / "checkpoints" / "best.ckpt").is_file()
+    # Quantile outputs: no closed-form linear part, so a Mamba trial is chosen; its Lightning checkpoints stay.
+    chosen = metrics["selection"]["chosen"]
+    assert chosen["correction"] and Path(chosen["checkpoints"]).parent == fitted / "search"
+    assert (Path(chosen["checkpoints"]) / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_residual_in_fp32_flag_reaches_the_backbone():
