@@ -63,12 +63,18 @@ def fit(cfg: FitConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     table = load_table(cfg, out)
     # Bad columns or data too short for any window fail here, in one line, before any announcement.
-    prepare(table, min(autofit.lookback_candidates(table, cfg)), cfg.horizon, **autofit.prep_kwargs(cfg))
+    lookbacks = autofit.lookback_candidates(table, cfg)
+    prepare(table, min(lookbacks), cfg.horizon, **autofit.prep_kwargs(cfg))
     unset = [k for k in ("lookback", "d_model", "n_layer", "loss", "lr") if getattr(cfg, k) is None]
-    if unset:
-        print(f"timeseries.fit: choosing {', '.join(unset)} on the validation split (search budget "
-              f"{cfg.search_budget:g} s, then the baselines at their own validation-chosen lookbacks; "
-              "--search-budget, or fix a setting with its flag)", file=sys.stderr)
+    if unset or cfg.baselines:
+        # The first line says how long this may take: the search and the baselines' lookback choice train
+        # several models, so the whole command can take longer than the chosen model's own fit.
+        print("timeseries.fit: may take several minutes: "
+              + (f"choosing {', '.join(unset)} on the validation split (closed-form linear maps at lookbacks "
+                 f"{lookbacks}, then Mamba trials for up to --search-budget {cfg.search_budget:g} s)"
+                 if unset else "settings fixed by flags")
+              + (f"; DLinear and RLinear baselines trained at each of {len(lookbacks)} lookback(s) "
+                 "(--no-baselines skips them)" if cfg.baselines else ""), file=sys.stderr)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     chosen = autofit.fit_forecaster(cfg, table, out, log)
     model, prep, cfg = chosen.model, chosen.prep, chosen.cfg
