@@ -97,6 +97,16 @@ def test_date_detection_frequency_and_text_columns(tmp_path):
     assert season_length(gappy) == 7
 
 
+def test_slash_dates_without_zero_padding(tmp_path):
+    """exchange_rate.csv writes dates like `1990/1/1 0:00`: day-first or month-first must not matter."""
+    dates = pd.date_range("1990-01-01", periods=40, freq="D")
+    text = [f"{d.year}/{d.month}/{d.day} 0:00" for d in dates]
+    df = pd.DataFrame({"date": text, "0": np.arange(40.0), "OT": np.ones(40)})
+    t = read_table(write(tmp_path, df))
+    assert t.date_col == "date" and t.columns == ["0", "OT"] and t.freq == "D"
+    assert (t.dates == dates).all()
+
+
 def test_missing_values_filled_with_warning(tmp_path):
     df = hourly_frame(100)
     df.loc[[3, 4, 50], "a"] = np.nan
