@@ -23,7 +23,16 @@ from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_output_dir
 
 from . import autofit
-from .data import Prepared, Table, prepare, read_table, season_length, synthetic_frame, table_from_frame
+from .data import (
+    Prepared,
+    Table,
+    prepare,
+    read_table,
+    resolve_protocol,
+    season_length,
+    synthetic_frame,
+    table_from_frame,
+)
 from .train import (
     FitConfig,
     baseline_predictors,
@@ -62,6 +71,7 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     table = load_table(cfg, out)
+    cfg = dataclasses.replace(cfg, protocol=resolve_protocol(cfg.protocol, cfg.csv))
     # Bad columns or data too short for any window fail here, in one line, before any announcement.
     lookbacks = autofit.lookback_candidates(table, cfg)
     prepare(table, min(lookbacks), cfg.horizon, **autofit.prep_kwargs(cfg))

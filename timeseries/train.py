@@ -49,8 +49,9 @@ class FitConfig(TrainConfig):
     target: list[str] | None = field(default=None, metadata={"help": "target column(s) (default: all "
                                                                      "numeric; S/MS: the last column)"})
     mode: Mode = field(default="M", metadata={"help": "M all->all, S target->target, MS all->target"})
-    protocol: Protocol = field(default="ratios", metadata={"help": "split borders: ratios (see "
-                                                                   "--split-ratios) or the TSLib ETT borders"})
+    protocol: Protocol = field(default="auto", metadata={"help": "split borders: ratios (see --split-ratios), "
+                                                                 "the TSLib ETT borders, or auto (ETT borders "
+                                                                 "for ETTh*/ETTm* files, else ratios)"})
     split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2],
                                       metadata={"help": "train val test fractions (protocol ratios)"})
     # Settings left unset (None) are chosen on the validation split by timeseries/autofit.py.

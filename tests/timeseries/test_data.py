@@ -154,3 +154,12 @@ def test_etth2_protocol(shared_dir):
     prep = prepare(t, 96, 96, protocol="ett-hour")
     assert {k: len(d) for k, d in prep.datasets.items()} == {"train": 8449, "val": 2785, "test": 2785}
     np.testing.assert_allclose(prep.scaler.mean_, t.values[:8640].mean(0))
+
+
+def test_protocol_auto_follows_the_file_name():
+    from timeseries.data import resolve_protocol
+    assert resolve_protocol("auto", "../shared/data/ETTh2.csv") == "ett-hour"
+    assert resolve_protocol("auto", "ETTm1.csv") == "ett-minute"
+    assert resolve_protocol("auto", "exchange_rate.csv") == "ratios"
+    assert resolve_protocol("auto", None) == "ratios"
+    assert resolve_protocol("ratios", "ETTh1.csv") == "ratios"
