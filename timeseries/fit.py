@@ -1,12 +1,13 @@
-"""Fit a Mamba forecaster on a CSV and evaluate it honestly against baselines.
+"""Fit a forecaster on a CSV and evaluate it honestly against baselines.
 
-    python -m timeseries.fit                                   # embedded synthetic data set
-    python -m timeseries.fit --csv data.csv --horizon 96 --lookback 96 --output-dir runs/mine
-    python -m timeseries.fit --csv ETTh2.csv --protocol ett-hour --config configs/timeseries/etth2.yaml
+    python -m timeseries.fit --csv data.csv --horizon 96                 # the default recipe: settings
+    python -m timeseries.fit                                             # chosen on validation (autofit.py)
+    python -m timeseries.fit --csv data.csv --horizon 96 --lookback 336  # any flag fixes that choice
+    python -m timeseries.fit --csv ETTh2.csv --config configs/timeseries/etth2.yaml
 
 Writes into --output-dir: metrics.json (test MSE/MAE of the model and of each baseline, normalised and in
-original units), forecast.csv and forecast.png (the latest test window, forecast vs actual), model/
-(for `python -m timeseries.predict`), checkpoints/ and logs/.
+original units, and what was chosen on validation), forecast.csv and forecast.png (the latest test window,
+forecast vs actual), model/ (for `python -m timeseries.predict`), search/ and baselines/ (checkpoints, logs).
 """
 from __future__ import annotations
 
