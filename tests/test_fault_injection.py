@@ -54,14 +54,16 @@ def _env():
 
 # --- tiny inputs ------------------------------------------------------------------------------------------
 def _timeseries_model(root: Path) -> tuple[Path, Path]:
+    from ssm_core import MambaConfig
     from timeseries.data import prepare, synthetic_frame, table_from_frame
     from timeseries.models import ForecasterConfig, build_model
-    from timeseries.train import save_forecaster
+    from timeseries.persistence import save_forecaster
     df = synthetic_frame(n_rows=200, n_series=2, seed=1)
     csv = root / "history.csv"
     df.to_csv(csv, index=False)
     prep = prepare(table_from_frame(df), 24, 8)
-    model = build_model(ForecasterConfig(n_series=2, lookback=24, horizon=8, d_model=8, n_layer=1, d_state=4))
+    model = build_model(ForecasterConfig(n_series=2, lookback=24, horizon=8,
+                                         backbone=MambaConfig(d_model=8, n_layer=1, d_state=4, d_input=24)))
     save_forecaster(root / "forecaster" / "model", model, prep)
     df.loc[150, "series_1"] = np.inf
     df.to_csv(root / "with_inf.csv", index=False)
@@ -73,8 +75,8 @@ def _audio_inputs(root: Path) -> Path:
 
     from audio.features import save_audio
     from audio.model import KeywordSpotter, KWSConfig, export_model
-    export_model(KeywordSpotter(KWSConfig(labels=["yes", "no", "_silence_", "_unknown_"], d_model=8, n_layer=1,
-                                          d_state=4)), root / "kws")
+    export_model(KeywordSpotter(KWSConfig(labels=["yes", "no", "_silence_", "_unknown_"],
+                                          encoder={"d_model": 8, "n_layer": 1, "d_state": 4})), root / "kws")
     t = np.arange(16000) / 16000
     save_audio(root / "tone.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
     wave = (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
