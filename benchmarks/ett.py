@@ -134,10 +134,19 @@ def main(cfg: EttConfig) -> None:
                 if any(r["seed"] == seed and r["horizon"] == h for r in load_results(results_path)):
                     continue
                 print(f"ett: seed {seed} horizon {h}", file=sys.stderr, flush=True)
-                row = run_cell(cfg, seed, h)
-                with results_path.open("a") as f:  # one line per cell, appended when the cell is done
-                    f.write(json.dumps(row) + "\n")
-                print(f"ett: {json.dumps(row)}", file=sys.stderr, flush=True)
+                append_row(results_path, run_cell(cfg, seed, h), "ett")
+    write_report(cfg, results_path, out, report, plot)
+
+
+def append_row(results_path: Path, row: dict, tag: str) -> None:
+    """One line per cell, appended when the cell is done (a rerun skips the cells already there)."""
+    with results_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{tag}: {json.dumps(row)}", file=sys.stderr, flush=True)
+
+
+def write_report(cfg, results_path: Path, out: Path, report, plot) -> None:
+    """table.md (and table.png when there are rows) from every row so far; the table on stdout."""
     results = load_results(results_path)
     table = report(cfg, results)
     write_text_atomic(out / "table.md", table)

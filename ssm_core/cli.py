@@ -169,11 +169,18 @@ def normalize_argv(config_cls: type, argv: list[str]) -> list[str]:
             values = ["true"]
         elif not values:
             raise _flag_error(f"--{name}: expected a value")
+        if _unwrap_optional(tp) is float and len(values) == 1:
+            # YAML spells these .nan / .inf: a float flag given `nan` reaches the config's own check by name.
+            values = [_YAML_FLOATS.get(values[0].strip().lower(), values[0])]
         if _is_list(tp) and not (len(values) == 1 and values[0].lstrip().startswith(("[", "null"))):
             values = [_yaml_list(values, tp)]
         out.append(f"--{key}={values[0]}")
         out.extend(values[1:])   # extra words after a single-valued flag: left for the parser to reject
     return out
+
+
+_YAML_FLOATS = {"nan": ".nan", "inf": ".inf", "+inf": ".inf", "infinity": ".inf", "+infinity": ".inf",
+                "-inf": "-.inf", "-infinity": "-.inf"}
 
 
 def _yaml_list(values: list[str], tp) -> str:

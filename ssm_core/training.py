@@ -181,15 +181,22 @@ def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> P
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
-def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str]) -> Path:
+def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str],
+                checkpoints: Sequence[str] = ("checkpoints",)) -> Path:
     """The run's --output-dir under ssm_core.run_dir's policy (refuse a user's folder, an earlier run only with
     --resume or --overwrite, stale .tmp files removed). Only the first process applies it: Lightning starts the
-    other processes of `--devices N` by rerunning the command, when the folder is already this run's."""
+    other processes of `--devices N` by rerunning the command, when the folder is already this run's.
+    `checkpoints`: the folders (globs, relative to the output folder) where this program's trainings keep
+    their last.ckpt; --resume needs one of them to hold one."""
     from .run_dir import prepare_run_dir
     if any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
         return Path(cfg.output_dir)
     if cfg.resume and not cfg.overwrite:
-        resume_checkpoint(cfg)   # nothing to continue from: refused before the folder is touched
+        # nothing to continue from: refused before the folder is touched
+        out = Path(cfg.output_dir)
+        if not any(p.is_file() for pattern in checkpoints for p in out.glob(f"{pattern}/last.ckpt")):
+            raise UserError(f"--resume: no checkpoint to resume from in {out} "
+                            f"({' or '.join(f'{c}/last.ckpt' for c in checkpoints)})")
     return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
 
 

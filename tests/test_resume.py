@@ -62,8 +62,10 @@ def _run(module: str, args: list[str], kill: tuple[str, int] = ("none", 0)) -> s
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tuple[str, int]) -> tuple[Path, Path]:
-    """(the uninterrupted run's folder, the killed-and-resumed run's folder)."""
+def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tuple[str, int],
+                         trained_in: str = ".") -> tuple[Path, Path]:
+    """(the uninterrupted run's folder, the killed-and-resumed run's folder). `trained_in`: the subfolder of
+    the output folder where the killed training writes its checkpoints."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     done = _run(module, [*args, "--output-dir", str(full)])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +76,7 @@ def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tup
         assert line.startswith(f"python -m {module}: stopped by SIGTERM; checkpoint saved at step "), line
     else:
         assert killed.returncode == -signal.SIGKILL, (kill, killed.returncode, killed.stderr[-3000:])
-    assert (cut / "checkpoints" / "last.ckpt").is_file(), kill
+    assert (cut / trained_in / "checkpoints" / "last.ckpt").is_file(), kill
     resumed = _run(module, [*args, "--output-dir", str(cut), "--resume"])
     assert resumed.returncode == 0, (kill, resumed.stderr[-3000:])
     assert not [p for p in cut.rglob("*.tmp")], "a stale temporary file of the killed write is left"
@@ -117,16 +119,19 @@ def test_timeseries_resume_is_exact(tmp_path, kill):
     csv = tmp_path / "s.csv"
     synthetic_frame(n_rows=300, n_series=2, seed=1).to_csv(csv, index=False)
     # 146 training windows at batch 32: 5 steps an epoch, a checkpoint after each epoch's validation.
+    # Every setting fixed, so the default recipe's search has one trial to train (in search/trial0).
     args = ["--csv", str(csv), "--lookback", "24", "--horizon", "8", "--model.d_model", "8", "--model.n_layer", "1",
-            "--model.d_state", "4", "--max-epochs", "3", "--batch-size", "32", "--no-progress", "--no-baselines"]
+            "--model.d_state", "4", "--optim.lr", "0.001", "--forecaster.loss", "mse", "--max-epochs", "3",
+            "--batch-size", "32", "--no-progress", "--no-baselines"]
     if kill[0] == "term":
         kill = ("term", random.choice([6, 7, 8, 11, 12, 13]))   # not an epoch's first step: mid-epoch
-    full, cut = _killed_then_resumed(tmp_path, "timeseries.fit", args, kill)
+    trial = "search/trial0"
+    full, cut = _killed_then_resumed(tmp_path, "timeseries.fit", args, kill, trained_in=trial)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, cut))
     keys = ("test_mse", "test_mae", "test_mse_original", "test_mae_original")
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, kill
     assert (full / "forecast.csv").read_text() == (cut / "forecast.csv").read_text(), kill
-    _same_logs(full, cut, kill)
+    _same_logs(full / trial, cut / trial, kill)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from ssm_core.cli import UserError
 
 Mode = Literal["M", "S", "MS"]
-Protocol = Literal["ratios", "ett-hour", "ett-minute"]
+Protocol = Literal["auto", "ratios", "ett-hour", "ett-minute"]
 
 DATE_NAMES = ("date", "datetime", "timestamp", "time", "ds")
 # TSLib's ETT borders in hours: 12 months train, 4 validation, 4 test (30-day months).
@@ -205,6 +205,17 @@ def select_columns(table_columns: list[str], mode: Mode, target: list[str] | Non
 
 
 # --- splits ---------------------------------------------------------------------------------------------
+def resolve_protocol(protocol: Protocol, csv: str | Path | None) -> Protocol:
+    """`auto`: the ETT borders for a file named like the ETT data sets (ETTh1.csv, ETTm2.csv, ...), as
+    Time-Series-Library picks its loader by data set name; the ratio split for every other file."""
+    if protocol != "auto":
+        return protocol
+    name = Path(csv).name if csv else ""
+    if name.startswith("ETTh"):
+        return "ett-hour"
+    return "ett-minute" if name.startswith("ETTm") else "ratios"
+
+
 def split_borders(n_rows: int, lookback: int, horizon: int, protocol: Protocol = "ratios",
                   ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict[str, tuple[int, int]]:
     """Row ranges [start, end) of train / val / test; val and test include their L rows of context."""

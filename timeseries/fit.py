@@ -1,19 +1,23 @@
-"""Fit a Mamba forecaster on a CSV and evaluate it honestly against baselines.
+"""Fit a forecaster on a CSV and evaluate it honestly against baselines.
 
-    python -m timeseries.fit                                   # embedded synthetic data set
-    python -m timeseries.fit --csv data.csv --horizon 96 --lookback 96 --output-dir runs/mine
-    python -m timeseries.fit --csv ETTh2.csv --protocol ett-hour --config configs/timeseries/etth2.yaml
-    python -m timeseries.fit --forecaster.token patch --model.d_model 128 --optim.lr 5e-4
+    python -m timeseries.fit --csv data.csv --horizon 96                 # the default recipe: settings
+    python -m timeseries.fit                                             # chosen on validation (autofit.py)
+    python -m timeseries.fit --csv data.csv --horizon 96 --lookback 336  # any flag fixes that choice
+    python -m timeseries.fit --csv ETTh2.csv --config configs/timeseries/etth2.yaml
+    python -m timeseries.fit --forecaster.token variate --model.d_model 128 --optim.lr 5e-4 --forecaster.loss mae
+
+The settings left unset are chosen on the validation split: --lookback, --model.d_model, --model.n_layer,
+--optim.lr, --forecaster.loss (and --forecaster.patch_len from the lookback).
 
 Writes into --output-dir: metrics.json (test MSE/MAE of the model and of each baseline, normalised and in
-original units), forecast.csv and forecast.png (the latest test window, forecast vs actual), model/
-(for `python -m timeseries.predict`), config.yaml (the resolved configuration: `--config` of it repeats
-the run), checkpoints/ and logs/.
+original units, and what was chosen on validation), forecast.csv and forecast.png (the latest test window,
+forecast vs actual), model/ (for `python -m timeseries.predict`), config.yaml (the resolved configuration:
+`--config` of it repeats the run, search included), search/ and baselines/ (checkpoints, logs).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +28,23 @@ from ssm_core.cli import main_entry, plain_warnings
 from ssm_core.io import atomic_path, save_figure_atomic, write_json_atomic
 from ssm_core.training import prepare_run, save_run_config
 
-from .data import Prepared, prepare, read_table, season_length, synthetic_frame, table_from_frame
+from . import autofit
+from .data import (
+    Prepared,
+    Table,
+    prepare,
+    read_table,
+    resolve_protocol,
+    season_length,
+    synthetic_frame,
+    table_from_frame,
+)
 from .evaluation import baseline_predictors, error_metrics, forecast_windows, model_predictor
 from .persistence import save_forecaster
-from .train import FitConfig, train_model
+from .train import FitConfig
 
 
-def load_data(cfg: FitConfig, out: Path) -> Prepared:
+def load_table(cfg: FitConfig, out: Path) -> Table:
     if cfg.csv is None:
         # The embedded default: written next to the results so `predict --csv` can be tried on it.
         frame = synthetic_frame(seed=cfg.seed)
@@ -39,7 +53,7 @@ def load_data(cfg: FitConfig, out: Path) -> Prepared:
         table = table_from_frame(frame, date_col=cfg.date_col, where="embedded data")
     else:
         table = read_table(cfg.csv, date_col=cfg.date_col)
-    return prepare(table, cfg.lookback, cfg.horizon, cfg.mode, cfg.target, cfg.protocol, tuple(cfg.split_ratios))
+    return table
 
 
 def describe(prep: Prepared) -> str:
@@ -50,37 +64,59 @@ def describe(prep: Prepared) -> str:
 
 
 # What a run writes into --output-dir (and what --overwrite may remove there); data.csv: the embedded data.
-OUTPUTS = ("checkpoints", "logs", "model/forecaster.json", "model/model.safetensors", "baselines", "config.yaml",
-           "data.csv", "metrics.json", "forecast.csv", "forecast.png")
+OUTPUTS = ("checkpoints", "logs", "model/forecaster.json", "model/model.safetensors", "search", "baselines",
+           "config.yaml", "data.csv", "metrics.json", "forecast.csv", "forecast.png")
+# Where the trainings of the default recipe keep their checkpoints: the search's trials, the baselines.
+CHECKPOINTS = ("search/*/checkpoints", "search/*/*/checkpoints", "baselines/*/*/checkpoints")
 
 
 def fit(cfg: FitConfig) -> dict:
     """The whole `fit` command; returns the metrics it writes."""
-    out = prepare_run(cfg, "timeseries.fit", OUTPUTS)
+    out = prepare_run(cfg, "timeseries.fit", OUTPUTS, checkpoints=CHECKPOINTS)
     save_run_config(cfg, out)
+    lookback_flag = cfg.lookback
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prep = load_data(cfg, out)
+    table = load_table(cfg, out)
+    cfg = dataclasses.replace(cfg, protocol=resolve_protocol(cfg.protocol, cfg.csv))
+    # Bad columns or data too short for any window fail here, in one line, before any announcement.
+    lookbacks = autofit.lookback_candidates(table, cfg)
+    prepare(table, min(lookbacks), cfg.horizon, **autofit.prep_kwargs(cfg))
+    unset = [flag for flag, value in (("--lookback", cfg.lookback), ("--model.d_model", cfg.model.d_model),
+                                      ("--model.n_layer", cfg.model.n_layer), ("--forecaster.loss", cfg.forecaster.loss),
+                                      ("--optim.lr", cfg.optim.lr)) if value is None]
+    if unset or cfg.baselines:
+        # The first line says how long this may take: the search and the baselines' lookback choice train
+        # several models, so the whole command can take longer than the chosen model's own fit.
+        print("timeseries.fit: may take several minutes: "
+              + (f"choosing {', '.join(unset)} on the validation split (closed-form linear maps at lookbacks "
+                 f"{lookbacks}, then Mamba trials for up to --search-budget {cfg.search_budget:g} s)"
+                 if unset else "settings fixed by flags")
+              + (f"; DLinear and RLinear baselines trained at each of {len(lookbacks)} lookback(s) "
+                 "(--no-baselines skips them)" if cfg.baselines else ""), file=sys.stderr)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    chosen = autofit.fit_forecaster(cfg, table, out, log)
+    model, prep, cfg = chosen.model, chosen.prep, chosen.cfg
     print(f"timeseries.fit: {describe(prep)}", file=sys.stderr)
+    print(f"timeseries.fit: chosen {settings_line(chosen)}", file=sys.stderr)
     season = cfg.season or season_length(prep.table.freq)
     mean, scale = prep.output_mean, prep.output_scale
-
-    start = time.perf_counter()
-    model = train_model(cfg, prep)
-    fit_seconds = time.perf_counter() - start
     pred, actual = forecast_windows(model_predictor(model, prep), prep.datasets["test"])
-    metrics = {**error_metrics(pred, actual, mean, scale), "fit_seconds": round(fit_seconds, 1)}
+    metrics = {**error_metrics(pred, actual, mean, scale), "fit_seconds": round(chosen.fit_seconds, 1),
+               "val_mse": chosen.val_mse, "selection": chosen.record}
 
     baselines = {}
     if cfg.baselines:
         for name, predict in baseline_predictors(prep, season).items():
             baselines[name] = error_metrics(*forecast_windows(predict, prep.datasets["test"]), mean, scale)
-        start = time.perf_counter()
-        dlinear = train_model(cfg, prep, kind="dlinear", output_dir=str(out / "baselines" / "dlinear"))
-        baselines["dlinear"] = {**error_metrics(*forecast_windows(model_predictor(dlinear, prep),
-                                                                  prep.datasets["test"]), mean, scale),
-                                "fit_seconds": round(time.perf_counter() - start, 1)}
+        for kind in ("dlinear", "rlinear"):
+            # Each at its own lookback, chosen on validation by the same rule (fixed if --lookback is given).
+            b = autofit.fit_linear_baseline(dataclasses.replace(cfg, lookback=lookback_flag), table, kind,
+                                            out / "baselines" / kind, log)
+            baselines[kind] = {**error_metrics(*forecast_windows(model_predictor(b.model, b.prep),
+                                                                 b.prep.datasets["test"]), mean, scale),
+                               "fit_seconds": round(b.fit_seconds, 1), "val_mse": b.val_mse, **b.record}
     metrics.update(baselines=baselines, model=model.cfg.to_dict(), season=season,
                    data={"csv": cfg.csv or "embedded", "rows": len(prep.table.values), "freq": prep.table.freq,
                          "inputs": prep.inputs, "outputs": prep.outputs, "mode": cfg.mode,
@@ -149,6 +185,19 @@ def write_forecast(out: Path, model, prep: Prepared, max_series: int = 4) -> Non
     fig.suptitle(f"{prep.outputs[0] if n == 1 else f'{n} of {len(prep.outputs)} series'}: "
                  f"horizon {H} from lookback {L}")
     save_figure_atomic(fig, out / "forecast.png")
+
+
+def settings_line(chosen: autofit.Fitted) -> str:
+    c = chosen.cfg
+    o, lr = c.forecaster, c.optim.lr
+    if o.kind != "mamba":
+        return f"{o.kind}, lookback {c.lookback}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})"
+    linear = chosen.record.get("linear")
+    head = (f"lookback {c.lookback}" + (f", linear map ridge alpha {linear['ridge_alpha']:g}" if linear else ""))
+    if not chosen.record.get("chosen", {}).get("correction", True):
+        return f"{head}, no Mamba correction (it did not lower the validation MSE {chosen.val_mse:.4f})"
+    return (f"{head}, Mamba correction over {o.token} tokens: d_model {c.model.d_model}, n_layer "
+            f"{c.model.n_layer}, patch {o.patch_len}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})")
 
 
 def summary_table(metrics: dict) -> str:

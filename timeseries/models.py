@@ -10,6 +10,8 @@
   backbone only has to learn what a linear forecaster misses, which keeps small data sets such as ETT from
   overfitting while the Mamba path captures the cross-series / nonlinear structure.
 * `DLinear` (Zeng et al. 2023): moving-average trend + remainder, one linear map each. A trained baseline.
+* `RLinear` (Li et al. 2023): RevIN + one linear map lookback -> horizon shared by all series. A trained
+  baseline, and the linear part of `MambaForecaster` on its own.
 * `repeat_last`, `seasonal_naive`: the untrained baselines.
 
 Every model predicts all its input series; the caller picks the output columns (M/S/MS modes).
@@ -17,6 +19,7 @@ Every model predicts all its input series; the caller picks the output columns (
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,22 +33,25 @@ from ssm_core import MambaConfig, MambaModel
 @dataclass
 class ForecasterOptions:
     """What a forecaster adds around its backbone (`--forecaster.*` on the command line)."""
-    kind: Literal["mamba", "dlinear"] = "mamba"
+    kind: Literal["mamba", "dlinear", "rlinear"] = "mamba"
     token: Literal["variate", "patch"] = field(default="variate", metadata={
         "help": "variate: one token per series, bidirectional scan (S-Mamba); patch: channel-independent "
                 "patches over time (causal unless --model.bidirectional)"})
-    patch_len: int = 16
-    patch_stride: int = 8
+    patch_len: int | None = field(default=16, metadata={"help": "steps per patch (none: lookback / 24, at "
+                                                                "least 8)"})
+    patch_stride: int | None = field(default=8, metadata={"help": "none: the patch length"})
     dropout: float = 0.1
     revin: bool = True
     linear_skip: bool = field(default=True, metadata={"help": "add a linear lookback->horizon path (RLinear)"})
     moving_avg: int = 25                # DLinear's trend window
+    loss: Literal["mse", "mae"] | None = field(default="mse", metadata={
+        "help": "training loss of point forecasts (none: chosen on validation by timeseries.fit)"})
     quantiles: list[float] = field(default_factory=list, metadata={
         "help": "train quantile outputs with the pinball loss, e.g. 0.1 0.5 0.9 (must include 0.5)"})
 
     def __post_init__(self):
         for name in ("patch_len", "patch_stride", "moving_avg"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--forecaster.{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--forecaster.dropout: must be in [0, 1), got {self.dropout}")
@@ -81,6 +87,9 @@ class ForecasterConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         o = self.options
+        if o.patch_len is None or o.patch_stride is None:   # the patch length follows the lookback
+            patch = o.patch_len or patch_for(self.lookback)
+            o = self.options = dataclasses.replace(o, patch_len=patch, patch_stride=o.patch_stride or patch)
         if o.token == "patch" and o.patch_len > self.lookback:
             raise ValueError(f"--forecaster.patch_len {o.patch_len}: longer than --lookback {self.lookback}")
         inputs = backbone_inputs(o, self.lookback)
@@ -117,9 +126,14 @@ class ForecasterConfig:
         return cls(**d)
 
 
+def patch_for(lookback: int, max_tokens: int = 24) -> int:
+    """Patch length (= stride) giving at most `max_tokens` tokens, at least 8 steps per patch."""
+    return max(8, math.ceil(lookback / max_tokens))
+
+
 def backbone_inputs(options: ForecasterOptions, lookback: int) -> dict:
     """The MambaConfig fields that the token scheme sets: one token is a series' lookback or a patch."""
-    return {"d_input": lookback if options.token == "variate" else options.patch_len, "vocab_size": None,
+    return {"d_input": lookback if options.token == "variate" else options.patch_len or patch_for(lookback), "vocab_size": None,
             "complement_map": None}
 
 
@@ -220,8 +234,27 @@ class DLinear(nn.Module):
         return y.squeeze(-1) if not self.cfg.quantiles else y
 
 
+class RLinear(nn.Module):
+    """RevIN around one linear map lookback -> horizon, the same for every series (channel-independent)."""
+
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.revin = RevIN()
+        self.linear = nn.Linear(cfg.lookback, cfg.horizon * cfg.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, C = x.shape
+        xn, stats = self.revin.normalise(x)
+        y = self.linear(xn.transpose(1, 2)).reshape(b, C, self.cfg.horizon, self.cfg.n_outputs).permute(0, 2, 1, 3)
+        return RevIN.denormalise(y if self.cfg.quantiles else y.squeeze(-1), stats)
+
+
+MODELS = {"mamba": MambaForecaster, "dlinear": DLinear, "rlinear": RLinear}
+
+
 def build_model(cfg: ForecasterConfig) -> nn.Module:
-    return MambaForecaster(cfg) if cfg.options.kind == "mamba" else DLinear(cfg)
+    return MODELS[cfg.options.kind](cfg)
 
 
 def point_forecast(pred: torch.Tensor, quantiles: list[float]) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -25,6 +24,47 @@ from ssm_core.training import (
 from .data import Mode, Prepared, Protocol
 from .models import ForecasterConfig, ForecasterOptions, backbone_inputs
 
+# What FitConfig's --forecaster.* may override per trial; the other overrides are backbone fields.
+OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ForecasterOptions))
+STAND_IN = {"d_model": 64, "n_layer": 2, "lr": 1e-3}   # for checks before the search has chosen
+
+
+@dataclass
+class SearchableBackbone(MambaConfig):
+    """The backbone of `timeseries.fit` (`--model.*`): d_model and n_layer may stay unset (None), to be chosen
+    on validation (timeseries/autofit.py)."""
+    d_model: int | None = field(default=None, metadata={"help": "default: chosen on validation"})
+    n_layer: int | None = field(default=None, metadata={"help": "default: chosen on validation"})
+
+    def __post_init__(self):
+        self.chosen()   # MambaConfig's checks, with stand-ins for what is still to be chosen
+
+    def chosen(self, **override) -> MambaConfig:
+        """The MambaConfig to build (unset sizes take a stand-in)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(MambaConfig)}
+        values.update(override)
+        mixer = values["mixer"]
+        n_pattern = len(mixer) if isinstance(mixer, (list, tuple)) else len(str(mixer).split(","))
+        values["d_model"] = values["d_model"] or STAND_IN["d_model"]
+        values["n_layer"] = values["n_layer"] or max(STAND_IN["n_layer"], n_pattern)
+        return MambaConfig(**values)
+
+
+@dataclass
+class SearchableOptim(OptimConfig):
+    """OptimConfig (`--optim.*`) whose lr may stay unset (None): chosen on validation."""
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: chosen on validation)"})
+
+    def __post_init__(self):
+        lr = self.lr
+        self.lr = lr or STAND_IN["lr"]
+        try:
+            super().__post_init__()
+        finally:
+            self.lr = lr
+        if lr is not None and lr <= 0:
+            raise ValueError(f"--optim.lr: must be > 0, got {lr}")
+
 
 @dataclass
 class FitConfig(TrainConfig):
@@ -39,19 +79,28 @@ class FitConfig(TrainConfig):
     target: list[str] | None = field(default=None, metadata={"help": "target column(s) (default: all "
                                                                      "numeric; S/MS: the last column)"})
     mode: Mode = field(default="M", metadata={"help": "M all->all, S target->target, MS all->target"})
-    protocol: Protocol = field(default="ratios", metadata={"help": "split borders: ratios (see "
-                                                                   "--split-ratios) or the TSLib ETT borders"})
+    protocol: Protocol = field(default="auto", metadata={"help": "split borders: ratios (see --split-ratios), "
+                                                                 "the TSLib ETT borders, or auto (ETT borders "
+                                                                 "for ETTh*/ETTm* files, else ratios)"})
     split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2],
                                       metadata={"help": "train val test fractions (protocol ratios)"})
-    lookback: int = 96
+    # Settings left unset (None) are chosen on the validation split by timeseries/autofit.py.
+    lookback: int | None = field(default=None, metadata={"help": "history length (default: chosen on "
+                                                                  "validation among 96..720 and longer)"})
     horizon: int = 96
-    forecaster: ForecasterOptions = field(default_factory=ForecasterOptions)
+    # Settings left unset (None) are chosen on the validation split by timeseries/autofit.py: lookback,
+    # model.d_model, model.n_layer, optim.lr, forecaster.loss (and forecaster.patch_len from the lookback).
+    forecaster: ForecasterOptions = field(default_factory=lambda: ForecasterOptions(
+        token="patch", patch_len=None, patch_stride=None, loss=None))
     # The backbone; d_input follows the token scheme (--lookback or --forecaster.patch_len).
-    model: MambaConfig = field(default_factory=lambda: MambaConfig(d_model=64, n_layer=2, d_state=8, d_input=96))
+    model: SearchableBackbone = field(default_factory=lambda: SearchableBackbone(d_state=8, d_input=96))
     # TSLib's schedule: AdamW, the learning rate halved after every epoch.
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="exponential", lr_decay=0.5))
-    loss: Literal["mse", "mae"] = "mse"
+    optim: SearchableOptim = field(default_factory=lambda: SearchableOptim(schedule="exponential", lr_decay=0.5))
+    ridge_init: bool = field(default=True, metadata={
+        "help": "start the linear path at its closed-form ridge fit (frozen) and the Mamba head at zero"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
+    search_budget: float = field(default=240.0, metadata={
+        "help": "seconds for the model search on validation (lookback, size, loss, lr); at least one trial runs"})
     # evaluation
     season: int | None = field(default=None, metadata={"help": "seasonal-naive period (default: from the "
                                                                 "date frequency, e.g. 24 for hourly)"})
@@ -69,11 +118,11 @@ class FitConfig(TrainConfig):
     @classmethod
     def derive(cls, values: dict) -> dict:
         options = ForecasterOptions(**values.get("forecaster", {}))
-        return {f"model.{k}": v for k, v in backbone_inputs(options, int(values.get("lookback", 96))).items()}
+        return {f"model.{k}": v for k, v in backbone_inputs(options, int(values.get("lookback") or 96)).items()}
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lookback < 1 or self.horizon < 1:
+        if (self.lookback is not None and self.lookback < 1) or self.horizon < 1:
             raise ValueError("--lookback and --horizon: must be >= 1")
         if len(self.split_ratios) != 3 or any(r <= 0 for r in self.split_ratios) or sum(self.split_ratios) > 1 + 1e-9:
             raise ValueError(f"--split-ratios: expected three positive fractions summing to <= 1, got "
@@ -82,17 +131,40 @@ class FitConfig(TrainConfig):
             raise ValueError(f"--threads: must be >= 0, got {self.threads}")
         if self.patience < 1:
             raise ValueError("--patience: must be >= 1")
-        # Validate the model options now (one clear line) rather than after loading the data.
-        self.model = self.forecaster_config(1).backbone
+        if self.search_budget < 0:
+            raise ValueError(f"--search-budget: must be >= 0, got {self.search_budget}")
+        # Validate the model options now (one clear line) rather than after loading the data; settings
+        # still to be chosen take a stand-in that passes. The token scheme's backbone inputs (d_input,
+        # bidirectional) are filled in; the sizes stay unset until the search chooses them.
+        backbone = self.forecaster_config(1, lookback=self.lookback or 96).backbone
+        self.model = dataclasses.replace(self.model, **{k: getattr(backbone, k) for k in (
+            "d_input", "vocab_size", "complement_map", "bidirectional")})
 
-    def forecaster_config(self, n_series: int, kind: str | None = None) -> ForecasterConfig:
-        options = self.forecaster if kind is None else dataclasses.replace(self.forecaster, kind=kind)
-        return ForecasterConfig(n_series=n_series, lookback=self.lookback, horizon=self.horizon, options=options,
-                                backbone=self.model)
+    def forecaster_config(self, n_series: int, kind: str | None = None, **override) -> ForecasterConfig:
+        """The model's config; settings still unset (None) take a stand-in (autofit fills them in first)."""
+        lookback = override.pop("lookback", self.lookback)
+        options = dataclasses.replace(self.forecaster, **({"kind": kind} if kind else {}),
+                                      **{k: v for k, v in override.items() if k in OPTION_FIELDS})
+        backbone = self.model.chosen(**{k: v for k, v in override.items() if k not in OPTION_FIELDS})
+        return ForecasterConfig(n_series=n_series, lookback=lookback, horizon=self.horizon, options=options,
+                                backbone=backbone)
+
+    def with_choices(self, lookback: int | None = None, d_model: int | None = None, n_layer: int | None = None,
+                     lr: float | None = None, loss: str | None = None, **options) -> "FitConfig":
+        """A copy with these settings filled in (the nested groups copied, never shared)."""
+        return dataclasses.replace(
+            self, lookback=lookback or self.lookback,
+            model=dataclasses.replace(self.model, d_model=d_model or self.model.d_model,
+                                      n_layer=n_layer or self.model.n_layer),
+            optim=dataclasses.replace(self.optim, lr=lr or self.optim.lr),
+            forecaster=dataclasses.replace(self.forecaster, loss=loss or self.forecaster.loss, **options))
 
 
-def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_dir: str | None = None) -> nn.Module:
-    """Fit one forecaster with Lightning (early stopping on validation MSE); returns the best weights."""
+def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_dir: str | None = None,
+                model: nn.Module | None = None, **trainer_kwargs) -> nn.Module:
+    """Fit one forecaster with Lightning (early stopping on validation MSE); returns the best weights.
+    `model`: start from these weights (else a new one from `cfg`); `trainer_kwargs`: for lightning.Trainer
+    (e.g. max_time, limit_train_batches)."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     from .lightning_module import ForecastModule  # Lightning loads on first use: predict/backtest skip it
@@ -102,14 +174,16 @@ def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_
         # A baseline the interrupted run had not started yet: it starts now.
         run_cfg = dataclasses.replace(run_cfg, resume=False)
     task = ForecastModule(cfg.forecaster_config(len(prep.inputs), kind).to_dict(), prep.output_idx_in_inputs,
-                          dataclasses.asdict(cfg.optim), cfg.loss)
+                          dataclasses.asdict(cfg.optim), cfg.forecaster.loss or "mse")
+    if model is not None:   # start from these weights (e.g. the ridge-initialised linear path, frozen)
+        task.model = model
     trainer = make_trainer(run_cfg, monitor="val_mse",
                            # Checked after each validation only: a --max-steps run may end mid-epoch without one.
                            # StepSeed + EpochBatches: dropout and data order follow from the step (exact resume).
                            callbacks=[EarlyStopping("val_mse", patience=cfg.patience, mode="min",
                                                     check_on_train_epoch_end=False), StepSeed(cfg.seed)],
                            enable_progress_bar=cfg.progress, enable_model_summary=False,
-                           use_distributed_sampler=False)
+                           use_distributed_sampler=False, **trainer_kwargs)
     train = prep.datasets["train"]
     train_dl = DataLoader(train, batch_sampler=EpochBatches(len(train), cfg.batch_size, cfg.seed, trainer,
                                                             drop_last=False), num_workers=cfg.num_workers)

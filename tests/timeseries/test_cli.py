@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ def fitted(small_csv, tmp_path_factory):
 def test_fit_writes_metrics_forecast_plot_model(fitted):
     metrics = json.loads((fitted / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
-    assert set(metrics["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear"}
+    assert set(metrics["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear", "rlinear"}
     for m in [metrics, *metrics["baselines"].values()]:
         assert METRIC_KEYS <= set(m) and all(np.isfinite(m[k]) for k in METRIC_KEYS)
     # 400 rows, ratios 0.7/0.1/0.2: the test split is rows [400 - 80 - 24, 400): every window counted.
@@ -50,7 +51,10 @@ def test_fit_writes_metrics_forecast_plot_model(fitted):
     assert len(forecast) == 8 and {"series_0_actual", "series_0_forecast", "series_1_q0.9"} <= set(forecast)
     assert (fitted / "forecast.png").stat().st_size > 1000
     assert (fitted / "model" / "model.safetensors").is_file()
-    assert (fitted / "checkpoints" / "best.ckpt").is_file()
+    # Quantile outputs: no closed-form linear part, so a Mamba trial is chosen; its Lightning checkpoints stay.
+    chosen = metrics["selection"]["chosen"]
+    assert chosen["correction"] and Path(chosen["checkpoints"]).parent == fitted / "search"
+    assert (Path(chosen["checkpoints"]) / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_residual_in_fp32_flag_reaches_the_backbone():
@@ -132,7 +136,10 @@ def test_config_yaml_of_a_fit_gives_its_config(fitted):
     from ssm_core.cli import parse_config
     cfg = parse_config(FitConfig, ["--config", str(fitted / "config.yaml")])
     assert cfg.forecaster.quantiles == [0.1, 0.5, 0.9] and cfg.model.d_model == 8 and cfg.lookback == 24
-    assert cfg.model.d_input == 24 and cfg.model.bidirectional is True      # variate tokens: the lookback
+    # patch tokens (the default): the patch length follows the lookback (24 -> 8), a causal scan
+    assert cfg.model.d_input == 8 and cfg.model.bidirectional is False
+    variate = parse_config(FitConfig, ["--config", str(fitted / "config.yaml"), "--forecaster.token", "variate"])
+    assert variate.model.d_input == 24 and variate.model.bidirectional is True  # variate tokens: the lookback
     assert cfg.optim.schedule == "exponential" and cfg.optim.lr_decay == 0.5
     again = parse_config(FitConfig, ["--csv", cfg.csv, "--output-dir", cfg.output_dir, *TINY,
                                      "--forecaster.quantiles", "0.1", "0.5", "0.9"])
@@ -145,10 +152,26 @@ def test_patch_tokens_set_the_backbone_input():
     assert cfg.model.d_input == 6 and cfg.model.bidirectional is False
 
 
+def test_search_settings_are_unset_by_default_and_fixed_by_their_nested_flags():
+    from ssm_core.cli import parse_config
+    cfg = parse_config(FitConfig, [])
+    assert (cfg.lookback, cfg.model.d_model, cfg.model.n_layer, cfg.optim.lr, cfg.forecaster.loss) == (None,) * 5
+    cfg = parse_config(FitConfig, ["--lookback", "48", "--model.d_model", "16", "--model.n_layer", "3",
+                                   "--optim.lr", "5e-4", "--forecaster.loss", "mae"])
+    assert (cfg.lookback, cfg.model.d_model, cfg.model.n_layer, cfg.optim.lr, cfg.forecaster.loss) == (
+        48, 16, 3, 5e-4, "mae")
+    fc = cfg.forecaster_config(2)
+    assert fc.backbone.d_model == 16 and fc.backbone.n_layer == 3 and fc.options.patch_len == 8
+    from ssm_core.cli import UserError
+    with pytest.raises(UserError, match="--optim.lr: must be > 0"):
+        parse_config(FitConfig, ["--optim.lr", "0"])
+
+
 def test_old_flat_flags_name_their_new_spelling(capsys):
     for old, new in (("--model", "--forecaster.kind"), ("--d-model", "--model.d_model"),
                      ("--lr-decay", "--optim.lr_decay"), ("--quantiles", "--forecaster.quantiles"),
-                     ("--token", "--forecaster.token")):
+                     ("--token", "--forecaster.token"), ("--loss", "--forecaster.loss"), ("--lr", "--optim.lr"),
+                     ("--n-layer", "--model.n_layer"), ("--patch-len", "--forecaster.patch_len")):
         assert run(fit_main, FitConfig, [old, "1"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{old}: moved to {new}" in err[0], err

@@ -97,6 +97,16 @@ def test_date_detection_frequency_and_text_columns(tmp_path):
     assert season_length(gappy) == 7
 
 
+def test_slash_dates_without_zero_padding(tmp_path):
+    """exchange_rate.csv writes dates like `1990/1/1 0:00`: day-first or month-first must not matter."""
+    dates = pd.date_range("1990-01-01", periods=40, freq="D")
+    text = [f"{d.year}/{d.month}/{d.day} 0:00" for d in dates]
+    df = pd.DataFrame({"date": text, "0": np.arange(40.0), "OT": np.ones(40)})
+    t = read_table(write(tmp_path, df))
+    assert t.date_col == "date" and t.columns == ["0", "OT"] and t.freq == "D"
+    assert (t.dates == dates).all()
+
+
 def test_missing_values_filled_with_warning(tmp_path):
     df = hourly_frame(100)
     df.loc[[3, 4, 50], "a"] = np.nan
@@ -157,3 +167,12 @@ def test_etth2_protocol(shared_dir):
     prep = prepare(t, 96, 96, protocol="ett-hour")
     assert {k: len(d) for k, d in prep.datasets.items()} == {"train": 8449, "val": 2785, "test": 2785}
     np.testing.assert_allclose(prep.scaler.mean_, t.values[:8640].mean(0))
+
+
+def test_protocol_auto_follows_the_file_name():
+    from timeseries.data import resolve_protocol
+    assert resolve_protocol("auto", "../shared/data/ETTh2.csv") == "ett-hour"
+    assert resolve_protocol("auto", "ETTm1.csv") == "ett-minute"
+    assert resolve_protocol("auto", "exchange_rate.csv") == "ratios"
+    assert resolve_protocol("auto", None) == "ratios"
+    assert resolve_protocol("ratios", "ETTh1.csv") == "ratios"

@@ -1,0 +1,138 @@
+"""The default recipe's selection (timeseries/autofit.py): it reads training and validation rows only, the
+closed-form linear map is the RevIN-linear forecaster it claims to be, and the choices follow the data."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ssm_core import MambaConfig
+from ssm_core.cli import parse_config, run
+from timeseries import autofit
+from timeseries.data import prepare, split_borders, table_from_frame
+from timeseries.fit import main as fit_main
+from timeseries.models import ForecasterConfig, ForecasterOptions, build_model, repeat_last
+from timeseries.train import FitConfig
+
+
+def frame(n=700, seed=0, kind="seasonal"):
+    """Two hourly series: a noisy daily sine (a linear map beats repeat-last) or random walks."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    if kind == "seasonal":
+        cols = {f"s{k}": np.sin(2 * np.pi * t / 24 + k) + 0.1 * rng.normal(size=n) for k in range(2)}
+    else:
+        cols = {f"s{k}": np.cumsum(rng.normal(size=n)) for k in range(2)}
+    return pd.DataFrame({"date": pd.date_range("2024-01-01", periods=n, freq="h").strftime("%Y-%m-%d %H:%M"),
+                         **cols})
+
+
+def corrupt_test_rows(df: pd.DataFrame, seed=1) -> pd.DataFrame:
+    """Replace every row that only the test split reads (ratios 0.7/0.1/0.2) with large noise."""
+    n = len(df)
+    first_test_only = n - int(0.2 * n)
+    out = df.copy()
+    rng = np.random.default_rng(seed)
+    for c in ("s0", "s1"):
+        out.loc[first_test_only:, c] = 50 + 30 * rng.normal(size=n - first_test_only)
+    return out
+
+
+def test_closed_form_fit_is_the_revin_linear_forecaster():
+    """The ridge weights, applied as RevIN + linear map (and as the frozen skip of a Mamba forecaster with a
+    zero head), reproduce the validation MSE the selection scored."""
+    table = table_from_frame(frame())
+    prep = prepare(table, 48, 12)
+    fit = min(autofit.ridge_path(prep), key=lambda f: f.val_mse)
+    cfg = ForecasterConfig(n_series=2, lookback=48, horizon=12,
+                           options=ForecasterOptions(token="patch", patch_len=8, patch_stride=8),
+                           backbone=MambaConfig(d_model=8, n_layer=1, d_state=4, d_input=8))
+    model = autofit.init_from_ridge(build_model(cfg), fit).eval()
+    rlinear = build_model(ForecasterConfig(n_series=2, lookback=48, horizon=12,
+                                                options=ForecasterOptions(kind="rlinear")))
+    with torch.no_grad():
+        rlinear.linear.weight.copy_(torch.as_tensor(fit.weight))
+        rlinear.linear.bias.copy_(torch.as_tensor(fit.bias))
+    for m in (model, rlinear):
+        assert float(autofit.val_errors(m, prep).mean()) == pytest.approx(fit.val_mse, rel=1e-4)
+    assert not model.skip.weight.requires_grad and model.head.weight.requires_grad
+
+
+def test_strong_ridge_is_repeat_last_and_weak_ridge_fits_the_season():
+    table = table_from_frame(frame())
+    prep = prepare(table, 48, 12)
+    fits = autofit.ridge_path(prep, alphas=(1e-4, 1e6))
+    x, y = next(iter(torch.utils.data.DataLoader(prep.datasets["val"], batch_size=10_000)))
+    naive = float(((repeat_last(x, 12) - y) ** 2).mean())
+    assert fits[1].val_mse == pytest.approx(naive, rel=1e-3)      # shrunk all the way: repeat-last
+    assert fits[1].dof < 0.01 < fits[0].dof
+    assert fits[0].val_mse < 0.2 * naive                           # a sine is linear-predictable
+
+
+@pytest.mark.parametrize("kind, strong", [("seasonal", False), ("random_walk", True)])
+def test_ridge_strength_follows_the_data(kind, strong):
+    table = table_from_frame(frame(n=1500, kind=kind))
+    best, fits = autofit.select_linear(table, 24, [48, 96], {}, log=lambda *_: None)
+    assert best.val_mse == min(f.val_mse for f in fits)
+    assert (best.alpha >= 1.0) is strong, best
+
+
+def test_candidate_lookbacks_grow_with_the_data():
+    assert autofit.candidate_lookbacks(8640, 96) == [96, 192, 336, 720, 1440]
+    assert autofit.candidate_lookbacks(1000, 96) == [96, 192]
+    assert autofit.candidate_lookbacks(150, 24) == [48]            # the longest short one that fits
+    assert autofit.candidate_lookbacks(20, 24) == []
+
+
+def test_grid_keeps_fixed_choices():
+    cfg = parse_config(FitConfig, ["--lookback", "48", "--model.d_model", "16", "--forecaster.loss", "mae"])
+    grid = autofit.mamba_grid(cfg)
+    assert all(d == 16 and loss == "mae" for d, _, loss, _ in grid)
+    assert len(grid) == len(set(grid)) < len(autofit.MAMBA_GRID)
+    assert autofit.lookback_candidates(table_from_frame(frame()), cfg) == [48]
+
+
+def test_selection_reads_training_and_validation_rows_only():
+    """Corrupting the rows only the test split reads changes the test error, never the chosen settings."""
+    clean = table_from_frame(frame(n=1200))
+    bad = table_from_frame(corrupt_test_rows(frame(n=1200)))
+    b = split_borders(1200, 1, 1)
+    assert np.array_equal(clean.values[:b["val"][1]], bad.values[:b["val"][1]])
+    assert not np.allclose(clean.values[b["val"][1]:], bad.values[b["val"][1]:])
+    runs = []
+    for table in (clean, bad):
+        best, fits = autofit.select_linear(table, 24, [48, 96, 192], {}, log=lambda *_: None)
+        runs.append(([(f.lookback, f.alpha, f.val_mse) for f in fits], (best.lookback, best.alpha)))
+    assert runs[0] == runs[1]
+
+
+@pytest.fixture(scope="module")
+def fits_clean_and_corrupted(tmp_path_factory):
+    """The whole `fit` command (selection, one Mamba trial, baselines) on a CSV and on its corrupted twin."""
+    d = tmp_path_factory.mktemp("autofit")
+    out = {}
+    for name, df in (("clean", frame(n=900)), ("corrupt", corrupt_test_rows(frame(n=900)))):
+        csv = d / f"{name}.csv"
+        df.to_csv(csv, index=False)
+        assert run(fit_main, FitConfig, ["--csv", str(csv), "--horizon", "12", "--max-epochs", "1",
+                                         "--search-budget", "0", "--output-dir", str(d / name),
+                                         "--no-progress"]) == 0
+        out[name] = json.loads((d / name / "metrics.json").read_text())
+    return out
+
+
+def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_and_corrupted):
+    clean, corrupt = fits_clean_and_corrupted["clean"], fits_clean_and_corrupted["corrupt"]
+    sel = clean["selection"]
+    assert sel["chosen"]["lookback"] in sel["lookback_candidates"] == [96, 192]
+    assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 0)
+    assert {"lookback", "ridge_alpha", "val_mse_by_lookback"} <= set(sel["linear"])
+    for key in ("chosen", "linear", "lookback_candidates"):
+        assert clean["selection"][key] == corrupt["selection"][key]
+    assert [t["val_mse"] for t in clean["selection"]["trials"]] == [t["val_mse"] for t in sel["trials"]]
+    for b in ("dlinear", "rlinear"):
+        assert clean["baselines"][b]["lookback"] == corrupt["baselines"][b]["lookback"]
+        assert clean["baselines"][b]["val_mse_by_lookback"] == corrupt["baselines"][b]["val_mse_by_lookback"]
+    assert corrupt["test_mse"] > 10 * clean["test_mse"]          # the corruption did reach the test rows
+    assert set(clean["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear", "rlinear"}

@@ -1,0 +1,296 @@
+"""The default recipe: settings chosen from the validation split only.
+
+`python -m timeseries.fit --csv data.csv --horizon H` with no model flags calls `choose` here. It never reads
+a test row: every candidate is fitted on the training rows and scored on the validation windows.
+
+Stage 1, closed form (seconds): a channel-independent RevIN-linear forecaster (RLinear's architecture)
+fitted by ridge regression for every candidate lookback and ridge strength. The ridge prior is "repeat the
+last value", not zero: the map predicts the deviation of each normalised future step from the last
+normalised value, so strong shrinkage gives repeat-last (the best forecast of a random walk, e.g. exchange
+rates) and weak shrinkage the least-squares linear map (seasonal data, e.g. ETT). Lookback and strength are
+both chosen on validation MSE.
+
+Stage 2 (Lightning, the time budget): at the chosen lookback, a channel-independent Mamba over patch
+tokens learns a correction on top of that linear forecast (`MambaForecaster` with the ridge map as its
+frozen linear skip and a zero-initialised head, so training starts from the linear forecast). A small
+ordered grid of (model size, loss, learning rate) runs while the budget lasts; the linear forecast alone
+is a candidate too, so the recipe never returns something worse on validation than its linear part.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Prepared, Table, prepare
+from .models import patch_for  # noqa: F401 (autofit.patch_for: the stage-2 patch length)
+
+LOOKBACKS = (96, 192, 336, 720)
+# Ridge strengths relative to the mean feature energy (trace(X'X) / L); 1e3 is repeat-last in practice.
+RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+REVIN_EPS = 1e-5  # RevIN's: the same normalisation as models.RevIN
+
+
+def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] = LOOKBACKS,
+                        min_windows_per_step: float = 2.0) -> list[int]:
+    """Lookbacks worth trying: the base list, then doubling beyond 720 while the training split still has
+    at least `min_windows_per_step` x lookback windows (a linear map has `lookback` weights per output,
+    fitted on windows x series rows); a series too short for 96 gets one shorter lookback."""
+    def windows(L: int) -> int:
+        return n_train_rows - L - horizon + 1
+
+    out = [L for L in base if windows(L) >= min_windows_per_step * L]
+    L = base[-1] * 2
+    while windows(L) >= min_windows_per_step * L:
+        out.append(L)
+        L *= 2
+    if not out:  # a short series: the longest shorter lookback with as many windows as steps, else any
+        short = (*base, 48, 24, 12)
+        fits = [L for L in short if windows(L) >= L] or [L for L in short if windows(L) >= 1]
+        out = [max(fits)] if fits else []
+    return sorted(set(out))
+
+
+def _window_features(series: torch.Tensor, lookback: int, horizon: int):
+    """series (rows, C) -> per (window, channel) the regression the RevIN-linear map solves exactly.
+
+    The model is y = mean + s * (W xn + b) with xn = (x - mean) / s (RevIN). Its squared error on the
+    scaled data is s^2 * |normalised error|^2, so least squares on the data's own scale (the metric) is
+    weighted least squares in the normalised space with weights s^2, which is ordinary least squares of
+    y - x_last on the features (x - mean, s): the deviations from repeat-last on the de-meaned history and
+    on the window's spread (the intercept b). Returns features (N, L+1), targets (N, H), float32."""
+    w = series.unfold(0, lookback + horizon, 1).reshape(-1, lookback + horizon).float()  # (n*C, L+H)
+    x, y = w[:, :lookback], w[:, lookback:]
+    mean = x.mean(1, keepdim=True)
+    std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + REVIN_EPS)
+    return torch.cat([x - mean, std], 1), y - x[:, -1:]
+
+
+@dataclass
+class RidgeFit:
+    lookback: int
+    alpha: float
+    weight: np.ndarray   # (H, L) map on the normalised history, repeat-last already folded in
+    bias: np.ndarray     # (H,)
+    val_mse: float
+    dof: float           # effective degrees of freedom per output step (0: repeat-last)
+    val_errors: np.ndarray = field(repr=False, default=None)  # squared error per validation window
+
+
+def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, chunk: int = 2048) -> list[RidgeFit]:
+    """Fit the RevIN-linear map for every alpha on the training windows of `prep` (all input series,
+    channel-independent) and score each on the validation windows of the output series (scaled MSE).
+    Every weight, the intercept included, is shrunk towards 0, i.e. the forecast towards repeat-last."""
+    L, H = prep.lookback, prep.horizon
+    a, b = prep.borders["train"]
+    train = torch.as_tensor(prep.scaled[a:b][:, prep.input_idx])
+    # Sufficient statistics in chunks of windows, so a long lookback never holds every window at once.
+    xtx = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    xty = torch.zeros(L + 1, H, dtype=torch.float64)
+    for s in range(0, len(train) - L - H + 1, chunk):
+        f, t = _window_features(train[s:s + chunk + L + H - 1], L, H)
+        xtx += (f.T @ f).double()
+        xty += (f.T @ t).double()
+    evals, evecs = torch.linalg.eigh(xtx)
+    proj = evecs.T @ xty
+    energy = float(torch.trace(xtx)) / (L + 1)
+    va, vb = prep.borders["val"]
+    fv, tv = _window_features(torch.as_tensor(prep.scaled[va:vb][:, prep.output_idx]), L, H)
+    fv, tv = fv.double(), tv.double()
+    fits = []
+    for alpha in alphas:
+        beta = evecs @ (proj / (evals + alpha * energy).unsqueeze(1))   # (L+1, H)
+        err = ((fv @ beta - tv) ** 2).reshape(-1, len(prep.output_idx), H).mean((1, 2))  # per window
+        weight = beta[:L].T.clone()
+        weight[:, -1] += 1.0                                            # the repeat-last prior, folded in
+        dof = float((evals / (evals + alpha * energy)).sum())
+        fits.append(RidgeFit(L, alpha, weight.float().numpy(), beta[L].float().numpy(), float(err.mean()),
+                             dof, err.numpy()))
+    return fits
+
+
+def select_linear(table: Table, horizon: int, lookbacks: list[int], prep_kwargs: dict,
+                  alphas=RIDGE_ALPHAS, log=print) -> tuple[RidgeFit, list[RidgeFit]]:
+    """Every (lookback, alpha) of the closed-form map; the best by validation MSE, and all of them."""
+    all_fits = []
+    for L in lookbacks:
+        prep = prepare(table, L, horizon, **prep_kwargs)
+        fits = ridge_path(prep, alphas)
+        best = min(fits, key=lambda f: f.val_mse)
+        log(f"autofit: linear lookback {L}: best ridge alpha {best.alpha:g}, val MSE {best.val_mse:.4f}")
+        all_fits += fits
+    return min(all_fits, key=lambda f: f.val_mse), all_fits
+
+
+# --- stage 2 and the baselines: Lightning fits scored on validation ----------------------------------
+# (d_model, n_layer, loss, lr), tried in this order while the budget lasts: the default first, then a
+# robust loss (heavy-tailed series), then a larger model. Small first: a CPU must finish a trial in budget.
+MAMBA_GRID = ((32, 1, "mse", 1e-3), (32, 1, "mae", 1e-3), (64, 2, "mse", 5e-4), (64, 2, "mae", 5e-4))
+EPOCH_BATCHES = 100
+
+
+@dataclass
+class Fitted:
+    """A trained forecaster, the data prepared at its lookback, its settings and how they were chosen."""
+    model: torch.nn.Module
+    prep: Prepared
+    cfg: object                      # the FitConfig actually used (every choice filled in)
+    val_mse: float
+    fit_seconds: float
+    record: dict
+
+
+def val_errors(model: torch.nn.Module, prep: Prepared) -> np.ndarray:
+    """Squared error per validation window (scaled), in time order."""
+    from .evaluation import forecast_windows, model_predictor
+    pred, actual = forecast_windows(model_predictor(model, prep), prep.datasets["val"])
+    return ((pred.astype(np.float64) - actual) ** 2).mean((1, 2))
+
+
+def init_from_ridge(model: torch.nn.Module, ridge: RidgeFit) -> torch.nn.Module:
+    """Start a RevIN + linear-skip forecaster at the closed-form linear map: the skip takes the ridge
+    weights and is frozen, the backbone's head starts at zero, so the first forecast is the linear one and
+    training only adds a correction."""
+    with torch.no_grad():
+        model.skip.weight.copy_(torch.as_tensor(ridge.weight))
+        model.skip.bias.copy_(torch.as_tensor(ridge.bias))
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    model.skip.requires_grad_(False)
+    return model
+
+
+def _ridge_usable(cfg) -> bool:
+    o = cfg.forecaster
+    return o.kind == "mamba" and o.linear_skip and o.revin and not o.quantiles and cfg.ridge_init
+
+
+def prep_kwargs(cfg) -> dict:
+    return dict(mode=cfg.mode, target=cfg.target, protocol=cfg.protocol, ratios=tuple(cfg.split_ratios))
+
+
+def train_rows(table: Table, cfg) -> int:
+    """Rows of the training split (the same for every lookback)."""
+    from .data import split_borders
+    # Borders at the smallest window: only the training end is read, and it does not depend on the lookback.
+    return split_borders(len(table.values), 1, 1, cfg.protocol, tuple(cfg.split_ratios))["train"][1]
+
+
+def lookback_candidates(table: Table, cfg) -> list[int]:
+    if cfg.lookback is not None:
+        return [cfg.lookback]
+    out = candidate_lookbacks(train_rows(table, cfg), cfg.horizon)
+    if not out:
+        from ssm_core.cli import UserError
+        raise UserError(f"--csv: the training split ({train_rows(table, cfg)} rows) is too short for "
+                        f"--horizon {cfg.horizon} with any lookback")
+    return out
+
+
+def _train(cfg, prep: Prepared, output_dir: Path, kind: str | None = None, model=None, **trainer_kwargs):
+    from .train import train_model
+    start = time.perf_counter()
+    model = train_model(cfg, prep, kind=kind, output_dir=str(output_dir), model=model, **trainer_kwargs)
+    return model, time.perf_counter() - start
+
+
+def fit_linear_baseline(cfg, table: Table, kind: str, out: Path, log=print) -> Fitted:
+    """DLinear or RLinear trained like the model (Lightning, early stopping), at every candidate lookback;
+    the one with the lowest validation MSE is kept: the same lookback rule as the default recipe."""
+    lr = cfg.optim.lr if cfg.optim.lr is not None else MAMBA_GRID[0][3]
+    loss = cfg.forecaster.loss if cfg.forecaster.loss is not None else MAMBA_GRID[0][2]
+    tried, best = {}, None
+    for L in lookback_candidates(table, cfg):
+        prep = prepare(table, L, cfg.horizon, **prep_kwargs(cfg))
+        bcfg = cfg.with_choices(lookback=L, lr=lr, loss=loss, kind=kind)
+        model, secs = _train(bcfg, prep, out / f"L{L}", kind=kind)
+        mse = float(val_errors(model, prep).mean())
+        tried[L] = round(mse, 5)
+        if best is None or mse < best.val_mse:
+            best = Fitted(model, prep, bcfg, mse, secs, {})
+    best.record = {"lookback": best.prep.lookback, "val_mse_by_lookback": tried, "lr": lr, "loss": loss}
+    log(f"autofit: {kind} baseline: lookback {best.prep.lookback} (validation MSE by lookback {tried})")
+    return best
+
+
+def mamba_grid(cfg) -> list[tuple]:
+    """The stage-2 grid with the user's fixed choices substituted (duplicates dropped, order kept)."""
+    out = []
+    for d, n, loss, lr in MAMBA_GRID:
+        entry = (cfg.model.d_model or d, cfg.model.n_layer or n, cfg.forecaster.loss or loss, cfg.optim.lr or lr)
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
+    """The model of `timeseries.fit`: every setting left unset (None) in `cfg` is chosen on validation."""
+    from .models import build_model
+    start = time.perf_counter()
+    lookbacks = lookback_candidates(table, cfg)
+    record: dict = {"lookback_candidates": lookbacks, "search_budget_seconds": cfg.search_budget}
+    if cfg.forecaster.kind != "mamba":
+        fitted = fit_linear_baseline(cfg, table, cfg.forecaster.kind, out / "search", log)
+        fitted.record = {**record, **fitted.record, "search_seconds": round(time.perf_counter() - start, 1)}
+        return fitted
+    ridge = None
+    if _ridge_usable(cfg):
+        ridge, fits = select_linear(table, cfg.horizon, lookbacks, prep_kwargs(cfg), log=log)
+        record["linear"] = {"lookback": ridge.lookback, "ridge_alpha": ridge.alpha, "val_mse": ridge.val_mse,
+                            "val_mse_by_lookback": {L: round(min(f.val_mse for f in fits if f.lookback == L), 5)
+                                                    for L in lookbacks}}
+        L = ridge.lookback
+    elif len(lookbacks) > 1:
+        # No linear part to choose the lookback in closed form: RLinear's validation choice stands in.
+        L = fit_linear_baseline(cfg, table, "rlinear", out / "search" / "lookback", log).prep.lookback
+    else:
+        L = lookbacks[0]
+    prep = prepare(table, L, cfg.horizon, **prep_kwargs(cfg))
+    patch = cfg.forecaster.patch_len or patch_for(L)
+    base = cfg.with_choices(lookback=L, patch_len=patch, patch_stride=cfg.forecaster.patch_stride or patch)
+    candidates = []
+    if ridge is not None:
+        linear_cfg = base.with_choices(d_model=MAMBA_GRID[0][0], n_layer=MAMBA_GRID[0][1], loss=MAMBA_GRID[0][2],
+                                       lr=MAMBA_GRID[0][3])
+        linear = init_from_ridge(build_model(linear_cfg.forecaster_config(len(prep.inputs))), ridge).eval()
+        candidates.append(Fitted(linear, prep, linear_cfg, float(val_errors(linear, prep).mean()),
+                                 time.perf_counter() - start, {"correction": False}))
+        log(f"autofit: linear map alone (lookback {L}, ridge alpha {ridge.alpha:g}): validation MSE "
+            f"{candidates[0].val_mse:.4f}")
+    search_start, last = time.perf_counter(), 0.0
+    for i, (d, n, loss, lr) in enumerate(mamba_grid(cfg)):
+        spent = time.perf_counter() - search_start
+        if i > 0 and spent + last > cfg.search_budget:
+            log(f"autofit: search budget {cfg.search_budget:g} s reached after {i} trial(s)")
+            break
+        tcfg = base.with_choices(d_model=d, n_layer=n, loss=loss, lr=lr)
+        model = build_model(tcfg.forecaster_config(len(prep.inputs)))
+        if ridge is not None:
+            init_from_ridge(model, ridge)
+        # An epoch is at most EPOCH_BATCHES random batches (shuffled loader), so a long series costs
+        # a bounded time per validation check, and the trial stops when the budget is spent.
+        model, last = _train(tcfg, prep, out / "search" / f"trial{i}", model=model,
+                             max_time=timedelta(seconds=max(cfg.search_budget - spent, 30.0)),
+                             limit_train_batches=EPOCH_BATCHES)
+        mse = float(val_errors(model, prep).mean())
+        candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True,
+                                                                "dir": str(out / "search" / f"trial{i}")}))
+        log(f"autofit: trial {i}: d_model {d}, n_layer {n}, loss {loss}, lr {lr:g}: validation MSE {mse:.4f} "
+            f"({last:.0f} s)")
+    best = min(candidates, key=lambda c: c.val_mse)
+    c = best.cfg
+    record.update(chosen={"lookback": L, "correction": best.record["correction"], "d_model": c.model.d_model,
+                          "n_layer": c.model.n_layer, "loss": c.forecaster.loss, "lr": c.optim.lr,
+                          "patch_len": c.forecaster.patch_len, "val_mse": best.val_mse,
+                          "checkpoints": best.record.get("dir")},
+                  trials=[{"d_model": t.cfg.model.d_model, "n_layer": t.cfg.model.n_layer,
+                           "loss": t.cfg.forecaster.loss, "lr": t.cfg.optim.lr,
+                           "correction": t.record["correction"], "val_mse": round(t.val_mse, 5),
+                           "seconds": round(t.fit_seconds, 1)} for t in candidates],
+                  search_seconds=round(time.perf_counter() - start, 1))
+    best.record = record
+    return best
