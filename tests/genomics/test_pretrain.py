@@ -128,7 +128,9 @@ def test_residual_in_fp32_flag_reaches_the_saved_model(genome, tmp_path):
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "x.fa")],
+    # An --output-dir of its own: the repository's runs/genomics may hold the README's first command's run.
+    proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "x.fa"),
+                           "--output-dir", str(tmp_path / "out")],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
