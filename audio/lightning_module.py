@@ -8,7 +8,16 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ssm_core.lightning_module import TaskModule
 
-from .augment import channel, freq_warp, mic_noise, mix_noise, room_reverb, spec_augment, speed_perturb, time_shift
+from .augment import (
+    channel,
+    freq_warp,
+    mic_noise,
+    mix_noise,
+    room_reverb,
+    spec_augment,
+    speed_perturb,
+    time_shift,
+)
 from .model import KeywordSpotter, KWSConfig
 
 

@@ -38,11 +38,11 @@ from ssm_core.training import (
 )
 
 from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root
+from .engines import engine_of
 from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
 from .lightning_module import KWSModule
 from .model import KeywordSpotter, KWSConfig, default_encoder, export_model, load_model
-from .engines import engine_of
 from .synth import available_engines, ensure_dataset, synth_config
 
 AUGMENT_FIELDS = ("speed_perturb", "time_shift_ms", "gain_db", "noise_prob", "snr_db", "freq_warp", "freq_mask",
