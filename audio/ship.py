@@ -63,8 +63,9 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         f"(engines: {', '.join(run_config.get('synth_engines') or ['espeak'])}; `piper` is the CC0 "
         "`en_US-joe-medium` Piper voice), one-second clips with noise, rooms and channels simulated.",
         "",
-        f"Training: `python -m audio.train --config configs/audio/kws_synth.yaml --seed {run_config.get('seed')}`, "
-        f"{metrics.get('steps')} steps.",
+        "Training: `python -m audio.train --config configs/audio/kws_synth.yaml --synth-engines "
+        f"'[{', '.join(run_config.get('synth_engines') or ['espeak'])}]' --seed {run_config.get('seed')}` "
+        f"({metrics.get('steps')} steps; the run's config.yaml holds every setting).",
         f"Augmentation: {json.dumps(aug)}.",
         "",
         "| test speech (12 classes, clip accuracy) | accuracy |",

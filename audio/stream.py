@@ -34,7 +34,7 @@ from ssm_core.cli import UserError, main_entry
 from ssm_core.validation import at_least, distinct_paths, in_range, output_file, positive_finite
 
 from .data import SILENCE, UNKNOWN
-from .features import load_audio, to_mono
+from .features import check_not_truncated, load_audio, to_mono
 from .model import KeywordSpotter, detector_settings, load_model, shipped_model
 
 
@@ -218,6 +218,7 @@ def file_chunks(path: str, sample_rate: int, chunk: int, realtime: bool = False)
         raise UserError(f"--wav {path}: cannot read audio ({str(e).splitlines()[0]})") from None
     if info.frames == 0:
         raise UserError(f"--wav {path}: the audio file is empty (0 samples)")
+    check_not_truncated(path, f"--wav {path}")
     changes = ([f"down-mixed from {info.channels} channels to mono"] if info.channels > 1 else []) + \
         ([f"resampled from {info.samplerate} Hz to {sample_rate} Hz"] if info.samplerate != sample_rate else [])
     if changes:

@@ -35,13 +35,17 @@ $py -c "from audio.synth import ensure_dataset, synth_config; ensure_dataset(syn
 wait
 stamp "data sets built"
 
-# 2. five trainings at once on the GPU
+# 2. six trainings at once on the GPU: the recipe (3 seeds), without the Piper voice, without the channel
+#    augmentations (rooms, channels, hiss), and without both (espeak-ng and the augmentations of before, the
+#    baseline of this harness; its mel warp at the old +-10%)
 common=(--config configs/audio/kws_synth.yaml --synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2
         --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
 train() { name=$1; shift; $py -m audio.train "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
 for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' & done
 train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
-train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' --reverb-prob 0 --channel-prob 0 --mic-noise-prob 0 &
+no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
+train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
+train baseline_s0 --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
 wait || true
 stamp "training done"
 grep -h "audio.train: accuracy\|error" "$RUNS"/*.log || true
