@@ -9,8 +9,8 @@ keyword clips, its other words (the `_unknown_` ones), stretches of its backgrou
 silence, in a seeded random order, at random levels. A keyword counts as found when a detection of the same
 keyword starts inside its clip or up to `--tolerance-ms` after it; any other detection is a false alarm. A
 detection is the streaming CLI's (`audio.stream.Detector`: smoothing, threshold, refractory time). The
-operating point is the lowest threshold whose false alarms per hour are at most `--max-fa-per-hour`, the
-one `audio.ship` writes into the model folder for `audio.stream` to use. Memory is flat: the audio is
+operating point is the threshold with the fewest misses among those with at most `--max-fa-per-hour`
+false alarms per hour, the one `audio.ship` writes into the model folder for `audio.stream` to use. Memory is flat: the audio is
 made, streamed and scored one chunk at a time (the JSON reports resident memory after the first and the
 last minute).
 """
@@ -95,6 +95,44 @@ class StreamMaker:
         return self._noise(self.rng.uniform(0.5, 4.0)), None
 
 
+class Scorer:
+    """Hits, misses and false alarms per threshold, online: a keyword event is kept only until no detection
+    can match it any more, so memory does not grow with the stream."""
+
+    def __init__(self, n_thresholds: int, tolerance: float):
+        self.tolerance = tolerance
+        self.pending: collections.deque = collections.deque()   # (word, start, end, found per threshold)
+        self.hits, self.misses, self.false_alarms = (np.zeros(n_thresholds, int) for _ in range(3))
+
+    def keyword(self, word: str, start: float, end: float) -> None:
+        self.pending.append((word, start, end, np.zeros(self.hits.size, bool)))
+
+    def detections(self, found: list, now: float) -> None:
+        """found: (threshold index, Detection); `now`: seconds streamed so far (no detection can start
+        earlier than what is already out)."""
+        for i, d in found:
+            for word, start, end, hit in self.pending:
+                if word == d.keyword and start <= d.start <= end + self.tolerance and not hit[i]:
+                    hit[i] = True
+                    self.hits[i] += 1
+                    break
+            else:
+                self.false_alarms[i] += 1
+        # An event is closed once a detection of it could no longer be reported: its window has passed
+        # and the detector's smoothing and hold (bounded by a few seconds) are over.
+        while self.pending and self.pending[0][2] + self.tolerance + 5.0 < now:
+            self.misses += ~self.pending.popleft()[3]
+
+    def close(self, end_of_stream: float) -> None:
+        """Keywords whose clip the end of the stream cut were never fully spoken: not counted."""
+        while self.pending:
+            word, start, end, hit = self.pending.popleft()
+            if end <= end_of_stream:
+                self.misses += ~hit
+            else:
+                self.hits -= hit
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
@@ -112,51 +150,38 @@ def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
                    int(round(cfg.smooth_ms / hop)), THRESHOLDS, int(round(cfg.refractory_ms / hop)))
     maker = StreamMaker(root, sr, cfg.seed)
     chunk, total = int(cfg.chunk_ms * sr / 1000), int(cfg.hours * 3600 * sr)
-    tol = cfg.tolerance_ms / 1000
-    k = THRESHOLDS.size
-    pending: collections.deque = collections.deque()     # keyword events whose window is still open
-    hits, misses, false_alarms, n_keywords = np.zeros(k, int), np.zeros(k, int), np.zeros(k, int), 0
+    scorer = Scorer(THRESHOLDS.size, cfg.tolerance_ms / 1000)
     state = model.init_stream(1)
     buf, made, sent, rss = np.zeros(0, np.float32), 0, 0, {}
-
-    def score(found: list[tuple[int, object]], now: float) -> None:
-        for i, d in found:
-            for ev in pending:
-                if ev[0] == d.keyword and ev[1] <= d.start <= ev[2] + tol and not ev[3][i]:
-                    ev[3][i] = True
-                    hits[i] += 1
-                    break
-            else:
-                false_alarms[i] += 1
-        while pending and pending[0][2] + tol + 2.0 < now:      # closed: whatever was not found is a miss
-            misses[:] += ~pending.popleft()[3]
 
     bar = tqdm(total=int(cfg.hours * 3600), unit="s audio", desc="streaming evaluation", disable=not progress)
     while sent < total:
         while buf.size < chunk:
             seg, word = maker.segment()
             if word is not None:
-                n_keywords += 1
-                pending.append((word, made / sr, (made + seg.size) / sr, np.zeros(k, bool)))
+                scorer.keyword(word, made / sr, (made + seg.size) / sr)
             buf = np.concatenate([buf, seg.astype(np.float32)])
             made += seg.size
         piece, buf = buf[:chunk], buf[chunk:]
         post = model.stream(torch.from_numpy(np.ascontiguousarray(piece))[None].to(cfg.device), state)
         sent += piece.size
-        score(det.update_all(post.softmax(-1)[0].float().cpu().numpy()), sent / sr)
+        scorer.detections(det.update_all(post.softmax(-1)[0].float().cpu().numpy()), sent / sr)
         bar.update(piece.size / sr)
         if "after_1_min_mb" not in rss and sent >= 60 * sr:
             rss["after_1_min_mb"] = rss_mb()
     bar.close()
-    score(det.flush_all(), float("inf"))
+    scorer.detections(det.flush_all(), sent / sr)
+    scorer.close(sent / sr)
     rss["at_end_mb"] = rss_mb()
-    # Keywords whose clip was cut by the end of the stream were never fully spoken: not counted.
-    n_scored = int(hits[0] + misses[0])
+    n_scored = int(scorer.hits[0] + scorer.misses[0])
     hours = sent / sr / 3600
-    miss_rate = misses / max(n_scored, 1)
-    fa_per_hour = false_alarms / hours
+    k = THRESHOLDS.size
+    miss_rate = scorer.misses / max(n_scored, 1)
+    fa_per_hour = scorer.false_alarms / hours
     ok = np.flatnonzero(fa_per_hour <= cfg.max_fa_per_hour)
-    op = int(ok[0]) if ok.size else k - 1
+    # Within the false-alarm budget, the fewest misses (then the fewest false alarms); none within: the
+    # highest threshold, the fewest false alarms it can do.
+    op = int(min(ok, key=lambda i: (miss_rate[i], fa_per_hour[i]))) if ok.size else k - 1
     return {"model": cfg.model, "heldout": str(root), "hours": hours, "keywords_spoken": n_scored,
             "smooth_ms": cfg.smooth_ms, "refractory_ms": cfg.refractory_ms, "tolerance_ms": cfg.tolerance_ms,
             "thresholds": THRESHOLDS.tolist(), "miss_rate": miss_rate.tolist(),

@@ -97,6 +97,24 @@ def test_threshold_sweep_equals_one_detector_per_threshold_and_refractory_blocks
     assert len(starts) > 2 and np.diff(starts).min() >= 0.3 - 1e-9      # 30 frames of 10 ms
 
 
+def test_scorer_counts_hits_misses_and_false_alarms_per_threshold():
+    D = stream.Detection
+    sc = stream_eval.Scorer(2, tolerance=1.0)
+    sc.keyword("yes", 1.0, 2.0)
+    sc.keyword("no", 5.0, 6.0)
+    sc.detections([(0, D("yes", 2.5, 2.9, 0.9)),       # inside the tolerance after its clip: a hit
+                   (0, D("yes", 2.7, 2.9, 0.9)),       # the same word again: a false alarm
+                   (1, D("yes", 3.5, 3.9, 0.9)),       # too late: a false alarm, and "yes" is missed
+                   (0, D("no", 3.0, 3.1, 0.9))], now=4.0)   # before "no" was spoken: a false alarm
+    assert list(sc.hits) == [1, 0] and list(sc.false_alarms) == [2, 1] and list(sc.misses) == [0, 0]
+    sc.detections([(1, D("no", 5.5, 6.2, 0.8))], now=20.0)  # "yes" closed long ago, "no" now too
+    assert list(sc.hits) == [1, 1] and list(sc.misses) == [1, 1]
+    sc.keyword("go", 19.5, 20.5)                       # cut by the end of the stream: not counted
+    sc.detections([(0, D("go", 19.8, 20.0, 0.9))], now=20.0)
+    sc.close(20.0)
+    assert list(sc.hits) == [1, 1] and list(sc.misses) == [1, 1] and list(sc.false_alarms) == [2, 1]
+
+
 def test_streaming_evaluation_writes_curve_and_operating_point(tmp_path):
     root = heldout.build_heldout(heldout.HeldoutConfig(
         output_dir=str(tmp_path / "h"), voices=["en-us+f5"], words=["yes", "no", "cat"], rates=[160],
