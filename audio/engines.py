@@ -16,6 +16,7 @@ resamples and normalises them the same way for all.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import shutil
 import subprocess
@@ -167,12 +168,23 @@ class Piper:
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 
 
+@functools.lru_cache(maxsize=1)
+def flite_voices(exe: str) -> tuple[str, ...]:
+    """The voices built into this flite (`flite -lv`: "Voices available: kal awb ...")."""
+    listed = subprocess.run([exe, "-lv"], capture_output=True, text=True).stdout
+    return tuple(listed.split(":", 1)[-1].split())
+
+
 def flite_say(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
     """Flite's command line (Debian: apt-get install flite) -> (samples, rate)."""
     import soundfile as sf
     exe = shutil.which("flite")
     if exe is None:
         raise UserError("the flite engine needs the flite program (Debian/Ubuntu: apt-get install flite)")
+    # flite speaks an unknown voice name with its default voice, silently: check the name first
+    if voice not in flite_voices(exe) and not (voice.endswith(".flitevox") and Path(voice).is_file()):
+        raise UserError(f"flite: unknown voice {voice!r} (this flite has: {', '.join(flite_voices(exe))}; "
+                        "or give a .flitevox file)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "word.wav"
         # duration_stretch > 1 is slower; int_f0_target_mean is the mean pitch in Hz (voices differ: kal ~100,
