@@ -102,6 +102,7 @@ class Detector:
         self.names = keywords
         self.frame_end = frame_end
         self.thresholds = np.atleast_1d(np.asarray(threshold, np.float64))
+        self.lowest = float(self.thresholds.min())
         self.refractory = int(refractory_frames)
         self.window = np.zeros((max(1, smooth_frames), len(labels)), np.float64)  # ring buffer
         self.total = np.zeros(len(labels))
@@ -125,8 +126,12 @@ class Detector:
             self.total += p - self.window[slot]
             self.window[slot] = p
             smoothed = self.total[self.cols] / min(self.frame + 1, w)
-            t = self.frame_end(self.frame)
+            best = int(smoothed.argmax())
             on = self.active >= 0
+            if not on.any() and smoothed[best] < self.lowest:   # the common frame: nothing to do
+                self.frame += 1
+                continue
+            t = self.frame_end(self.frame)
             if on.any():
                 level = smoothed[np.maximum(self.active, 0)]
                 still = on & (level >= thr)
@@ -136,7 +141,6 @@ class Detector:
                     out.append((int(i), Detection(self.names[self.active[i]], float(self.start[i]),
                                                   float(self.end[i]), float(self.peak[i]))))
                 self.active[on & ~still] = -1
-            best = int(smoothed.argmax())
             rise = (self.active < 0) & (smoothed[best] >= thr) & (self.frame >= self.blocked_until)
             if rise.any():
                 self.active[rise], self.start[rise], self.end[rise] = best, t, t
