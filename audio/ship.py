@@ -3,7 +3,8 @@ operating point from a streaming evaluation, and a model card written from the r
 
     python -m audio.ship --run runs/kws --stream-eval runs/kws/stream/stream_eval.json          # -> audio/pretrained/kws
 
-Writes config.json, model.safetensors, detector.json and MODEL_CARD.md into a temporary folder beside
+Writes config.json, model.safetensors, detector.json, MODEL_CARD.md and training_config.yaml (the run's
+resolved configuration) into a temporary folder beside
 --output and renames it into place; an existing --output is replaced only with --overwrite and only when it
 holds nothing but those files (a folder of someone else's files is refused).
 """
@@ -24,7 +25,7 @@ from ssm_core.validation import writable_folder
 
 from .model import DETECTOR_FILE, SHIPPED_MODEL, export_model, load_model
 
-SHIPPED_FILES = {"config.json", "model.safetensors", DETECTOR_FILE, "MODEL_CARD.md"}
+SHIPPED_FILES = {"config.json", "model.safetensors", DETECTOR_FILE, "MODEL_CARD.md", "training_config.yaml"}
 
 
 @dataclass
@@ -63,9 +64,9 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         f"(engines: {', '.join(run_config.get('synth_engines') or ['espeak'])}; `piper` is the CC0 "
         "`en_US-joe-medium` Piper voice), one-second clips with noise, rooms and channels simulated.",
         "",
-        "Training: `python -m audio.train --config configs/audio/kws_synth.yaml --synth-engines "
-        f"'[{', '.join(run_config.get('synth_engines') or ['espeak'])}]' --seed {run_config.get('seed')}` "
-        f"({metrics.get('steps')} steps; the run's config.yaml holds every setting).",
+        f"Training: {metrics.get('steps')} steps, batch {run_config.get('batch_size')}, seed "
+        f"{run_config.get('seed')}; `python -m audio.train --config training_config.yaml` (the run's resolved "
+        "configuration, beside this card) repeats it.",
         f"Augmentation: {json.dumps(aug)}.",
         "",
         "| test speech (12 classes, clip accuracy) | accuracy |",
@@ -102,6 +103,8 @@ def ship(cfg: ShipConfig) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         export_model(model, tmp)
+        if (run / "config.yaml").is_file():
+            shutil.copyfile(run / "config.yaml", tmp / "training_config.yaml")
         if stream:
             write_json_atomic(tmp / DETECTOR_FILE, {
                 "threshold": stream["operating_point"]["threshold"], "smooth_ms": stream["smooth_ms"],
