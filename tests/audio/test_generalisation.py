@@ -45,6 +45,21 @@ def test_word_cache_serves_engines_that_are_not_installed(tmp_path, monkeypatch)
     assert "piper" not in synth.available_engines(tmp_path / "empty") or engines.piper_available()
 
 
+def test_training_engines_resolve_to_what_is_installed(tmp_path, monkeypatch, capsys):
+    from audio import train
+    monkeypatch.setattr(synth, "piper_available", lambda: False)
+    monkeypatch.setattr(train, "ensure_dataset", lambda cfg, cache: cfg)      # the set's config, not the set
+    cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), output_dir=str(tmp_path / "run"))
+    assert train.dataset_root(cfg).engines() == ["espeak"] and cfg.synth_engines == ["espeak"]
+    assert "pip install 'long-ssm[voices]'" in capsys.readouterr().out
+    cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), synth_engines=["espeak", "piper"])
+    with pytest.raises(UserError, match="--synth-engines piper: needs the `voices` extra"):
+        train.dataset_root(cfg)
+    (synth.word_cache_dir(tmp_path) / "piper~joe_0").mkdir(parents=True)
+    (synth.word_cache_dir(tmp_path) / "piper~joe_0" / "yes_160_50.flac").write_bytes(b"")
+    assert train.dataset_root(cfg).engines() == ["espeak", "piper"]
+
+
 def test_heldout_folder_is_one_engine_in_the_testing_split(tmp_path):
     cfg = heldout.HeldoutConfig(output_dir=str(tmp_path / "h"), voices=["en-us+f5"], words=["yes", "no", "cat"],
                                 rates=[130, 160, 190], pitches=[50], noise_seconds=2.0)
