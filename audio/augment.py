@@ -87,11 +87,13 @@ def _per_example(wave: torch.Tensor, prob: float) -> torch.Tensor:
     return (torch.rand(wave.shape[0], 1, device=wave.device) < prob).to(wave.dtype)
 
 
-def room_reverb(wave: torch.Tensor, prob: float, sample_rate: int, rt60: tuple[float, float] = (0.1, 0.8)) -> torch.Tensor:
+def room_reverb(wave: torch.Tensor, prob: float, sample_rate: int, rt60: tuple[float, float] = (0.1, 0.8),
+                drr_db: tuple[float, float] = (-3.0, 15.0)) -> torch.Tensor:
     """Convolve a share `prob` of the clips with a synthetic room response: the direct path, then
-    exponentially decaying noise whose RT60 is drawn per clip (log-uniform in `rt60`), energy-normalised.
+    exponentially decaying noise whose RT60 (log-uniform in `rt60`) and direct-to-reverberant ratio
+    (uniform in `drr_db`: a close microphone to one across a room) are drawn per clip.
     (An image-source simulator such as pyroomacoustics is CPU-bound per room; this stays batched on the
-    training device, and a late reverberant tail is what changes log-mel frames most.)"""
+    training device, and the reverberant tail is what changes log-mel frames most.)"""
     if prob <= 0:
         return wave
     import torchaudio.functional as AF
@@ -100,9 +102,11 @@ def room_reverb(wave: torch.Tensor, prob: float, sample_rate: int, rt60: tuple[f
     t = torch.arange(length, device=wave.device, dtype=wave.dtype) / sample_rate
     lo, hi = torch.log(torch.tensor(rt60, dtype=wave.dtype))
     rt = torch.exp(lo + (hi - lo) * torch.rand(b, 1, device=wave.device, dtype=wave.dtype))
-    rir = torch.randn(b, length, device=wave.device, dtype=wave.dtype) * torch.exp(-6.9 * t / rt) * 0.3
+    tail = torch.randn(b, length, device=wave.device, dtype=wave.dtype) * torch.exp(-6.9 * t / rt)
+    tail[:, 0] = 0.0
+    drr = drr_db[0] + (drr_db[1] - drr_db[0]) * torch.rand(b, 1, device=wave.device, dtype=wave.dtype)
+    rir = tail / tail.norm(dim=1, keepdim=True) * 10 ** (-drr / 20)
     rir[:, 0] = 1.0
-    rir = rir / rir.norm(dim=1, keepdim=True)
     wet = AF.fftconvolve(wave, rir)[:, :n]
     use = _per_example(wave, prob)
     return use * wet + (1 - use) * wave
