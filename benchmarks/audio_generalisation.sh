@@ -71,7 +71,18 @@ for m in sorted(runs.glob("*/metrics.json")):
     rows[m.parent.name] = {"accuracy_by_engine": d.get("accuracy_by_engine"), "steps": d.get("steps"),
                            "validation": d["validation"]["accuracy"]}
 Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
-print(json.dumps(rows, indent=1))
+# The docs table: one row per run, the recipe's seeds and their mean first.
+engines = sorted({e for r in rows.values() for e in (r["accuracy_by_engine"] or {})})
+print("| run | " + " | ".join(engines) + " | validation |")
+print("|---|" + "---|" * (len(engines) + 1))
+recipe = [n for n in rows if n.startswith("multi_s")]
+for name in recipe + ["mean of " + ", ".join(recipe)] + [n for n in rows if n not in recipe]:
+    group = recipe if name.startswith("mean of") else [name]
+    if not group or not all(g in rows for g in group):
+        continue
+    cells = [sum((rows[g]["accuracy_by_engine"] or {}).get(e, float("nan")) for g in group) / len(group)
+             for e in engines] + [sum(rows[g]["validation"] for g in group) / len(group)]
+    print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 PY
 tar -czf "$OUT/results.tar.gz" -C "$RUNS" --exclude checkpoints --exclude logs .
 stamp "all done"
