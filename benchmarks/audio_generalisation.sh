@@ -20,6 +20,8 @@ ACCEL=${ACCEL:-gpu}
 DEVICE=${DEVICE:-cuda}
 HOURS=${HOURS:-1}
 read -r -a extra <<< "${EXTRA:-}"
+# RECIPE: flags added to the recipe's three seeds only (a second pass with other augmentation settings).
+read -r -a recipe <<< "${RECIPE:-}"
 RUNS=${RUNS:-/tmp/kws_runs}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
@@ -45,7 +47,7 @@ stamp "data sets built"
 common=(--config configs/audio/kws_synth.yaml --synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2
         --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
 train() { name=$1; shift; $py -m audio.train "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
-for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' & done
+for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
 train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
 no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
 train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
