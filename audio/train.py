@@ -77,12 +77,14 @@ class AudioTrainConfig(TrainConfig):
     snr_db: list[float] = field(default_factory=lambda: [0.0, 20.0])
     time_shift_ms: float = 100.0
     gain_db: float = 6.0
-    reverb_prob: float = field(default=0.3, metadata={"help": "share of clips put in a simulated room (RT60 0.1-0.8 s)"})
-    channel_prob: float = field(default=0.5, metadata={
+    # Moderate shares: on the small CPU recipe (600 steps) the channel augmentations at 0.3 / 0.5 / 0.3 halved
+    # what the model learned (held-out voices 0.23 against 0.47 without them); most clips stay unfiltered.
+    reverb_prob: float = field(default=0.2, metadata={"help": "share of clips put in a simulated room (RT60 0.1-0.8 s)"})
+    channel_prob: float = field(default=0.3, metadata={
         "help": "share of clips through a random channel (band limits, tilt, resonance)"})
     telephone_prob: float = field(default=0.2, metadata={
         "help": "share of those channels that are a telephone line (300-3400 Hz, mu-law)"})
-    mic_noise_prob: float = field(default=0.3, metadata={"help": "share of clips with microphone hiss"})
+    mic_noise_prob: float = field(default=0.2, metadata={"help": "share of clips with microphone hiss"})
     mic_snr_db: list[float] = field(default_factory=lambda: [10.0, 40.0])
     freq_warp: float = field(default=0.15, metadata={
         "help": "stretch each example's mel axis by a random factor in 1 +- this (VTLP-like speaker warp; 0: off)"})
