@@ -11,9 +11,10 @@ voices never occur in training.
 The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation_list.txt`,
 `testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
 configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
-(words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so the set is the same
-wherever it is built; espeak-ng's own samples are not bit-reproducible between runs (they can differ by a
-few least-significant bits), which is why the folder is cached rather than rebuilt.
+(words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so every build has the
+same clips in the same splits; but espeak-ng's own samples are not bit-reproducible between runs, and a
+word's random offset depends on its trimmed length, so two builds are alike, not bit-equal: the folder is
+cached rather than rebuilt. The synthesis itself runs in a process pool on every CPU.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
 """
@@ -274,7 +275,6 @@ def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progre
 
 
 def generate(cfg: SynthConfig, out: Path, progress: bool, cache_dir: Path | None = None) -> None:
-    import soundfile as sf
     from tqdm import tqdm
     rng = np.random.default_rng(cfg.seed)
     noises = background_noises(cfg, rng)
@@ -286,18 +286,59 @@ def generate(cfg: SynthConfig, out: Path, progress: bool, cache_dir: Path | None
     lists: dict[str, list[str]] = {"validation": [], "testing": []}
     jobs = [(split, v, w, r, p) for split, vs in split_voices for v in vs for w in cfg.words
             for r in cfg.rates for p in cfg.pitches]
-    for split, voice, word, rate, pitch in tqdm(jobs, desc="synthesising speech commands", disable=not progress,
-                                                 unit="clip"):
-        clip = degrade(speak(word, voice, rate, pitch, cache_dir), rng, cfg, noise_list)
-        rel = f"{word}/{clip_name(voice, rate, pitch)}"
-        (out / word).mkdir(exist_ok=True)
-        # Plain writes: the whole folder becomes visible atomically when it is renamed into place.
-        sf.write(str(out / rel), clip, SAMPLE_RATE, subtype="PCM_16")
-        if split in lists:
-            lists[split].append(rel)
+    with _speech_pool(len(jobs)) as pool:
+        words = pool.map(_speak_job, [(w, v, r, p, cache_dir) for _, v, w, r, p in jobs], chunksize=32)
+        for (split, voice, word, rate, pitch), wave in tqdm(zip(jobs, words), total=len(jobs), unit="clip",
+                                                            desc="synthesising speech commands",
+                                                            disable=not progress):
+            _store_clip(out, lists, split, voice, word, rate, pitch, degrade(wave, rng, cfg, noise_list))
     for split, rels in lists.items():
         (out / f"{split}_list.txt").write_text("".join(r + "\n" for r in rels))
     write_json_atomic(out / "synth_config.json", asdict(cfg))
+
+
+def _speak_job(args: tuple) -> np.ndarray:
+    return speak(*args)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class _InProcess:
+    """The pool's interface, run in this process (small sets, one CPU)."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _speech_pool(n_jobs: int, min_jobs: int = 500):
+    """Synthesis is one CPU-bound call per clip (tens of thousands for the full set): spread it over the
+    machine's CPUs. Only the synthesis runs in workers; the random degradations stay in this process, in
+    job order, so the set is the same for any number of workers."""
+    workers = min(len(os.sched_getaffinity(0)), 16)
+    if workers < 2 or n_jobs < min_jobs:
+        return _InProcess()
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+
+
+def _store_clip(out: Path, lists: dict, split: str, voice: str, word: str, rate: int, pitch: int,
+                clip: np.ndarray) -> None:
+    import soundfile as sf
+    rel = f"{word}/{clip_name(voice, rate, pitch)}"
+    (out / word).mkdir(exist_ok=True)
+    # Plain writes: the whole folder becomes visible atomically when it is renamed into place.
+    sf.write(str(out / rel), clip, SAMPLE_RATE, subtype="PCM_16")
+    if split in lists:
+        lists[split].append(rel)
 
 
 def demo_stream(seconds: float, voices: list[str], words: list[str], seed: int = 0,
