@@ -18,7 +18,7 @@ from ssm_core.training import prepare_output_dir
 
 from .data import ClipDataset, build_splits, resolve_root
 from .model import KeywordSpotter, load_model
-from .synth import ensure_dataset, synth_config
+from .synth import available_engines, ensure_dataset, synth_config
 
 
 @torch.no_grad()
@@ -82,6 +82,9 @@ class EvalConfig:
     split: Literal["testing", "validation", "train"] = "testing"
     synth_size: Literal["full", "tiny"] = "full"
     synth_cache: str | None = None
+    synth_engines: list[str] | None = field(default=None, metadata={
+        "help": "training engines of the embedded set (its test voices are the same; the set is another "
+                "folder); default: every one installed, as audio.train"})
     batch_size: int = 64
     seed: int = 0
     output_dir: str | None = field(default=None, metadata={"help": "write metrics.json and confusion.png here"})
@@ -93,8 +96,11 @@ class EvalConfig:
 
 def main(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model)
-    root = resolve_root(cfg.data) if cfg.data else ensure_dataset(synth_config(cfg.synth_size, cfg.seed),
-                                                                  cfg.synth_cache)
+    if cfg.data:
+        root = resolve_root(cfg.data)
+    else:
+        engines = cfg.synth_engines or available_engines(cfg.synth_cache)
+        root = ensure_dataset(synth_config(cfg.synth_size, cfg.seed, engines), cfg.synth_cache)
     splits = build_splits(root, model.labels, seed=cfg.seed)
     if not splits[cfg.split]:
         raise UserError(f"--data {root}: the {cfg.split} split is empty")

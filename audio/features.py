@@ -9,6 +9,7 @@ Frames from any chunking equal the offline frames of the whole signal.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,6 +146,32 @@ def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig_sr, target_sr)
 
 
+def check_not_truncated(path: str | Path, what: str) -> None:
+    """A WAV file whose data chunk announces more bytes than the file holds was cut short (a copy or a
+    recording that stopped): libsndfile reads what is there without a word, so we say it. Other formats
+    report damage while decoding."""
+    import struct
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return
+            offset = 12
+            while offset + 8 <= size:
+                f.seek(offset)
+                chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+                if chunk_id == b"data":
+                    # 0 and 0xFFFFFFFF: writers that stream and never fill in the size
+                    if chunk_size not in (0, 0xFFFFFFFF) and offset + 8 + chunk_size > size:
+                        raise UserError(f"{what}: the file is truncated (its WAV header announces "
+                                        f"{chunk_size} bytes of audio, the file holds {size - offset - 8})")
+                    return
+                offset += 8 + chunk_size + (chunk_size & 1)
+    except OSError:
+        return          # unreadable: the decoder that opens it next says so
+
+
 def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     """Read a WAV/FLAC/OGG file (soundfile), down-mix to mono and resample: -> (samples,) float32.
     Unreadable, empty or unresamplable audio raises UserError naming the file."""
@@ -152,6 +179,7 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such audio file")
+    check_not_truncated(path, str(path))
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:

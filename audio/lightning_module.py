@@ -8,15 +8,24 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ssm_core.lightning_module import TaskModule
 
-from .augment import freq_warp, mix_noise, spec_augment, speed_perturb, time_shift
+from .augment import (
+    channel,
+    freq_warp,
+    mic_noise,
+    mix_noise,
+    room_reverb,
+    spec_augment,
+    speed_perturb,
+    time_shift,
+)
 from .model import KeywordSpotter, KWSConfig
 
 
 class KWSModule(TaskModule):
     def __init__(self, kws: dict, augment: dict, optim: dict, total_steps: int | None = None):
         """kws: KWSConfig as a dict (load_model reads it back from the checkpoint); augment: the training
-        config's augmentation options (speed_perturb, time_shift_ms, gain_db, noise_prob, snr_db, freq_warp,
-        freq_mask, time_mask); optim: OptimConfig as a dict."""
+        config's augmentation options (audio.train.AUGMENT_FIELDS; a checkpoint of before the channel
+        augmentations has none of them: they are off); optim: OptimConfig as a dict."""
         super().__init__(optim, total_steps)
         self.save_hyperparameters()
         self.model = KeywordSpotter(KWSConfig.from_dict(kws))
@@ -36,8 +45,12 @@ class KWSModule(TaskModule):
         sr = m.config.features.sample_rate
         wave = speed_perturb(wave, c["speed_perturb"])
         wave = time_shift(wave, int(c["time_shift_ms"] * sr / 1000))
-        wave = wave * 10 ** (torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"] / 20)
+        # The order of a recording: the room, the noise in it, the microphone and line, the mic's hiss, the level.
+        wave = room_reverb(wave, c.get("reverb_prob", 0.0), sr)
         wave = mix_noise(wave, self.noise_bank, c["noise_prob"], c["snr_db"])
+        wave = channel(wave, c.get("channel_prob", 0.0), c.get("telephone_prob", 0.0), sr)
+        wave = mic_noise(wave, c.get("mic_noise_prob", 0.0), c.get("mic_snr_db", [10.0, 40.0]))
+        wave = wave * 10 ** (torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"] / 20)
         # Another clip of the batch, then the clip: the first is scored from a fresh state, the second with
         # the state another word left behind, as on a stream. (The whole clip: a word may sit anywhere
         # before its label frames, so a cut-down prefix could lose the word its label names.)

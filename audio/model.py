@@ -153,6 +153,30 @@ class KeywordSpotter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+# The model that ships in the package (audio.ship writes it), used by audio.stream when --model is not given.
+SHIPPED_MODEL = Path(__file__).parent / "pretrained" / "kws"
+DETECTOR_FILE = "detector.json"     # beside a model: the operating point its streaming evaluation chose
+
+
+def shipped_model() -> Path:
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        raise UserError(f"no shipped model in this installation ({SHIPPED_MODEL} is missing); "
+                        "give --model (a folder made by audio.train)")
+    return SHIPPED_MODEL
+
+
+def detector_settings(path: str | Path) -> dict:
+    """The operating point saved beside a model folder (threshold, smooth_ms, refractory_ms), or {}."""
+    f = Path(path) / DETECTOR_FILE
+    if not f.is_file():
+        return {}
+    try:
+        settings = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"--model {f}: not valid JSON") from None
+    return {k: float(settings[k]) for k in ("threshold", "smooth_ms", "refractory_ms") if k in settings}
+
+
 def export_model(model: KeywordSpotter, directory: str | Path) -> Path:
     return save_pretrained(model, directory)
 

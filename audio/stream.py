@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,19 +34,24 @@ from ssm_core.cli import UserError, main_entry
 from ssm_core.validation import at_least, distinct_paths, in_range, output_file, positive_finite
 
 from .data import SILENCE, UNKNOWN
-from .features import load_audio, to_mono
-from .model import KeywordSpotter, load_model
+from .features import check_not_truncated, load_audio, to_mono
+from .model import KeywordSpotter, detector_settings, load_model, shipped_model
 
 
 @dataclass
 class StreamConfig:
-    model: str = field(default="", metadata={"help": "model folder or checkpoint made by audio.train"})
+    model: str = field(default="", metadata={
+        "help": "model folder or checkpoint made by audio.train (default: the model shipped in the package)"})
     wav: str | None = field(default=None, metadata={"help": "audio file to stream (WAV/FLAC/OGG)"})
     mic: bool = field(default=False, metadata={"help": "stream from the default (or --input-device) microphone"})
     realtime: bool = field(default=False, metadata={"help": "--wav: pace the file as if it were live"})
     chunk_ms: float = field(default=20.0, metadata={"help": "chunk length, 10 to 1000 ms"})
-    threshold: float = 0.6
-    smooth_ms: float = field(default=150.0, metadata={"help": "moving average of the posteriors"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "smoothed posterior a keyword must reach (default: the model's operating point, else 0.6)"})
+    smooth_ms: float | None = field(default=None, metadata={
+        "help": "moving average of the posteriors (default: the model's, else 150)"})
+    refractory_ms: float | None = field(default=None, metadata={
+        "help": "no new detection this long after one starts (default: the model's, else 0)"})
     keywords: list[str] | None = field(default=None, metadata={
         "help": "classes to report (default: every class but _silence_ and _unknown_)"})
     jsonl: bool = field(default=False, metadata={"help": "print detections and the summary as JSON lines"})
@@ -56,14 +62,14 @@ class StreamConfig:
         "help": "write every frame's posteriors to this .npy at the end (keeps them all in memory)"})
 
     def __post_init__(self):
-        if not self.model:
-            raise ValueError("--model: required (a model folder or checkpoint made by audio.train)")
         if self.mic == (self.wav is not None):
             raise ValueError("give exactly one input: --wav FILE or --mic")
         in_range(self.chunk_ms, 10, 1000, "--chunk-ms")
-        if not 0 < positive_finite(self.threshold, "--threshold") <= 1:
+        if self.threshold is not None and not 0 < positive_finite(self.threshold, "--threshold") <= 1:
             raise ValueError(f"--threshold: expected a posterior in (0, 1], got {self.threshold}")
-        at_least(self.smooth_ms, 0, "--smooth-ms")
+        for name in ("smooth_ms", "refractory_ms"):
+            if getattr(self, name) is not None:
+                at_least(getattr(self, name), 0, f"--{name.replace('_', '-')}")
         at_least(self.threads, 1, "--threads")
         if self.seconds is not None:
             positive_finite(self.seconds, "--seconds")
@@ -79,48 +85,81 @@ class Detection:
 
 
 class Detector:
-    """Moving-average smoothing of per-frame posteriors + threshold with hysteresis-free rise/fall events."""
+    """Moving-average smoothing of per-frame posteriors, then rise/fall events against one threshold or
+    several at once (an array: the streaming evaluation sweeps them over one pass).
+
+    A keyword becomes active when its smoothed posterior is the highest of the keywords and reaches the
+    threshold, and is reported when it falls below again (start/end: the crossings, score: the peak). A
+    refractory time after each start blocks new starts, so one spoken word that wobbles around the
+    threshold is one detection. Everything is a fixed-size array: memory is flat over any stream."""
 
     def __init__(self, labels: list[str], keywords: list[str], frame_end: Callable[[int], float],
-                 smooth_frames: int, threshold: float):
+                 smooth_frames: int, threshold: float | np.ndarray, refractory_frames: int = 0):
         unknown = [k for k in keywords if k not in labels]
         if unknown:
             raise UserError(f"--keywords: {unknown} are not classes of the model ({labels})")
         self.cols = np.array([labels.index(k) for k in keywords])
         self.names = keywords
-        self.frame_end, self.threshold = frame_end, threshold
+        self.frame_end = frame_end
+        self.thresholds = np.atleast_1d(np.asarray(threshold, np.float64))
+        self.lowest = float(self.thresholds.min())
+        self.refractory = int(refractory_frames)
         self.window = np.zeros((max(1, smooth_frames), len(labels)), np.float64)  # ring buffer
         self.total = np.zeros(len(labels))
         self.frame = 0
-        self.active: Detection | None = None
-        self.active_col = -1
+        k = self.thresholds.size
+        self.active = np.full(k, -1)                   # keyword column per threshold, -1: none
+        self.start, self.end, self.peak = np.zeros(k), np.zeros(k), np.zeros(k)
+        self.blocked_until = np.zeros(k, np.int64)     # first frame at which a new start is allowed
 
-    def update(self, posteriors: np.ndarray) -> list[Detection]:
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds[0])
+
+    def update_all(self, posteriors: np.ndarray) -> list[tuple[int, Detection]]:
+        """(threshold index, finished detection) for every detection the frames completed."""
         out = []
         w = self.window.shape[0]
+        thr = self.thresholds
         for p in posteriors:
             slot = self.frame % w
             self.total += p - self.window[slot]
             self.window[slot] = p
             smoothed = self.total[self.cols] / min(self.frame + 1, w)
-            t = self.frame_end(self.frame)
-            self.frame += 1
-            if self.active is not None:
-                s = smoothed[self.active_col]
-                if s >= self.threshold:
-                    self.active.end, self.active.score = t, max(self.active.score, float(s))
-                    continue
-                out.append(self.active)
-                self.active = None
             best = int(smoothed.argmax())
-            if smoothed[best] >= self.threshold:
-                self.active = Detection(self.names[best], t, t, float(smoothed[best]))
-                self.active_col = best
+            on = self.active >= 0
+            if not on.any() and smoothed[best] < self.lowest:   # the common frame: nothing to do
+                self.frame += 1
+                continue
+            t = self.frame_end(self.frame)
+            if on.any():
+                level = smoothed[np.maximum(self.active, 0)]
+                still = on & (level >= thr)
+                self.end[still] = t
+                self.peak[still] = np.maximum(self.peak[still], level[still])
+                for i in np.flatnonzero(on & ~still):
+                    out.append((int(i), Detection(self.names[self.active[i]], float(self.start[i]),
+                                                  float(self.end[i]), float(self.peak[i]))))
+                self.active[on & ~still] = -1
+            rise = (self.active < 0) & (smoothed[best] >= thr) & (self.frame >= self.blocked_until)
+            if rise.any():
+                self.active[rise], self.start[rise], self.end[rise] = best, t, t
+                self.peak[rise] = smoothed[best]
+                self.blocked_until[rise] = self.frame + self.refractory
+            self.frame += 1
         return out
 
-    def flush(self) -> list[Detection]:
-        done, self.active = ([self.active] if self.active else []), None
+    def update(self, posteriors: np.ndarray) -> list[Detection]:
+        return [d for _, d in self.update_all(posteriors)]
+
+    def flush_all(self) -> list[tuple[int, Detection]]:
+        done = [(int(i), Detection(self.names[self.active[i]], float(self.start[i]), float(self.end[i]),
+                                   float(self.peak[i]))) for i in np.flatnonzero(self.active >= 0)]
+        self.active[:] = -1
         return done
+
+    def flush(self) -> list[Detection]:
+        return [d for _, d in self.flush_all()]
 
 
 class LatencyHistogram:
@@ -183,6 +222,11 @@ def file_chunks(path: str, sample_rate: int, chunk: int, realtime: bool = False)
         raise UserError(f"--wav {path}: cannot read audio ({str(e).splitlines()[0]})") from None
     if info.frames == 0:
         raise UserError(f"--wav {path}: the audio file is empty (0 samples)")
+    check_not_truncated(path, f"--wav {path}")
+    changes = ([f"down-mixed from {info.channels} channels to mono"] if info.channels > 1 else []) + \
+        ([f"resampled from {info.samplerate} Hz to {sample_rate} Hz"] if info.samplerate != sample_rate else [])
+    if changes:
+        print(f"audio.stream: note: --wav {path}: {' and '.join(changes)}", file=sys.stderr)
     if info.samplerate == sample_rate:
         blocks = (to_mono(b) for b in sf.blocks(path, blocksize=chunk, dtype="float32", always_2d=True))
     else:
@@ -285,13 +329,18 @@ def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Su
             distinct_paths(cfg.wav, cfg.dump_posteriors, ("--wav", "--dump-posteriors"))
         output_file(cfg.dump_posteriors, "--dump-posteriors")
     torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model)
+    path = cfg.model or shipped_model()
+    model = load_model(path)
+    saved = detector_settings(path) if Path(path).is_dir() else {}
+    threshold = cfg.threshold if cfg.threshold is not None else saved.get("threshold", 0.6)
+    smooth_ms = cfg.smooth_ms if cfg.smooth_ms is not None else saved.get("smooth_ms", 150.0)
+    refractory_ms = cfg.refractory_ms if cfg.refractory_ms is not None else saved.get("refractory_ms", 0.0)
     feats = model.config.features
     sr, chunk = feats.sample_rate, max(1, int(round(cfg.chunk_ms * feats.sample_rate / 1000)))
     keywords = cfg.keywords or [c for c in model.labels if c not in (SILENCE, UNKNOWN)]
     detector = Detector(model.labels, keywords,
                         lambda i: (i * feats.hop_length + feats.win_length) / sr,
-                        int(round(cfg.smooth_ms / feats.hop_ms)), cfg.threshold)
+                        int(round(smooth_ms / feats.hop_ms)), threshold, int(round(refractory_ms / feats.hop_ms)))
     if cfg.mic:
         source = mic_chunks(sr, chunk, cfg.input_device, open_stream or open_sounddevice_stream)
     else:

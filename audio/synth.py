@@ -11,15 +11,15 @@ voices never occur in training.
 The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation_list.txt`,
 `testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
 configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
-(words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so the set is the same
-wherever it is built; espeak-ng's own samples are not bit-reproducible between runs (they can differ by a
-few least-significant bits), which is why the folder is cached rather than rebuilt.
+(words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so every build has the
+same clips in the same splits; but espeak-ng's own samples are not bit-reproducible between runs, and a
+word's random offset depends on its trimmed length, so two builds are alike, not bit-equal: the folder is
+cached rather than rebuilt. The synthesis itself runs in a process pool on every CPU.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -37,32 +37,47 @@ from ssm_core.io import write_json_atomic
 from ssm_core.validation import cache_folder, finite, in_range, output_file
 
 from .data import KEYWORDS
+from .engines import piper_available, say, split_voice
 from .features import resample, save_audio
 
 OTHER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "bed", "bird",
                "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow", "backward", "forward",
                "follow", "learn", "visual"]
+# Words that sound close to a keyword without being it (no homophones such as "know" or "write"): spoken
+# by the same engines as the keywords, they teach `_unknown_` to mean "another word", so that it does not
+# become the answer for "a voice I have not heard".
+NEAR_WORDS = ["yet", "note", "cup", "town", "lift", "bright", "own", "often", "shop", "goat"]
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = SAMPLE_RATE       # one-second clips, as Speech Commands
 WORD_END_LIMIT = 0.85            # words end before this time in a clip (the label frames come after it)
 
 
+ESPEAK_TRAIN_VOICES = [
+    "en-us+m1", "en-us+f1", "en+m2", "en+f2", "en-gb-x-rp+m3", "en-gb-x-rp+f3", "en-029+m4",
+    "en-gb-scotland+m5", "en-us-nyc+m6", "en+klatt", "en-us+klatt2", "en-gb-x-gbclan+f1",
+    # more speakers generalise better to the held-out voices (whose variants and the gbcwmd accent
+    # appear nowhere else): espeak's named variants differ in formants, breathiness and intonation
+    "en-gb-scotland+f2", "en-us-nyc+f3", "en-029+f1", "en-gb-x-gbclan+m3", "en-us+klatt4", "en-gb-x-rp+klatt",
+    "en+Andy", "en-us+Annie", "en-gb-x-rp+david", "en+edward", "en-us+grandma", "en-gb-scotland+john",
+    "en-us+linda", "en-029+max", "en-us-nyc+paul", "en+quincy", "en-gb-x-rp+steph", "en-us+travis",
+    "en+klatt5", "en-029+klatt6", "en-gb-x-gbclan+klatt4",
+    # and more still, Klatt-synthesiser ones among them (the Klatt voice was the hardest test voice)
+    "en-us+klatt5", "en-gb-x-rp+klatt6", "en-us-nyc+klatt", "en-gb-scotland+klatt2", "en+croak", "en-us+Gene",
+    "en-gb-x-rp+Jacky", "en-us+Mike", "en+Storm", "en-029+boris", "en-us+caleb", "en-gb-x-gbclan+ian",
+    "en-us-nyc+norbert", "en+shelby", "en-gb-x-rp+zac", "en-us+aunty", "en+benjamin", "en-gb-scotland+rob"]
+# The Piper voice (extra `voices`) with six settings of its sampling noise: about a tenth of the training set.
+PIPER_TRAIN_VOICES = [f"piper:joe/{k}" for k in range(6)]
+TRAIN_ENGINES = ("espeak", "piper")
+
+
 @dataclass
 class SynthConfig:
-    words: list[str] = field(default_factory=lambda: KEYWORDS + OTHER_WORDS)
-    train_voices: list[str] = field(default_factory=lambda: [
-        "en-us+m1", "en-us+f1", "en+m2", "en+f2", "en-gb-x-rp+m3", "en-gb-x-rp+f3", "en-029+m4",
-        "en-gb-scotland+m5", "en-us-nyc+m6", "en+klatt", "en-us+klatt2", "en-gb-x-gbclan+f1",
-        # more speakers generalise better to the held-out voices (whose variants and the gbcwmd accent
-        # appear nowhere else): espeak's named variants differ in formants, breathiness and intonation
-        "en-gb-scotland+f2", "en-us-nyc+f3", "en-029+f1", "en-gb-x-gbclan+m3", "en-us+klatt4", "en-gb-x-rp+klatt",
-        "en+Andy", "en-us+Annie", "en-gb-x-rp+david", "en+edward", "en-us+grandma", "en-gb-scotland+john",
-        "en-us+linda", "en-029+max", "en-us-nyc+paul", "en+quincy", "en-gb-x-rp+steph", "en-us+travis",
-        "en+klatt5", "en-029+klatt6", "en-gb-x-gbclan+klatt4"])
+    words: list[str] = field(default_factory=lambda: KEYWORDS + OTHER_WORDS + NEAR_WORDS)
+    train_voices: list[str] = field(default_factory=lambda: ESPEAK_TRAIN_VOICES + PIPER_TRAIN_VOICES)
     val_voices: list[str] = field(default_factory=lambda: ["en-us+m7", "en-gb-x-rp+f4"])
     test_voices: list[str] = field(default_factory=lambda: ["en-gb-x-gbcwmd+m8", "en-us+f5", "en-029+klatt3"])
-    rates: list[int] = field(default_factory=lambda: [125, 160, 200])    # words per minute
-    pitches: list[int] = field(default_factory=lambda: [30, 50, 70])      # espeak pitch, 0-100
+    rates: list[int] = field(default_factory=lambda: [115, 160, 220])    # words per minute
+    pitches: list[int] = field(default_factory=lambda: [20, 50, 80])      # espeak pitch, 0-100
     noise_prob: float = 0.5      # share of clips mixed with noise (at 0-20 dB SNR)
     reverb_prob: float = 0.3
     noise_seconds: float = 60.0  # length of each background-noise file
@@ -71,74 +86,72 @@ class SynthConfig:
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
+    def engines(self) -> list[str]:
+        return sorted({split_voice(v)[0] for v in self.train_voices + self.val_voices + self.test_voices})
 
-def synth_config(size: str, seed: int) -> SynthConfig:
-    """The embedded dataset: 'full' (35 words, 17 voices), or 'tiny' for tests and smoke runs."""
+
+def synth_config(size: str, seed: int, engines: list[str] | tuple[str, ...] = ("espeak",)) -> SynthConfig:
+    """The embedded dataset: 'full' (45 words, the training voices of `engines`), or 'tiny' for tests and
+    smoke runs (the first voice of each engine). Validation and test voices are espeak-ng's held-out ones."""
+    unknown = sorted(set(engines) - set(TRAIN_ENGINES))
+    if unknown or "espeak" not in engines:
+        raise UserError(f"--synth-engines: expected espeak and optionally piper, got {list(engines)}")
+    voices = ESPEAK_TRAIN_VOICES + (PIPER_TRAIN_VOICES if "piper" in engines else [])
     if size == "full":
-        return SynthConfig(seed=seed)
-    return SynthConfig(words=KEYWORDS + ["cat"], train_voices=["en-us+m1", "en+f2"], val_voices=["en-us+m7"],
+        return SynthConfig(train_voices=voices, seed=seed)
+    tiny = ["en-us+m1", "en+f2"] + (PIPER_TRAIN_VOICES[:1] if "piper" in engines else [])
+    return SynthConfig(words=KEYWORDS + ["cat"], train_voices=tiny, val_voices=["en-us+m7"],
                        test_voices=["en-us+f5"], rates=[160], pitches=[50], noise_seconds=3.0, seed=seed)
 
 
-# --- espeak-ng through ctypes ----------------------------------------------------------------------------
-class Espeak:
-    """Synchronous espeak-ng; one instance per process (the library keeps global state)."""
-    _instance: Espeak | None = None
-    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-    _RATE, _PITCH = 1, 3   # espeak_PARAMETER values
-
-    def __init__(self):
-        try:
-            import espeakng_loader
-            lib = ctypes.CDLL(espeakng_loader.get_library_path())
-            data = espeakng_loader.get_data_path()
-        except (ImportError, OSError, RuntimeError) as e:
-            raise UserError(f"espeak-ng is not available ({e}); install espeakng-loader or pass --data") from None
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.sample_rate = lib.espeak_Initialize(2, 0, data.encode(), 0)  # 2: AUDIO_OUTPUT_SYNCHRONOUS
-        if self.sample_rate <= 0:
-            raise UserError(f"espeak-ng failed to initialise with data at {data}")
-        self._chunks: list[np.ndarray] = []
-        self._cb = self._CALLBACK(self._collect)   # keep a reference: the library calls it later
-        lib.espeak_SetSynthCallback(self._cb)
-        self.lib = lib
-
-    @classmethod
-    def get(cls) -> Espeak:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def _collect(self, wav, n, events) -> int:
-        if n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
-
-    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """-> float32 samples at self.sample_rate."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise UserError(f"espeak-ng: unknown voice {voice!r}")
-        self.lib.espeak_SetParameter(self._RATE, int(rate), 0)
-        self.lib.espeak_SetParameter(self._PITCH, int(pitch), 0)
-        self._chunks = []
-        text_b = text.encode() + b"\0"
-        self.lib.espeak_Synth(text_b, len(text_b), 0, 1, 0, 0, None, None)  # 1: POS_CHARACTER
-        self.lib.espeak_Synchronize()
-        out = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        return out.astype(np.float32) / 32768.0
+def available_engines(cache_dir: str | Path | None = None) -> list[str]:
+    """The training engines this installation can speak with: espeak-ng always, Piper with the `voices`
+    extra or when its words are in the word cache (a machine without the extra, given the cache)."""
+    piper_cached = any(word_cache_dir(cache_dir).glob("piper~joe_*/*.flac"))
+    return ["espeak"] + (["piper"] if piper_available() or piper_cached else [])
 
 
-def speak(word: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-    """A word at 16 kHz, leading and trailing silence trimmed, peak-normalised to 0.5."""
-    es = Espeak.get()
-    wave = resample(torch.from_numpy(es.say(word, voice, rate, pitch)), es.sample_rate, SAMPLE_RATE).numpy()
+# --- words ---------------------------------------------------------------------------------------------
+def word_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "words"
+
+
+def speak(word: str, voice: str, rate: int, pitch: int, cache_dir: str | Path | None = None) -> np.ndarray:
+    """A word by any engine's voice (`audio.engines`) at 16 kHz, leading and trailing silence trimmed,
+    peak-normalised to 0.5. Words of engines other than espeak-ng are kept in a word cache
+    (`<cache>/words/<engine>~<voice>/`, FLAC): the neural voice is slow on a CPU and needs an optional
+    extra, and a machine without it (a GPU host) can build the same set from a copy of that folder."""
+    import soundfile as sf
+    engine, name = split_voice(voice)
+    cached = word_cache_dir(cache_dir) / f"{engine}~{name.replace('/', '_')}" / f"{word}_{rate}_{pitch}.flac"
+    if engine != "espeak" and cached.is_file():
+        return sf.read(str(cached), dtype="float32")[0]
+    wave, sr = say(word, voice, rate, pitch)
+    wave = resample(torch.from_numpy(np.ascontiguousarray(wave)), sr, SAMPLE_RATE).numpy()
     loud = np.flatnonzero(np.abs(wave) > 0.02 * (np.abs(wave).max() + 1e-9))
     if loud.size:
         wave = wave[loud[0]: loud[-1] + 1]
-    return 0.5 * wave / (np.abs(wave).max() + 1e-9)
+    wave = (0.5 * wave / (np.abs(wave).max() + 1e-9)).astype(np.float32)
+    if engine != "espeak":
+        from ssm_core.io import atomic_path
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            sf.write(str(tmp), wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return wave
+
+
+def clip_name(voice: str, rate: int, pitch: int) -> str:
+    """The file name of a clip: the voice with its engine (`piper~joe_2_...`; espeak-ng's voices bare, as
+    before engines existed), rate and pitch."""
+    engine, name = split_voice(voice)
+    stem = name.replace("+", "_").replace("/", "_")
+    return f"{stem if engine == 'espeak' else engine + '~' + stem}_nohash_{rate}_{pitch}.wav"
+
+
+def clip_engine(path: str | Path) -> str:
+    """The engine that spoke a clip of the embedded set, from its file name (clip_name)."""
+    name = Path(path).name
+    return name.split("~", 1)[0] if "~" in name else "espeak"
 
 
 # --- noises, non-speech, rooms --------------------------------------------------------------------------
@@ -179,6 +192,9 @@ def nonspeech(rng: np.random.Generator, n: int) -> np.ndarray:
 def babble(rng: np.random.Generator, n: int, voices: list[str], words: list[str]) -> np.ndarray:
     """Overlapping words of several voices at low level: speech-like noise."""
     out = np.zeros(n, np.float32)
+    if not voices:
+        return out
+    voices = [v for v in voices if split_voice(v)[0] != "piper"] or voices   # no word-cache misses
     for _ in range(int(n / SAMPLE_RATE * 6)):
         w = speak(str(rng.choice(words)), str(rng.choice(voices)), 175, int(rng.integers(20, 80)))
         start = int(rng.integers(0, max(1, n - w.size)))
@@ -209,7 +225,7 @@ def background_noises(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, n
     noises = {"white_noise": colored_noise(rng, n, 0.0), "pink_noise": colored_noise(rng, n, 1.0),
               "brown_noise": colored_noise(rng, n, 2.0), "hum": hum.astype(np.float32),
               "nonspeech": nonspeech(rng, n),
-              "babble": babble(rng, n, cfg.train_voices, cfg.words)}
+              "babble": babble(rng, n, cfg.train_voices or cfg.test_voices, cfg.words)}
     return {k: (0.3 * v / (np.abs(v).max() + 1e-9)).astype(np.float32) for k, v in noises.items()}
 
 
@@ -247,7 +263,7 @@ def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progre
     except OSError as e:
         raise UserError(f"{where} {root}: cannot create the synthetic data set there ({e.strerror or e})") from None
     try:
-        _generate(cfg, tmp, progress)
+        generate(cfg, tmp, progress, root)
         try:
             os.replace(tmp, target)
         except OSError:          # another process finished the same dataset first: keep theirs
@@ -258,8 +274,7 @@ def ensure_dataset(cfg: SynthConfig, cache_dir: str | Path | None = None, progre
     return target
 
 
-def _generate(cfg: SynthConfig, out: Path, progress: bool) -> None:
-    import soundfile as sf
+def generate(cfg: SynthConfig, out: Path, progress: bool, cache_dir: Path | None = None) -> None:
     from tqdm import tqdm
     rng = np.random.default_rng(cfg.seed)
     noises = background_noises(cfg, rng)
@@ -271,18 +286,59 @@ def _generate(cfg: SynthConfig, out: Path, progress: bool) -> None:
     lists: dict[str, list[str]] = {"validation": [], "testing": []}
     jobs = [(split, v, w, r, p) for split, vs in split_voices for v in vs for w in cfg.words
             for r in cfg.rates for p in cfg.pitches]
-    for split, voice, word, rate, pitch in tqdm(jobs, desc="synthesising speech commands", disable=not progress,
-                                                 unit="clip"):
-        clip = degrade(speak(word, voice, rate, pitch), rng, cfg, noise_list)
-        rel = f"{word}/{voice.replace('+', '_')}_nohash_{rate}_{pitch}.wav"
-        (out / word).mkdir(exist_ok=True)
-        # Plain writes: the whole folder becomes visible atomically when it is renamed into place.
-        sf.write(str(out / rel), clip, SAMPLE_RATE, subtype="PCM_16")
-        if split in lists:
-            lists[split].append(rel)
+    with _speech_pool(len(jobs)) as pool:
+        words = pool.map(_speak_job, [(w, v, r, p, cache_dir) for _, v, w, r, p in jobs], chunksize=32)
+        for (split, voice, word, rate, pitch), wave in tqdm(zip(jobs, words), total=len(jobs), unit="clip",
+                                                            desc="synthesising speech commands",
+                                                            disable=not progress):
+            _store_clip(out, lists, split, voice, word, rate, pitch, degrade(wave, rng, cfg, noise_list))
     for split, rels in lists.items():
         (out / f"{split}_list.txt").write_text("".join(r + "\n" for r in rels))
     write_json_atomic(out / "synth_config.json", asdict(cfg))
+
+
+def _speak_job(args: tuple) -> np.ndarray:
+    return speak(*args)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class _InProcess:
+    """The pool's interface, run in this process (small sets, one CPU)."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _speech_pool(n_jobs: int, min_jobs: int = 500):
+    """Synthesis is one CPU-bound call per clip (tens of thousands for the full set): spread it over the
+    machine's CPUs. Only the synthesis runs in workers; the random degradations stay in this process, in
+    job order, so the set is the same for any number of workers."""
+    workers = min(len(os.sched_getaffinity(0)), 16)
+    if workers < 2 or n_jobs < min_jobs:
+        return _InProcess()
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+
+
+def _store_clip(out: Path, lists: dict, split: str, voice: str, word: str, rate: int, pitch: int,
+                clip: np.ndarray) -> None:
+    import soundfile as sf
+    rel = f"{word}/{clip_name(voice, rate, pitch)}"
+    (out / word).mkdir(exist_ok=True)
+    # Plain writes: the whole folder becomes visible atomically when it is renamed into place.
+    sf.write(str(out / rel), clip, SAMPLE_RATE, subtype="PCM_16")
+    if split in lists:
+        lists[split].append(rel)
 
 
 def demo_stream(seconds: float, voices: list[str], words: list[str], seed: int = 0,

