@@ -62,9 +62,12 @@ class GridConfig:
     warmup_steps: int = field(default=0, metadata={"help": "0: a twentieth of --steps"})
     eval_examples: int = 1024
     eval_lengths: list[int] = field(default_factory=list, metadata={
-        "help": "induction: also evaluate every run at these lengths (see ssm_core.tasks)"})
+        "help": "also evaluate every run at these lengths (see ssm_core.tasks)"})
     eval_mode: list[Literal["fused", "stream"]] = field(default_factory=lambda: ["fused"])
     eval_length_examples: int = 64
+    init_from_grid: str | None = field(default=None, metadata={
+        "help": "--out-dir of an earlier grid: each run starts from the weights of its run of the same name "
+                "there (e.g. trained at a shorter --seq-len)"})
     time_limit: float | None = field(default=None, metadata={
         "help": "minutes of training per run in this command; run it again to continue the unfinished runs"})
     device: str = "auto"
@@ -78,6 +81,8 @@ class GridConfig:
                 raise ValueError(f"--mixers: unknown label {m!r}; known: {', '.join(known)}")
         if self.workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+        if self.init_from_grid is not None and not (Path(self.init_from_grid) / "runs").is_dir():
+            raise ValueError(f"--init-from-grid {self.init_from_grid}: not the --out-dir of a grid (no runs/ in it)")
 
 
 def run_folder_name(label: str, lr: float, seed: int) -> str:
@@ -97,6 +102,8 @@ def _run(kwargs: dict) -> dict:
     optim = OptimConfig(lr=kwargs.pop("lr"), grad_clip=1.0, warmup_steps=kwargs.pop("warmup_steps"))
     out = Path(kwargs["output_dir"])
     done = out / "metrics.json"
+    if kwargs["init_from"] is not None and not Path(kwargs["init_from"]).is_file():
+        raise FileNotFoundError(f"--init-from-grid: {kwargs['init_from']} is missing (that run did not finish)")
     if done.is_file():   # finished in an earlier command
         return json.loads(done.read_text())
     resume = (out / "checkpoints" / "last.ckpt").is_file()
@@ -171,6 +178,9 @@ def main(cfg: GridConfig) -> dict:
                                  seed=seed, device=cfg.device, eval_examples=cfg.eval_examples,
                                  eval_lengths=lengths, eval_mode=cfg.eval_mode,
                                  eval_length_examples=cfg.eval_length_examples, time_limit=cfg.time_limit,
+                                 init_from=None if cfg.init_from_grid is None else str(
+                                     Path(cfg.init_from_grid) / "runs" / run_folder_name(label, lr, seed)
+                                     / "checkpoints" / "last.ckpt"),
                                  output_dir=str(out / "runs" / run_folder_name(label, lr, seed))))
                 labels.append(label)
     import multiprocessing as mp

@@ -67,10 +67,13 @@ class TaskConfig:
     time_limit: float | None = field(default=None, metadata={
         "help": "minutes: stop training after this long, checkpoint saved, to continue with --resume"})
     eval_lengths: list[int] = field(default_factory=list, metadata={
-        "help": "induction: also evaluate at these sequence lengths (extrapolation beyond --seq-len)"})
+        "help": "also evaluate at these --seq-len values (extrapolation beyond the training length)"})
     eval_mode: list[Literal["fused", "stream"]] = field(default_factory=lambda: ["fused"], metadata={
         "help": "for --eval-lengths: fused (whole sequence in one call) and/or stream (chunks, state carried)"})
     eval_length_examples: int = field(default=64, metadata={"help": "examples per --eval-lengths entry"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the weights of this checkpoint (a run's checkpoints/last.ckpt, e.g. one trained "
+                "at a shorter --seq-len), with a new optimiser and schedule"})
     stream_chunk: int = field(default=65536, metadata={"help": "tokens per chunk of --eval-mode stream"})
     eval_tokens_per_batch: int = field(default=1 << 20, metadata={
         "help": "--eval-lengths: at most this many tokens per batch (bounds fused mode's memory at long lengths)"})
@@ -93,10 +96,10 @@ class TaskConfig:
                      "eval_length_examples", "stream_chunk", "eval_tokens_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
-        if self.eval_lengths and self.task != "induction":
-            raise ValueError("--eval-lengths: only the induction task has a length-free answer to extrapolate")
-        if any(n < 4 for n in self.eval_lengths):
-            raise ValueError(f"--eval-lengths: every length must be >= 4, got {self.eval_lengths}")
+        if any(n < max(4, self.n_memorize) for n in self.eval_lengths):
+            raise ValueError(f"--eval-lengths: every length must be >= 4 and >= --n-memorize, got {self.eval_lengths}")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise ValueError(f"--init-from {self.init_from}: no such checkpoint file")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"--time-limit: must be > 0 minutes, got {self.time_limit}")
         if (self.resume or self.time_limit is not None) and not self.output_dir:
@@ -115,9 +118,10 @@ class TaskConfig:
         return FIRST_DATA + self.n_tokens
 
 
-def selective_copy_batch(cfg: TaskConfig, batch: int, gen: torch.Generator):
-    """Returns (inputs (b, L), targets (b, L) with -100 where no answer is asked)."""
-    L, k = cfg.seq_len, cfg.n_memorize
+def selective_copy_batch(cfg: TaskConfig, batch: int, gen: torch.Generator, seq_len: int | None = None):
+    """Returns (inputs (b, L + k), targets (b, L + k) with -100 where no answer is asked). `seq_len`
+    overrides cfg.seq_len (evaluation at other lengths)."""
+    L, k = seq_len or cfg.seq_len, cfg.n_memorize
     data = torch.randint(FIRST_DATA, cfg.vocab_size, (batch, k), generator=gen)
     pos = torch.rand(batch, L, generator=gen).argsort(dim=1)[:, :k].sort(dim=1).values
     region = torch.full((batch, L), BLANK, dtype=torch.long).scatter_(1, pos, data)
@@ -170,21 +174,25 @@ def evaluate(model: MambaLM, cfg: TaskConfig, seed: int = 1234) -> dict:
 
 
 @torch.no_grad()
-def last_logits(model: MambaLM, x: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
-    """Logits at the last position of x (batch, L). `fused`: one forward over the whole sequence; `stream`:
-    chunks of `chunk` tokens with the recurrent state (or KV cache) carried from one to the next, so the
-    activations held at once are those of one chunk."""
+def last_logits(model: MambaLM, x: torch.Tensor, mode: str, chunk: int, k: int = 1) -> torch.Tensor:
+    """Logits (batch, k, vocab) at the last k <= chunk positions of x (batch, L). `fused`: one forward over the
+    whole sequence; `stream`: chunks of `chunk` tokens with the recurrent state (or KV cache) carried from one
+    to the next, so the activations held at once are those of one chunk."""
     if mode == "fused":
-        return model(x)[:, -1]
+        return model(x)[:, -k:]
     state = model.init_state(x.shape[0], device=x.device)
-    for part in x.split(chunk, dim=1):
-        logits, state = model.stream(part, state)
-    return logits[:, -1]
+    # The last chunk is the one holding the last k positions whole.
+    cut = max(0, x.shape[1] - max(k, (x.shape[1] - 1) % chunk + 1))
+    for part in [*x[:, :cut].split(chunk, dim=1), x[:, cut:]]:
+        if part.shape[1]:
+            logits, state = model.stream(part, state)
+    return logits[:, -k:]
 
 
 def evaluate_lengths(model: MambaLM, cfg: TaskConfig, seed: int = 4321) -> list[dict]:
-    """Induction accuracy at every --eval-lengths length and --eval-mode: the same examples for every mode
+    """Answer accuracy at every --eval-lengths length and --eval-mode: the same examples for every mode
     (one generator seed per length), the peak accelerator memory of each when on CUDA."""
+    k = cfg.n_memorize if cfg.task == "selective-copy" else 1
     rows = []
     model.eval()
     for L in cfg.eval_lengths:
@@ -200,17 +208,17 @@ def evaluate_lengths(model: MambaLM, cfg: TaskConfig, seed: int = 4321) -> list[
             correct = done = 0
             while done < cfg.eval_length_examples:
                 b = min(per_batch, cfg.eval_length_examples - done)
-                x, y = induction_batch(cfg, b, gen, seq_len=L)
-                pred = last_logits(model, x.to(cfg.device), mode, cfg.stream_chunk).argmax(-1).cpu()
-                correct += (pred == y[:, -1]).sum().item()
+                x, y = BATCHES[cfg.task](cfg, b, gen, seq_len=L)
+                pred = last_logits(model, x.to(cfg.device), mode, cfg.stream_chunk, k).argmax(-1).cpu()
+                correct += (pred == y[:, -k:]).sum().item()
                 done += b
-            row = {"length": L, "mode": mode, "accuracy": correct / done, "examples": done,
+            row = {"length": L, "mode": mode, "accuracy": correct / (done * k), "examples": done,
                    "seconds": round(time.perf_counter() - t0, 2)}
             if cuda:
                 row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
             rows.append(row)
             if cfg.progress:
-                print(f"  induction at length {L:>8} ({mode}): accuracy {row['accuracy']:.3f} "
+                print(f"  {cfg.task} at length {L:>8} ({mode}): accuracy {row['accuracy']:.3f} "
                       f"over {done} examples in {row['seconds']} s", file=sys.stderr, flush=True)
     model.train()
     return rows
@@ -218,7 +226,7 @@ def evaluate_lengths(model: MambaLM, cfg: TaskConfig, seed: int = 4321) -> list[
 
 # Options that change what is trained; a --resume must repeat them (the others only say how a run is
 # carried out: for how long, where, with what output).
-_HOW_NOT_WHAT = {"steps", "device", "output_dir", "resume", "overwrite", "checkpoint_every", "time_limit",
+_HOW_NOT_WHAT = {"init_from", "steps", "device", "output_dir", "resume", "overwrite", "checkpoint_every", "time_limit",
                  "progress", "eval_examples", "eval_lengths", "eval_mode", "eval_length_examples", "stream_chunk",
                  "eval_tokens_per_batch"}
 
@@ -266,6 +274,12 @@ def train(cfg: TaskConfig) -> dict:
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         step, loss_ema, elapsed = state["step"], state["loss_ema"], state["elapsed"]
+    elif cfg.init_from:
+        try:
+            model.load_state_dict(torch.load(cfg.init_from, map_location=cfg.device, weights_only=True)["model"])
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"--init-from {cfg.init_from}: not a checkpoint of this model "
+                            f"({str(e).splitlines()[0]})") from None
     bar = None
     if cfg.progress:
         from tqdm import tqdm

@@ -155,3 +155,46 @@ def test_induction_extrapolation_reports_every_length_and_mode(tmp_path):
     # the same examples in both modes, and a model whose logits agree: the same answers
     assert rows[2]["accuracy"] == rows[3]["accuracy"]
     assert json.loads((tmp_path / "metrics.json").read_text())["extrapolation"] == rows
+
+
+def test_selective_copy_extrapolation_and_init_from_a_shorter_run(tmp_path):
+    import pytest
+
+    from ssm_core.cli import UserError
+    from ssm_core.tasks import last_logits, train
+    short = train(_tiny(tmp_path / "short", steps=4))
+    assert short["complete"]
+    ckpt = tmp_path / "short/checkpoints/last.ckpt"
+    long = train(_tiny(tmp_path / "long", seq_len=40, steps=1, optim=OptimConfig(lr=1e-9), init_from=str(ckpt),
+                       eval_lengths=[12, 100], eval_mode=["fused", "stream"], stream_chunk=16))
+    rows = long["extrapolation"]
+    assert [(r["length"], r["mode"]) for r in rows] == [(12, "fused"), (12, "stream"), (100, "fused"), (100, "stream")]
+    # lr 1e-9 for one step: the long run's model is the short run's, so at the short run's length it scores
+    # what the short run scored on the same generator seed's examples.
+    assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[2]["accuracy"] == rows[3]["accuracy"]
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=6)).eval()
+    x = torch.randint(0, 6, (2, 37))
+    torch.testing.assert_close(last_logits(model, x, "stream", chunk=8, k=5), model(x)[:, -5:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="--init-from"):
+        train(_tiny(tmp_path / "other", model=MambaConfig(d_model=8, n_layer=2, vocab_size=6), init_from=str(ckpt)))
+    with pytest.raises(ValueError, match="--init-from"):
+        _tiny(tmp_path / "x", init_from=str(tmp_path / "nothing.ckpt"))
+
+
+def test_grid_stopped_by_its_time_limit_is_finished_by_the_same_command(tmp_path):
+    from benchmarks.mixer_tasks import GridConfig
+    from benchmarks.mixer_tasks import main as grid
+    argv = dict(seq_len=12, n_memorize=2, n_tokens=4, steps=4, batch_size=4, lrs=[0.01], seeds=[0],
+                mixers=["Mamba", "Mamba-2"], eval_examples=8, eval_lengths=[12, 48], eval_mode=["fused", "stream"],
+                eval_length_examples=4, device="cpu", workers=1, out_dir=str(tmp_path / "grid"))
+    first = grid(GridConfig(**argv, time_limit=1e-6))
+    assert [u["step"] for u in first["unfinished"]] == [1, 1] and not first["runs"]
+    second = grid(GridConfig(**argv))
+    assert not second["unfinished"] and [r["step"] for r in second["runs"]] == [4, 4]
+    saved = json.loads((tmp_path / "grid/mixer_tasks.json").read_text())
+    assert [r["label"] for r in saved["runs"]] == ["Mamba", "Mamba-2"]
+    assert (tmp_path / "grid/mixer_tasks.png").is_file() and (tmp_path / "grid/mixer_tasks_lengths.png").is_file()
+    # stage two: each run starts from its namesake of the first grid
+    stage2 = grid(GridConfig(**{**argv, "seq_len": 24, "out_dir": str(tmp_path / "grid2")},
+                             init_from_grid=str(tmp_path / "grid")))
+    assert stage2["runs"][0]["config"]["init_from"].endswith("mamba-lr0.01-s0/checkpoints/last.ckpt")
