@@ -55,6 +55,8 @@ class GridConfig:
     batch_size: int = 64
     lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds_for: dict[str, list[int]] = field(default_factory=dict, metadata={
+        "help": "per mixer label, seeds instead of --seeds (e.g. three seeds for Mamba, one for the rest)"})
     mixers: list[str] = field(default_factory=lambda: [m[0] for m in MIXER_GRID if m[0] != "Attention"],
                               metadata={"help": "labels of MIXER_GRID to run"})
     n_layer: int = 2
@@ -65,6 +67,8 @@ class GridConfig:
         "help": "also evaluate every run at these lengths (see ssm_core.tasks)"})
     eval_mode: list[Literal["fused", "stream"]] = field(default_factory=lambda: ["fused"])
     eval_length_examples: int = 64
+    # Streaming attention builds a (chunk x cached tokens) mask: short chunks keep it small at long lengths.
+    stream_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of --eval-mode stream"})
     init_from_grid: str | None = field(default=None, metadata={
         "help": "--out-dir of an earlier grid: each run starts from the weights of its run of the same name "
                 "there (e.g. trained at a shorter --seq-len)"})
@@ -76,9 +80,9 @@ class GridConfig:
 
     def __post_init__(self):
         known = [m[0] for m in MIXER_GRID]
-        for m in self.mixers:
+        for m in [*self.mixers, *self.seeds_for]:
             if m not in known:
-                raise ValueError(f"--mixers: unknown label {m!r}; known: {', '.join(known)}")
+                raise ValueError(f"--mixers / --seeds-for: unknown label {m!r}; known: {', '.join(known)}")
         if self.workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {self.workers}")
         if self.init_from_grid is not None and not (Path(self.init_from_grid) / "runs").is_dir():
@@ -170,14 +174,15 @@ def main(cfg: GridConfig) -> dict:
         lengths = cfg.eval_lengths if "attention" not in spec else [
             n for n in cfg.eval_lengths if n <= ATTENTION_MAX_EVAL_LENGTH]
         for lr in cfg.lrs:
-            for seed in cfg.seeds:
+            for seed in cfg.seeds_for.get(label, cfg.seeds):
                 jobs.append(dict(task=cfg.task, model=dict(mixer=spec, selective=sel, d_model=d, n_layer=cfg.n_layer,
                                                            d_state=cfg.d_state),
                                  seq_len=cfg.seq_len, n_memorize=cfg.n_memorize, n_tokens=cfg.n_tokens,
                                  steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
                                  seed=seed, device=cfg.device, eval_examples=cfg.eval_examples,
                                  eval_lengths=lengths, eval_mode=cfg.eval_mode,
-                                 eval_length_examples=cfg.eval_length_examples, time_limit=cfg.time_limit,
+                                 eval_length_examples=cfg.eval_length_examples, stream_chunk=cfg.stream_chunk,
+                                 time_limit=cfg.time_limit,
                                  init_from=None if cfg.init_from_grid is None else str(
                                      Path(cfg.init_from_grid) / "runs" / run_folder_name(label, lr, seed)
                                      / "checkpoints" / "last.ckpt"),
