@@ -140,3 +140,12 @@ def test_one_task_training_step_has_mamba_ssm_gradients_and_init(mamba_lm_cls, t
     assert sorted(a) == sorted(b)
     for n in a:
         assert abs(a[n][0] - b[n][0]) <= 0.1 * a[n][1] + 1e-3 and abs(a[n][1] - b[n][1]) <= 0.1 * a[n][1] + 1e-6, n
+
+
+def test_training_step_benchmark_against_the_official_block(mamba_ssm_cpu, shared_dir, tmp_path):
+    """benchmarks/mamba_ssm_step (the GPU check of docs/seeds.md) at CPU size: same loss and gradients."""
+    from benchmarks.mamba_ssm_step import StepConfig, main
+    r = main(StepConfig(seq_len=48, n_memorize=4, batch_size=2, d_model=32, device="cpu",
+                        anchor_dir=str(shared_dir / "bench"), out=str(tmp_path / "step.json")))
+    assert r["loss_rel_diff"] < 1e-6 and r["max_grad_rel_diff"] < 1e-4 and len(r["grad_rel_diff"]) == 22
+    assert json.loads((tmp_path / "step.json").read_text())["max_grad_rel_diff"] == r["max_grad_rel_diff"]
