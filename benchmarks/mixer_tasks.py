@@ -188,10 +188,14 @@ def main(cfg: GridConfig) -> dict:
                                      / "checkpoints" / "last.ckpt"),
                                  output_dir=str(out / "runs" / run_folder_name(label, lr, seed))))
                 labels.append(label)
+    import contextlib
     import multiprocessing as mp
     results, unfinished = [], []
-    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-        for label, job, r in zip(labels, jobs, pool.map(_run, [dict(j) for j in jobs])):   # in order
+    # One worker: the runs one after the other in this process (no process start-up).
+    with (ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) if cfg.workers > 1
+          else contextlib.nullcontext()) as pool:
+        outcomes = (pool.map if pool is not None else map)(_run, [dict(j) for j in jobs])
+        for label, job, r in zip(labels, jobs, outcomes):   # in order
             lr, seed = job["lr"], job["seed"]
             if not r["complete"]:
                 unfinished.append({"label": label, "lr": lr, "seed": seed, "step": r["step"]})

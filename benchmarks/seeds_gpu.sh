@@ -21,25 +21,26 @@ X=${SEEDS_EXTRA:-}
 T=${SEEDS_TIME_SCALE:-1}   # seconds per second of the budget below (tiny for a CPU check)
 t() { awk "BEGIN{print int($1 * $T) + 1}"; }
 m() { awk "BEGIN{print $1 * $T}"; }
-grid() { $PY -m benchmarks.mixer_tasks "$@" $X; }
+# timeout signals its whole process group, so a grid's worker processes stop with it.
+grid() { local secs=$1; shift; timeout "$(t "$secs")" $PY -m benchmarks.mixer_tasks "$@" $X; }
 finished() { $PY -c "import json,sys; sys.exit(bool(json.load(open('$1/mixer_tasks.json'))['unfinished']))" 2>/dev/null; }
 
 copy_and_induction() {
   # The two 256-length grids share the GPU (small models: each process is CPU-bound, 16 cores).
-  timeout "$(t 250)" bash -c "$(declare -f grid); PY=$PY X='$X'; grid --config configs/seeds/selective_copy_256.yaml \
-      --out-dir $S/copy256 --time-limit $(m 3.3)" > "$S/copy256.log" 2>&1 &
-  timeout "$(t 250)" bash -c "$(declare -f grid); PY=$PY X='$X'; grid --config configs/seeds/induction.yaml \
-      --out-dir $S/induction --time-limit $(m 2.7)" > "$S/induction.log" 2>&1 &
+  grid 240 --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(m 3.2)" \
+      > "$S/copy256.log" 2>&1 &
+  grid 240 --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(m 2.3)" \
+      > "$S/induction.log" 2>&1 &
   wait
   if finished "$S/copy256"; then
-    timeout "$(t 200)" bash -c "$(declare -f grid); PY=$PY X='$X'; grid --config configs/seeds/selective_copy_4096.yaml \
-        --init-from-grid $S/copy256 --out-dir $S/copy4096 --time-limit $(m 2.6)" > "$S/copy4096.log" 2>&1
+    grid 190 --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
+        --time-limit "$(m 2.5)" > "$S/copy4096.log" 2>&1
   fi
 }
 
 if [ "$PART" = 1 ]; then
   if [ -f .bench/mamba_reference.py ]; then
-    timeout "$(t 45)" $PY -m benchmarks.mamba_ssm_step --device cuda --seq-len 4096 --anchor-dir .bench \
+    timeout "$(t 40)" $PY -m benchmarks.mamba_ssm_step --device cuda --seq-len 4096 --anchor-dir .bench \
         --out "$OUT/mamba_ssm_step.json" > "$S/mamba_ssm_step.log" 2>&1
   fi
   copy_and_induction
