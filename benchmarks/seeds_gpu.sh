@@ -20,21 +20,32 @@ for f in runs/seeds/*.tar; do [ -f "$f" ] && tar xf "$f" -C "$S"; done
 X=${SEEDS_EXTRA:-}
 T=${SEEDS_TIME_SCALE:-1}   # seconds per second of the budget below (tiny for a CPU check)
 t() { awk "BEGIN{print int($1 * $T) + 1}"; }
+# Seconds this script may take in all (a device command has 9 minutes, including the wheel install before
+# it): a later step gets what is left, up to its own limit, and is skipped when under a minute is left.
+BUDGET=${SEEDS_BUDGET:-500}
+left() { awk "BEGIN{l = int($BUDGET * $T) - $SECONDS; c = int($1 * $T) + 1; print (l < c ? l : c)}"; }
 m() { awk "BEGIN{print $1 * $T}"; }
 # timeout signals its whole process group, so a grid's worker processes stop with it.
-grid() { local secs=$1; shift; timeout "$(t "$secs")" $PY -m benchmarks.mixer_tasks "$@" $X; }
+grid() { local secs=$1; shift; timeout "$secs" $PY -m benchmarks.mixer_tasks "$@" $X; }
 finished() { $PY -c "import json,sys; sys.exit(bool(json.load(open('$1/mixer_tasks.json'))['unfinished']))" 2>/dev/null; }
+
+# Minutes of training for a grid granted $1 seconds, keeping $2 seconds (scaled) for start-up and evaluation.
+tl() { awk "BEGIN{print ($1 - $2 * $T) / 60}"; }
 
 copy_and_induction() {
   # The two 256-length grids share the GPU (small models: each process is CPU-bound, 16 cores).
-  grid 240 --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(m 3.2)" \
+  local a b
+  a=$(left 240)
+  if [ "$a" -lt "$(t 60)" ]; then return; fi
+  grid "$a" --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(tl "$a" 48)" \
       > "$S/copy256.log" 2>&1 &
-  grid 240 --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(m 2.3)" \
+  grid "$a" --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(tl "$a" 100)" \
       > "$S/induction.log" 2>&1 &
   wait
-  if finished "$S/copy256"; then
-    grid 190 --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
-        --time-limit "$(m 2.5)" > "$S/copy4096.log" 2>&1
+  b=$(left 190)
+  if finished "$S/copy256" && [ "$b" -ge "$(t 60)" ]; then
+    grid "$b" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
+        --time-limit "$(tl "$b" 40)" > "$S/copy4096.log" 2>&1
   fi
 }
 
@@ -46,8 +57,10 @@ if [ "$PART" = 1 ]; then
   copy_and_induction
 else
   copy_and_induction
-  timeout "$(t 200)" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --out-dir "$S/dna" \
-      --contexts 1024 4096 16384 65536 131072 --steps 300 ${SEEDS_DNA_EXTRA:-} > "$S/dna_context.log" 2>&1
+  if [ "$(left 200)" -ge "$(t 60)" ]; then
+    timeout "$(left 200)" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --out-dir "$S/dna" \
+        --contexts 1024 4096 16384 65536 131072 --steps 300 ${SEEDS_DNA_EXTRA:-} > "$S/dna_context.log" 2>&1
+  fi
 fi
 for f in mamba_ssm_step copy256 induction copy4096 dna_context; do
   [ -f "$S/$f.log" ] && { echo "=== $f"; cat "$S/$f.log"; } >> "$OUT/seeds.log"
