@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,8 +294,18 @@ def train(cfg: TaskConfig) -> dict:
         if ckpt is not None:
             _save_checkpoint(ckpt, model, opt, sched, gen, step, loss_ema, elapsed + time.perf_counter() - t0, cfg)
 
+    # SIGTERM (a scheduler's stop) ends the run at the next step boundary with its checkpoint saved, and
+    # exits 143 through the same path as the Lightning trainings (ssm_core.errors).
+    stop = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     try:
         while step < cfg.steps:
+            if stop:
+                save()
+                from lightning.pytorch.utilities.exceptions import SIGTERMException
+                raise SIGTERMException(128 + signal.SIGTERM)
             x, y = (t.to(cfg.device) for t in BATCHES[cfg.task](cfg, cfg.batch_size, gen))
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
@@ -322,6 +334,8 @@ def train(cfg: TaskConfig) -> dict:
         save()
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
     metrics = evaluate(model, cfg)

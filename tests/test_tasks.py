@@ -198,3 +198,28 @@ def test_grid_stopped_by_its_time_limit_is_finished_by_the_same_command(tmp_path
     stage2 = grid(GridConfig(**{**argv, "seq_len": 24, "out_dir": str(tmp_path / "grid2")},
                              init_from_grid=str(tmp_path / "grid")))
     assert stage2["runs"][0]["config"]["init_from"].endswith("mamba-lr0.01-s0/checkpoints/last.ckpt")
+
+
+def test_sigterm_saves_the_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ssm_core import tasks
+    from ssm_core.errors import exit_code
+    real, calls = tasks.BATCHES["selective-copy"], []
+
+    def batch_then_sigterm(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:     # during the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setitem(tasks.BATCHES, "selective-copy", batch_then_sigterm)
+    with pytest.raises(SIGTERMException) as stopped:
+        tasks.train(_tiny(tmp_path, checkpoint_every=100))
+    assert exit_code(stopped.value) == 143
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["step"] == 3
+    monkeypatch.setitem(tasks.BATCHES, "selective-copy", real)
+    assert tasks.train(_tiny(tmp_path, resume=True))["step"] == 6
