@@ -344,3 +344,79 @@ def planted_variants(contigs: tuple[str, ...] = ("chr20", "chr21"), seed: int = 
                         "label": "background", "motif_offset": -1})
         out += motif_rows
     return sorted(out, key=lambda r: (r["contig"], r["pos"]))
+
+
+# --- a genome whose dependencies reach far: for context-length experiments -----------------------------
+LONG_RANGE_CONTIGS = {"chr1": 6_000_000, "chr20": 1_500_000, "chr21": 1_500_000}
+LONG_RANGE_SEGMENT = 500           # bases per copied segment
+LONG_RANGE_COPY_FRAC = 0.5         # fraction of the segments that are copies of an earlier one
+LONG_RANGE_DISTANCES = (1_000, 500_000)   # copy distance ~ LogUniform over this range, in bases
+LONG_RANGE_DIVERGENCE = 0.1        # substitutions per copied base
+LONG_RANGE_CONTEXTS = tuple(2 ** k for k in range(10, 18))   # 1k .. 131k
+
+
+def long_range_contig(rng, length: int, table, segment: int = LONG_RANGE_SEGMENT,
+                      copy_frac: float = LONG_RANGE_COPY_FRAC, distances: tuple[int, int] = LONG_RANGE_DISTANCES,
+                      divergence: float = LONG_RANGE_DIVERGENCE):
+    """One contig of the background chain in which a `copy_frac` of the `segment`-base segments are diverged
+    copies of the segment `d` bases earlier, d ~ LogUniform(distances). Returns (bases 0..3, per-base entropy
+    in bits given the hidden state, per-base copy distance or 0 for background). Copies are made in order, so
+    a copy may copy a copy; the source is the sequence as it stands."""
+    seq, ent = sample_background(rng, table, np.full(length, 0.45))
+    background_ent = ent.copy()
+    dist = np.zeros(length, dtype=np.int64)
+    h_copy = _mutation_entropy(divergence)
+    lo, hi = np.log(distances[0]), np.log(distances[1])
+    for start in range(0, length - segment + 1, segment):
+        if rng.random() >= copy_frac:
+            continue
+        d = int(np.exp(rng.uniform(lo, hi)))
+        if start - d < 0:
+            continue
+        seq[start:start + segment] = _mutate(rng, seq[start - d:start - d + segment], divergence)
+        ent[start:start + segment] = h_copy
+        dist[start:start + segment] = d
+    return seq, ent, dist, background_ent
+
+
+def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, int] | None = None,
+                      contexts: tuple[int, ...] = LONG_RANGE_CONTEXTS) -> Path:
+    """Path of the long-range genome FASTA (demo.fa in its own folder, with demo.entropy.json), generated on
+    first use. Its entropy file also holds, per held-out contig, `bits_per_base_at_context`: the generator's
+    bits per base for a predictor that sees `context` bases back, i.e. that can use the copies whose source
+    is at most that far (a copied base with its source out of view is counted at the background chain's
+    entropy there), and `bits_per_base_in_windows`: the same for bases scored in windows of `context` bases,
+    where a base at offset t sees only t bases back (what pretraining's validation at that --seq-len
+    measures). These curves are what a model trained at each context can at best reach."""
+    contigs = contigs or LONG_RANGE_CONTIGS
+    key = [contigs, list(contexts)]
+    tag = ("" if key == [LONG_RANGE_CONTIGS, list(LONG_RANGE_CONTEXTS)]
+           else "-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8])
+    folder = Path(root) if root else cache_root() / f"longrange-v1{tag}"
+    fasta = folder / "demo.fa"
+    if fasta.is_file() and (folder / "demo.entropy.json").is_file() and Path(str(fasta) + ".fai").is_file():
+        return fasta
+    rng = np.random.default_rng(SEED + 1)
+    table = markov_table(rng)
+    records, entropy, counted, at_context, in_windows = [], {}, {}, {}, {}
+    for name, length in contigs.items():
+        seq, ent, dist, bg = long_range_contig(rng, length, table)
+        records.append((name, np.frombuffer(b"ACGT", dtype=np.uint8)[seq].tobytes()))
+        entropy[name] = float(ent.mean())
+        counted[name] = int(length)
+        at_context[name] = {str(c): float(np.where((dist > 0) & (dist < c), ent, bg).mean()) for c in contexts}
+        # Scored in windows of c bases (as pretraining's validation is), a base at offset t sees t bases back:
+        # its copy's source is in view for a fraction max(0, 1 - d / c) of the offsets.
+        in_view = [np.clip(1 - dist / c, 0, 1) * (dist > 0) for c in contexts]
+        in_windows[name] = {str(c): float((v * ent + (1 - v) * bg).mean()) for c, v in zip(contexts, in_view)}
+    write_fasta(fasta, records)
+    write_json_atomic(folder / "demo.entropy.json", {
+        "bits_per_base": entropy, "non_n_bases": counted, "bits_per_base_at_context": at_context,
+        "bits_per_base_in_windows": in_windows,
+        "seed": SEED + 1, "segment": LONG_RANGE_SEGMENT, "copy_frac": LONG_RANGE_COPY_FRAC,
+        "distances": list(LONG_RANGE_DISTANCES), "divergence": LONG_RANGE_DIVERGENCE,
+        "definition": "mean over bases of the entropy of the distribution each base was drawn from, given the "
+                      "generator's hidden state (a copied base: the substitution entropy; bits_per_base_at_context "
+                      "counts copies whose source is `context` or more bases back at the background's entropy; "
+                      "bits_per_base_in_windows: bases scored in windows of `context` bases)"})
+    return fasta

@@ -100,3 +100,52 @@ def test_formats_that_cannot_convert_are_refused(tmp_path):
     torch.save({"backbone.embedding.weight": torch.zeros(3, 8)}, tmp_path / "bad" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="do not match"):
         from_pretrained(tmp_path / "bad")
+
+
+def test_one_task_training_step_has_mamba_ssm_gradients_and_init(mamba_lm_cls, tmp_path):
+    """The selective-copying loss of one batch and the gradient of every parameter equal mamba_ssm's
+    MambaLMHeadModel on the same weights, and a freshly initialised model has mamba_ssm's init statistics:
+    the check that our Mamba-1 trains as the paper's would (docs/seeds.md)."""
+    import torch.nn.functional as F
+
+    from ssm_core.tasks import TaskConfig, selective_copy_batch
+    cls, RefConfig = mamba_lm_cls
+    torch.manual_seed(0)
+    ref = cls(RefConfig(d_model=32, n_layer=2, vocab_size=16, ssm_cfg={"d_state": 16}, fused_add_norm=False,
+                        pad_vocab_size_multiple=8)).double()
+    ref.save_pretrained(str(tmp_path))
+    ours = from_pretrained(tmp_path).double()
+    x, y = selective_copy_batch(TaskConfig(seq_len=64, n_memorize=4, n_tokens=14), 4, torch.Generator().manual_seed(0))
+    losses = []
+    for logits in (ours(x), ref(x).logits):
+        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        g = theirs[name].grad     # the names are mamba_ssm's (lm_head.weight is tied to the embedding)
+        assert (p.grad - g).norm() <= 1e-5 * g.norm(), name
+
+    # Init: same shapes, and per parameter the same mean and spread (creation order differs, so not the same
+    # numbers), over the models of several seeds.
+    def stats(make):
+        rows = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            rows.append({n: (p.mean().item(), p.std().item() if p.numel() > 1 else 0.0)
+                         for n, p in make().named_parameters()})
+        return {n: [sum(r[n][i] for r in rows) / len(rows) for i in (0, 1)] for n in rows[0]}
+    cfg = RefConfig(d_model=64, n_layer=2, vocab_size=24, ssm_cfg={"d_state": 16}, fused_add_norm=False)
+    a, b = stats(lambda: cls(cfg)), stats(lambda: MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=24)))
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert abs(a[n][0] - b[n][0]) <= 0.1 * a[n][1] + 1e-3 and abs(a[n][1] - b[n][1]) <= 0.1 * a[n][1] + 1e-6, n
+
+
+def test_training_step_benchmark_against_the_official_block(mamba_ssm_cpu, shared_dir, tmp_path):
+    """benchmarks/mamba_ssm_step (the GPU check of docs/seeds.md) at CPU size: same loss and gradients."""
+    from benchmarks.mamba_ssm_step import StepConfig, main
+    r = main(StepConfig(seq_len=48, n_memorize=4, batch_size=2, d_model=32, device="cpu",
+                        anchor_dir=str(shared_dir / "bench"), out=str(tmp_path / "step.json")))
+    assert r["loss_rel_diff"] < 1e-6 and r["max_grad_rel_diff"] < 1e-4 and len(r["grad_rel_diff"]) == 22
+    assert json.loads((tmp_path / "step.json").read_text())["max_grad_rel_diff"] == r["max_grad_rel_diff"]

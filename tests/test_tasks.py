@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from ssm_core import Mamba, MambaConfig
+from ssm_core import Mamba, MambaConfig, MambaLM
 from ssm_core.tasks import BLANK, FIRST_DATA, MARKER, TaskConfig, induction_batch, main, selective_copy_batch
 from ssm_core.training import OptimConfig
 
@@ -92,3 +92,134 @@ def test_device_flag():
     r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "selective-copy", "--device", "tpu"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--device" in r.stderr and "Traceback" not in r.stderr
+
+
+def _tiny(tmp_path, **kw):
+    base = dict(seq_len=12, n_memorize=2, n_tokens=4, model=MambaConfig(d_model=16, n_layer=2, vocab_size=6),
+                optim=OptimConfig(lr=0.01, grad_clip=1.0), batch_size=8, steps=6, eval_examples=16, progress=False,
+                checkpoint_every=2, output_dir=str(tmp_path))
+    base.update(kw)
+    return TaskConfig(**base)
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(tmp_path):
+    from ssm_core.tasks import train
+    straight = train(_tiny(tmp_path / "straight"))
+    # A time limit this short stops after every step; each --resume continues from the checkpoint.
+    parts = [train(_tiny(tmp_path / "parts", time_limit=1e-6))]
+    while not parts[-1]["complete"]:
+        assert parts[-1]["step"] == len(parts)
+        parts.append(train(_tiny(tmp_path / "parts", time_limit=1e-6, resume=True)))
+    assert len(parts) == 6
+    assert parts[-1]["accuracy"] == straight["accuracy"] and parts[-1]["final_train_loss"] == straight["final_train_loss"]
+    a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parts/checkpoints/last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_training_options_and_a_run_without_checkpoint(tmp_path):
+    import pytest
+
+    from ssm_core.cli import UserError
+    from ssm_core.tasks import train
+    train(_tiny(tmp_path / "run", steps=2))
+    with pytest.raises(UserError, match="--seq_len"):
+        train(_tiny(tmp_path / "run", steps=4, seq_len=10, resume=True))
+    with pytest.raises(UserError, match="earlier run"):       # the folder is a run: not silently replaced
+        train(_tiny(tmp_path / "run", steps=4))
+    assert train(_tiny(tmp_path / "run", steps=4, resume=True))["step"] == 4   # --steps may grow
+    r = subprocess.run([sys.executable, "-m", "ssm_core.tasks", "selective-copy", "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--output-dir" in r.stderr
+
+
+def test_streamed_and_fused_extrapolation_agree_for_every_mixer():
+    from ssm_core.tasks import last_logits
+    torch.manual_seed(0)
+    x = torch.randint(0, 6, (3, 70))
+    for mixer in ("mamba", "mamba2", "attention", "mamba,attention"):
+        model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=6, mixer=mixer)).eval()
+        fused = last_logits(model, x, "fused", chunk=16)
+        streamed = last_logits(model, x, "stream", chunk=16)
+        torch.testing.assert_close(streamed, fused, rtol=1e-4, atol=1e-4, msg=mixer)
+
+
+def test_induction_extrapolation_reports_every_length_and_mode(tmp_path):
+    cfg = TaskConfig(task="induction", seq_len=8, n_tokens=4, model=MambaConfig(d_model=16, n_layer=2, vocab_size=6),
+                     steps=3, batch_size=4, eval_examples=8, progress=False, output_dir=str(tmp_path),
+                     eval_lengths=[8, 64], eval_mode=["fused", "stream"], eval_length_examples=6, stream_chunk=16,
+                     eval_tokens_per_batch=128)
+    rows = main(cfg)["extrapolation"]
+    assert [(r["length"], r["mode"], r["examples"]) for r in rows] == [
+        (8, "fused", 6), (8, "stream", 6), (64, "fused", 6), (64, "stream", 6)]
+    # the same examples in both modes, and a model whose logits agree: the same answers
+    assert rows[2]["accuracy"] == rows[3]["accuracy"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["extrapolation"] == rows
+
+
+def test_selective_copy_extrapolation_and_init_from_a_shorter_run(tmp_path):
+    import pytest
+
+    from ssm_core.cli import UserError
+    from ssm_core.tasks import last_logits, train
+    short = train(_tiny(tmp_path / "short", steps=4))
+    assert short["complete"]
+    ckpt = tmp_path / "short/checkpoints/last.ckpt"
+    long = train(_tiny(tmp_path / "long", seq_len=40, steps=1, optim=OptimConfig(lr=1e-9), init_from=str(ckpt),
+                       eval_lengths=[12, 100], eval_mode=["fused", "stream"], stream_chunk=16))
+    rows = long["extrapolation"]
+    assert [(r["length"], r["mode"]) for r in rows] == [(12, "fused"), (12, "stream"), (100, "fused"), (100, "stream")]
+    # lr 1e-9 for one step: the long run's model is the short run's, so at the short run's length it scores
+    # what the short run scored on the same generator seed's examples.
+    assert rows[0]["accuracy"] == rows[1]["accuracy"] and rows[2]["accuracy"] == rows[3]["accuracy"]
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=6)).eval()
+    x = torch.randint(0, 6, (2, 37))
+    torch.testing.assert_close(last_logits(model, x, "stream", chunk=8, k=5), model(x)[:, -5:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="--init-from"):
+        train(_tiny(tmp_path / "other", model=MambaConfig(d_model=8, n_layer=2, vocab_size=6), init_from=str(ckpt)))
+    with pytest.raises(ValueError, match="--init-from"):
+        _tiny(tmp_path / "x", init_from=str(tmp_path / "nothing.ckpt"))
+
+
+def test_grid_stopped_by_its_time_limit_is_finished_by_the_same_command(tmp_path):
+    from benchmarks.mixer_tasks import GridConfig
+    from benchmarks.mixer_tasks import main as grid
+    argv = dict(seq_len=12, n_memorize=2, n_tokens=4, steps=4, batch_size=4, lrs=[0.01], seeds=[0],
+                mixers=["Mamba", "Mamba-2"], eval_examples=8, eval_lengths=[12, 48], eval_mode=["fused", "stream"],
+                eval_length_examples=4, device="cpu", workers=1, out_dir=str(tmp_path / "grid"))
+    first = grid(GridConfig(**argv, time_limit=1e-6))
+    assert [u["step"] for u in first["unfinished"]] == [1, 1] and not first["runs"]
+    second = grid(GridConfig(**argv))
+    assert not second["unfinished"] and [r["step"] for r in second["runs"]] == [4, 4]
+    saved = json.loads((tmp_path / "grid/mixer_tasks.json").read_text())
+    assert [r["label"] for r in saved["runs"]] == ["Mamba", "Mamba-2"]
+    assert (tmp_path / "grid/mixer_tasks.png").is_file() and (tmp_path / "grid/mixer_tasks_lengths.png").is_file()
+    # stage two: each run starts from its namesake of the first grid
+    stage2 = grid(GridConfig(**{**argv, "seq_len": 24, "out_dir": str(tmp_path / "grid2")},
+                             init_from_grid=str(tmp_path / "grid")))
+    assert stage2["runs"][0]["config"]["init_from"].endswith("mamba-lr0.01-s0/checkpoints/last.ckpt")
+
+
+def test_sigterm_saves_the_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ssm_core import tasks
+    from ssm_core.errors import exit_code
+    real, calls = tasks.BATCHES["selective-copy"], []
+
+    def batch_then_sigterm(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:     # during the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setitem(tasks.BATCHES, "selective-copy", batch_then_sigterm)
+    with pytest.raises(SIGTERMException) as stopped:
+        tasks.train(_tiny(tmp_path, checkpoint_every=100))
+    assert exit_code(stopped.value) == 143
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["step"] == 3
+    monkeypatch.setitem(tasks.BATCHES, "selective-copy", real)
+    assert tasks.train(_tiny(tmp_path, resume=True))["step"] == 6

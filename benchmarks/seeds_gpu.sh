@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/seeds.md in device commands of under 9 minutes each, resumable across commands.
+#
+#   bash benchmarks/seeds_gpu.sh 1     # oracle step, copying at 256 (+ induction heads beside it), copying at 4096
+#   bash benchmarks/seeds_gpu.sh 2     # whatever command 1 left unfinished, then the DNA context sweep
+#
+# State between commands: each experiment's folder (run folders with their checkpoints, JSON, PNGs) is packed
+# into $OUT/<experiment>.tar (copy256, copy4096, induction, dna; each under 16 MB); put those files in
+# runs/seeds/ of the checkout (carried to the device) before the next command, which unpacks them and
+# continues: finished runs are kept as they are, unfinished ones resume. All logs end up in $OUT/seeds.log.
+# SEEDS_EXTRA (flags appended to every grid) and SEEDS_TIME_SCALE are for a CPU check of the path only.
+set -u
+PART=${1:-1}
+OUT=${OUT:?set OUT to the folder that comes back}
+S=${SEEDS_WORK:-/tmp/seeds-work}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$S"
+for f in runs/seeds/*.tar; do [ -f "$f" ] && tar xf "$f" -C "$S"; done
+X=${SEEDS_EXTRA:-}
+T=${SEEDS_TIME_SCALE:-1}   # seconds per second of the budget below (tiny for a CPU check)
+t() { awk "BEGIN{print int($1 * $T) + 1}"; }
+# Seconds this script may take in all (a device command has 9 minutes, including the wheel install before
+# it): a later step gets what is left, up to its own limit, and is skipped when under a minute is left.
+BUDGET=${SEEDS_BUDGET:-500}
+left() { awk "BEGIN{l = int($BUDGET * $T) - $SECONDS; c = int($1 * $T) + 1; print (l < c ? l : c)}"; }
+m() { awk "BEGIN{print $1 * $T}"; }
+# timeout signals its whole process group, so a grid's worker processes stop with it.
+grid() { local secs=$1; shift; timeout "$secs" $PY -m benchmarks.mixer_tasks "$@" $X; }
+finished() { $PY -c "import json,sys; sys.exit(bool(json.load(open('$1/mixer_tasks.json'))['unfinished']))" 2>/dev/null; }
+
+# Minutes of training for a grid granted $1 seconds, keeping $2 seconds (scaled) for start-up and evaluation.
+tl() { awk "BEGIN{print ($1 - $2 * $T) / 60}"; }
+
+copy_and_induction() {
+  # The two 256-length grids share the GPU (small models: each process is CPU-bound, 16 cores).
+  local a b
+  a=$(left 240)
+  if [ "$a" -lt "$(t 60)" ]; then return; fi
+  grid "$a" --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(tl "$a" 48)" \
+      > "$S/copy256.log" 2>&1 &
+  grid "$a" --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(tl "$a" 100)" \
+      > "$S/induction.log" 2>&1 &
+  wait
+  b=$(left 190)
+  if finished "$S/copy256" && [ "$b" -ge "$(t 60)" ]; then
+    grid "$b" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
+        --time-limit "$(tl "$b" 40)" > "$S/copy4096.log" 2>&1
+  fi
+}
+
+if [ "$PART" = 1 ]; then
+  if [ -f .bench/mamba_reference.py ]; then
+    timeout "$(t 40)" $PY -m benchmarks.mamba_ssm_step --device cuda --seq-len 4096 --anchor-dir .bench \
+        --out "$OUT/mamba_ssm_step.json" > "$S/mamba_ssm_step.log" 2>&1
+  fi
+  copy_and_induction
+else
+  copy_and_induction
+  if [ "$(left 200)" -ge "$(t 60)" ]; then
+    timeout "$(left 200)" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --out-dir "$S/dna" \
+        --contexts 1024 4096 16384 65536 131072 --steps 300 ${SEEDS_DNA_EXTRA:-} > "$S/dna_context.log" 2>&1
+  fi
+fi
+for f in mamba_ssm_step copy256 induction copy4096 dna_context; do
+  [ -f "$S/$f.log" ] && { echo "=== $f"; cat "$S/$f.log"; } >> "$OUT/seeds.log"
+done
+for d in copy256 copy4096 induction; do
+  [ -d "$S/$d" ] && (cd "$S" && tar cf "$OUT/$d.tar" --exclude='*.tmp' "$d")
+done
+# The DNA runs' Lightning checkpoints would pass 16 MB; a context without metrics.json is simply run again.
+[ -d "$S/dna" ] && (cd "$S" && tar cf "$OUT/dna.tar" --exclude='*.tmp' --exclude='*.ckpt' dna)
+ls -la "$OUT"
