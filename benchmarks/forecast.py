@@ -7,13 +7,19 @@ flags (every setting chosen on validation), mean ± std, next to every baseline 
 
 A dataset is `PATH[:PROTOCOL]` (protocol ratios by default, TSLib's 0.7/0.1/0.2). Each (dataset, seed,
 horizon) fit appends one line to <output-dir>/results.jsonl as soon as it ends, so a stopped run keeps what
-finished and a rerun skips it. Seeds are the outer loop (seed 0 covers every dataset and horizon first).
+finished and a rerun skips it. `--workers N` runs N cells at once, each in its own process with one torch
+thread (the models are small; on a machine with N free cores this is N times faster); the longest cells
+(longest horizon) start first, seeds stay the outer order. Each cell's log goes to
+<output-dir>/logs/<dataset>_h<H>_s<seed>.log; the console shows one line per started and finished cell.
 The report (table.md, table.png) says which cells are missing.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +47,16 @@ class ForecastBenchConfig:
     horizons: list[int] = field(default_factory=lambda: [96, 192, 336, 720])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     search_budget: float = field(default=240.0, metadata={"help": "timeseries.fit --search-budget"})
+    accelerator: str = field(default="cpu", metadata={"help": "timeseries.fit --accelerator (cpu, gpu, auto); "
+                                                              "the cells share the one GPU"})
+    workers: int = field(default=1, metadata={"help": "cells run at once, one process and one torch thread each"})
     report_only: bool = False
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+        if self.search_budget < 0:
+            raise ValueError(f"--search-budget: must be >= 0, got {self.search_budget}")
 
 
 def parse_dataset(spec: str) -> tuple[str, str, str]:
@@ -56,10 +71,15 @@ def parse_dataset(spec: str) -> tuple[str, str, str]:
 def run_cell(cfg: ForecastBenchConfig, spec: str, seed: int, horizon: int) -> dict:
     name, path, protocol = parse_dataset(spec)
     out = Path(cfg.output_dir) / name / f"h{horizon}_s{seed}"
+    # A cell interrupted mid-fit left a partial run folder: it is that cell's own earlier run, replaced.
     fit_cfg = FitConfig(csv=path, protocol=protocol, horizon=horizon, seed=seed, output_dir=str(out),
-                        search_budget=cfg.search_budget, progress=False)
+                        search_budget=cfg.search_budget, progress=False, accelerator=cfg.accelerator,
+                        overwrite=out.is_dir())
     start = time.perf_counter()
-    metrics = fit(fit_cfg)
+    log = Path(cfg.output_dir) / "logs" / f"{name}_h{horizon}_s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+        metrics = fit(fit_cfg)
     chosen = metrics["selection"].get("chosen", {})
     return {"dataset": name, "seed": seed, "horizon": horizon, "wall_seconds": round(time.perf_counter() - start, 1),
             "fit_seconds": metrics["fit_seconds"], "chosen": chosen,
@@ -129,21 +149,57 @@ def plot(cfg: ForecastBenchConfig, results: list[dict], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
+def pending_cells(cfg: ForecastBenchConfig, results: list[dict]) -> list[tuple[str, int, int]]:
+    """(dataset spec, seed, horizon) not in the results yet: seeds first, the longest horizon first within a
+    seed (the slowest cells start early, so parallel workers finish together)."""
+    done = {(r["dataset"], r["seed"], r["horizon"]) for r in results}
+    return [(spec, seed, h) for seed in cfg.seeds for h in sorted(cfg.horizons, reverse=True)
+            for spec in cfg.datasets if (parse_dataset(spec)[0], seed, h) not in done]
+
+
+def run_cells(cfg: ForecastBenchConfig, results_path: Path, run=run_cell) -> None:
+    """Every pending cell, `--workers` at a time; the parent alone appends to results.jsonl, as each ends.
+    `run(cfg, spec, seed, horizon) -> row`: a module-level function (the workers import it)."""
+    todo = pending_cells(cfg, load_results(results_path))
+    total, start = len(todo), time.perf_counter()
+
+    def started(spec, seed, h):
+        print(f"forecast: start {parse_dataset(spec)[0]} seed {seed} horizon {h}", file=sys.stderr, flush=True)
+
+    def finished(n_done, row):
+        append_row(results_path, row, "forecast")
+        print(f"forecast: {n_done}/{total} cells done, {time.perf_counter() - start:.0f} s", file=sys.stderr,
+              flush=True)
+
+    if cfg.workers == 1:
+        for i, cell in enumerate(todo):
+            started(*cell)
+            finished(i + 1, run(cfg, *cell))
+        return
+    # fork where there is one: the parent only schedules (it never runs a torch op nor touches CUDA, so there
+    # is no thread pool or device context to inherit) and a forked worker skips re-importing torch.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context(method)) as pool:
+        running, n_done = {}, 0
+        while todo or running:
+            while todo and len(running) < cfg.workers:
+                cell = todo.pop(0)
+                started(*cell)
+                running[pool.submit(run, cfg, *cell)] = cell
+            ended, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                running.pop(future)
+                n_done += 1
+                finished(n_done, future.result())
+
+
 def main(cfg: ForecastBenchConfig) -> None:
     for spec in cfg.datasets:
         parse_dataset(spec)
     out = prepare_output_dir(cfg.output_dir)
     results_path = out / "results.jsonl"
     if not cfg.report_only:
-        for seed in cfg.seeds:
-            for spec in cfg.datasets:
-                name = parse_dataset(spec)[0]
-                for h in cfg.horizons:
-                    if any(r["dataset"] == name and r["seed"] == seed and r["horizon"] == h
-                           for r in load_results(results_path)):
-                        continue
-                    print(f"forecast: {name} seed {seed} horizon {h}", file=sys.stderr, flush=True)
-                    append_row(results_path, run_cell(cfg, spec, seed, h), "forecast")
+        run_cells(cfg, results_path)
     write_report(cfg, results_path, out, report, plot)
 
 

@@ -30,9 +30,14 @@ from .data import Prepared, Table, prepare
 from .models import patch_for  # noqa: F401 (autofit.patch_for: the stage-2 patch length)
 
 LOOKBACKS = (96, 192, 336, 720)
-# Ridge strengths relative to the mean feature energy (trace(X'X) / L); 1e3 is repeat-last in practice.
-RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+# Ridge strengths relative to the mean feature energy (trace(X'X) / L); inf is exactly repeat-last.
+RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
 REVIN_EPS = 1e-5  # RevIN's: the same normalisation as models.RevIN
+# Rolling-origin folds: the validation split, then up to N_FOLDS - 1 earlier blocks of the training split of
+# the same length, each scored by a map fitted only on the rows before it. One validation split is a few
+# hundred windows of one period (exchange_rate: 759 rows) and its best map often does not carry over; folds
+# over the end of the training period average that luck out.
+N_FOLDS = 4
 
 
 def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] = LOOKBACKS,
@@ -53,6 +58,24 @@ def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] =
         fits = [L for L in short if windows(L) >= L] or [L for L in short if windows(L) >= 1]
         out = [max(fits)] if fits else []
     return sorted(set(out))
+
+
+def fold_plan(prep: Prepared, max_lookback: int, n_folds: int = N_FOLDS) -> list[tuple[int, int]]:
+    """(first forecast origin row, number of origins) per fold. Fold 0 is the validation split. Fold k >= 1
+    starts k validation-lengths earlier and has as many origins as the validation split has rows; its map is
+    fitted on the windows that end before its first origin, and its targets run at most into the validation
+    rows, never the test rows. Earlier folds are added while at least half the training split and as many
+    windows as the longest lookback has steps remain before them."""
+    H = prep.horizon
+    t_end, v_end = prep.borders["train"][1], prep.borders["val"][1]
+    rows = v_end - t_end
+    folds = [(t_end, rows - H + 1)]
+    for k in range(1, n_folds):
+        origin = t_end - k * rows
+        if origin < t_end / 2 or origin - max_lookback - H + 1 < max_lookback:
+            break
+        folds.append((origin, rows))
+    return folds
 
 
 def _window_features(series: torch.Tensor, lookback: int, horizon: int):
@@ -76,54 +99,121 @@ class RidgeFit:
     alpha: float
     weight: np.ndarray   # (H, L) map on the normalised history, repeat-last already folded in
     bias: np.ndarray     # (H,)
-    val_mse: float
+    val_mse: float       # on the validation split (fold 0)
     dof: float           # effective degrees of freedom per output step (0: repeat-last)
-    val_errors: np.ndarray = field(repr=False, default=None)  # squared error per validation window
+    fold_mse: list[float] = field(default_factory=list)   # per fold, fold 0 first
+    # squared error per forecast origin of each fold, in time order (fold 0 first)
+    fold_errors: list[np.ndarray] = field(repr=False, default_factory=list)
+
+    @property
+    def cv_mse(self) -> float:
+        """The selection score: the mean over the rolling-origin folds."""
+        return float(np.mean(self.fold_mse))
+
+    def describe(self) -> str:
+        return f"lookback {self.lookback}, " + ("repeat-last" if np.isinf(self.alpha) else
+                                                f"ridge alpha {self.alpha:g}")
+
+    def record(self) -> dict:
+        return {"lookback": self.lookback, "ridge_alpha": None if np.isinf(self.alpha) else self.alpha,
+                "repeat_last": bool(np.isinf(self.alpha)), "val_mse": round(self.val_mse, 5),
+                "cv_mse": round(self.cv_mse, 5), "fold_mse": [round(m, 5) for m in self.fold_mse],
+                "dof": round(self.dof, 2)}
 
 
-def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, chunk: int = 2048) -> list[RidgeFit]:
-    """Fit the RevIN-linear map for every alpha on the training windows of `prep` (all input series,
-    channel-independent) and score each on the validation windows of the output series (scaled MSE).
-    Every weight, the intercept included, is shrunk towards 0, i.e. the forecast towards repeat-last."""
-    L, H = prep.lookback, prep.horizon
-    a, b = prep.borders["train"]
-    train = torch.as_tensor(prep.scaled[a:b][:, prep.input_idx])
-    # Sufficient statistics in chunks of windows, so a long lookback never holds every window at once.
-    xtx = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    xty = torch.zeros(L + 1, H, dtype=torch.float64)
-    for s in range(0, len(train) - L - H + 1, chunk):
-        f, t = _window_features(train[s:s + chunk + L + H - 1], L, H)
-        xtx += (f.T @ f).double()
-        xty += (f.T @ t).double()
+def _ridge_solutions(xtx: torch.Tensor, xty: torch.Tensor, alphas) -> list[tuple[torch.Tensor, float]]:
+    """(coefficients (L+1, H), degrees of freedom) per alpha; every coefficient shrunk towards 0, i.e. the
+    forecast towards repeat-last (alpha inf: exactly repeat-last)."""
     evals, evecs = torch.linalg.eigh(xtx)
     proj = evecs.T @ xty
-    energy = float(torch.trace(xtx)) / (L + 1)
-    va, vb = prep.borders["val"]
-    fv, tv = _window_features(torch.as_tensor(prep.scaled[va:vb][:, prep.output_idx]), L, H)
-    fv, tv = fv.double(), tv.double()
-    fits = []
+    energy = float(torch.trace(xtx)) / len(xtx)
+    out = []
     for alpha in alphas:
-        beta = evecs @ (proj / (evals + alpha * energy).unsqueeze(1))   # (L+1, H)
-        err = ((fv @ beta - tv) ** 2).reshape(-1, len(prep.output_idx), H).mean((1, 2))  # per window
+        if np.isinf(alpha):
+            out.append((torch.zeros_like(xty), 0.0))
+            continue
+        shrink = evals / (evals + alpha * energy)
+        out.append((evecs @ (proj / (evals + alpha * energy).unsqueeze(1)), float(shrink.sum())))
+    return out
+
+
+def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, folds: list[tuple[int, int]] | None = None,
+               chunk: int = 2048) -> list[RidgeFit]:
+    """Fit the RevIN-linear map for every alpha on the training windows of `prep` (all input series,
+    channel-independent) and score it on each rolling-origin fold (`fold_plan`; fold 0, the validation
+    split, uses the map of the whole training split, which is the one returned) on the output series."""
+    L, H = prep.lookback, prep.horizon
+    folds = folds if folds is not None else fold_plan(prep, L)
+    inputs = torch.as_tensor(prep.scaled[:, prep.input_idx])
+    outputs = torch.as_tensor(prep.scaled[:, prep.output_idx])
+    # Sufficient statistics accumulated in time order, in chunks of windows (a long lookback never holds
+    # every window at once); each fold reads them as they stand at its first origin.
+    xtx = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    xty = torch.zeros(L + 1, H, dtype=torch.float64)
+    done = 0                                   # windows (by start row) accumulated so far
+    per_fold: dict[int, tuple] = {}
+    for k in sorted(range(len(folds)), key=lambda i: folds[i][0]):
+        origin, n_origins = folds[k]
+        n_train = origin - L - H + 1           # windows whose targets end before the fold's first origin
+        for s in range(done, n_train, chunk):
+            e = min(n_train, s + chunk)
+            f, t = _window_features(inputs[s:e + L + H - 1], L, H)
+            xtx += (f.T @ f).double()
+            xty += (f.T @ t).double()
+        done = max(done, n_train)
+        fv, tv = _window_features(outputs[origin - L:origin - L + n_origins + L + H - 1], L, H)
+        fv, tv = fv.double(), tv.double()
+        sols = _ridge_solutions(xtx, xty, alphas)
+        errors = [((fv @ beta - tv) ** 2).reshape(-1, len(prep.output_idx), H).mean((1, 2)).numpy()
+                  for beta, _ in sols]
+        per_fold[k] = (sols, errors)
+    fits = []
+    for i, alpha in enumerate(alphas):
+        beta, dof = per_fold[0][0][i]
         weight = beta[:L].T.clone()
         weight[:, -1] += 1.0                                            # the repeat-last prior, folded in
-        dof = float((evals / (evals + alpha * energy)).sum())
-        fits.append(RidgeFit(L, alpha, weight.float().numpy(), beta[L].float().numpy(), float(err.mean()),
-                             dof, err.numpy()))
+        errs = [per_fold[k][1][i] for k in range(len(folds))]
+        fits.append(RidgeFit(L, alpha, weight.float().numpy(), beta[L].float().numpy(), float(errs[0].mean()),
+                             dof, [float(e.mean()) for e in errs], errs))
     return fits
+
+
+def paired_standard_error(a: RidgeFit, b: RidgeFit, horizon: int) -> float:
+    """Standard error of the difference of the two fits' fold-mean MSE, from blocks of `horizon` consecutive
+    forecast origins (origins closer than a horizon share target rows, so their errors are not independent).
+    inf with fewer than two blocks: too little evidence to tell two maps apart."""
+    blocks = []
+    for ea, eb in zip(a.fold_errors, b.fold_errors):
+        d = ea - eb
+        blocks += [p.mean() for p in np.array_split(d, max(1, len(d) // horizon))]
+    return float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("inf")
+
+
+def choose_linear(fits: list[RidgeFit], horizon: int) -> RidgeFit:
+    """The lowest mean rolling-origin MSE, unless it is not clearly better than repeat-last (by more than one
+    paired standard error): a fitted map must earn its place against the forecast that needs no fitting.
+    Without a repeat-last candidate (no alpha inf): the lowest score."""
+    best = min(fits, key=lambda f: f.cv_mse)
+    naive = next((f for f in fits if np.isinf(f.alpha)), None)
+    if naive is None or best is naive:
+        return best
+    return best if best.cv_mse + paired_standard_error(best, naive, horizon) < naive.cv_mse else naive
 
 
 def select_linear(table: Table, horizon: int, lookbacks: list[int], prep_kwargs: dict,
                   alphas=RIDGE_ALPHAS, log=print) -> tuple[RidgeFit, list[RidgeFit]]:
-    """Every (lookback, alpha) of the closed-form map; the best by validation MSE, and all of them."""
-    all_fits = []
+    """Every (lookback, alpha) of the closed-form map, scored on the same rolling-origin folds (those the
+    longest lookback allows); the chosen one (`choose_linear`) and all of them."""
+    all_fits, folds = [], None
     for L in lookbacks:
         prep = prepare(table, L, horizon, **prep_kwargs)
-        fits = ridge_path(prep, alphas)
-        best = min(fits, key=lambda f: f.val_mse)
-        log(f"autofit: linear lookback {L}: best ridge alpha {best.alpha:g}, val MSE {best.val_mse:.4f}")
+        folds = folds or fold_plan(prep, max(lookbacks))
+        fits = ridge_path(prep, alphas, folds)
+        best = min(fits, key=lambda f: f.cv_mse)
+        log(f"autofit: linear map, best at {best.describe()}: rolling-origin MSE {best.cv_mse:.4f} over "
+            f"{len(folds)} fold(s) (validation split {best.val_mse:.4f})")
         all_fits += fits
-    return min(all_fits, key=lambda f: f.val_mse), all_fits
+    return choose_linear(all_fits, horizon), all_fits
 
 
 # --- stage 2 and the baselines: Lightning fits scored on validation ----------------------------------
@@ -227,6 +317,20 @@ def mamba_grid(cfg) -> list[tuple]:
     return out
 
 
+def choose_correction(candidates: list[Fitted], horizon: int) -> Fitted:
+    """candidates[0] is the linear map alone, the others Mamba corrections of it. A correction is kept only
+    if its validation MSE is lower than the linear map's by more than one paired standard error (blocks of
+    `horizon` origins): one validation split is small, and a correction that wins by luck there loses on
+    new data, while the linear map is the simpler model."""
+    linear, best = candidates[0], min(candidates, key=lambda c: c.val_mse)
+    if best is linear:
+        return linear
+    d = best.record["val_errors"] - linear.record["val_errors"]
+    blocks = [p.mean() for p in np.array_split(d, max(1, len(d) // horizon))]
+    se = np.std(blocks, ddof=1) / np.sqrt(len(blocks)) if len(blocks) > 1 else float("inf")
+    return best if best.val_mse + se < linear.val_mse else linear
+
+
 def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
     """The model of `timeseries.fit`: every setting left unset (None) in `cfg` is chosen on validation."""
     from .models import build_model
@@ -240,9 +344,10 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
     ridge = None
     if _ridge_usable(cfg):
         ridge, fits = select_linear(table, cfg.horizon, lookbacks, prep_kwargs(cfg), log=log)
-        record["linear"] = {"lookback": ridge.lookback, "ridge_alpha": ridge.alpha, "val_mse": ridge.val_mse,
-                            "val_mse_by_lookback": {L: round(min(f.val_mse for f in fits if f.lookback == L), 5)
-                                                    for L in lookbacks}}
+        best_by_lookback = {L: min((f for f in fits if f.lookback == L), key=lambda f: f.cv_mse) for L in lookbacks}
+        record["linear"] = {**ridge.record(), "n_folds": len(ridge.fold_mse),
+                            "best_by_lookback": {L: f.record() for L, f in best_by_lookback.items()}}
+        log(f"autofit: linear map chosen: {ridge.describe()} (rolling-origin MSE {ridge.cv_mse:.4f})")
         L = ridge.lookback
     elif len(lookbacks) > 1:
         # No linear part to choose the lookback in closed form: RLinear's validation choice stands in.
@@ -257,9 +362,10 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
         linear_cfg = base.with_choices(d_model=MAMBA_GRID[0][0], n_layer=MAMBA_GRID[0][1], loss=MAMBA_GRID[0][2],
                                        lr=MAMBA_GRID[0][3])
         linear = init_from_ridge(build_model(linear_cfg.forecaster_config(len(prep.inputs))), ridge).eval()
-        candidates.append(Fitted(linear, prep, linear_cfg, float(val_errors(linear, prep).mean()),
-                                 time.perf_counter() - start, {"correction": False}))
-        log(f"autofit: linear map alone (lookback {L}, ridge alpha {ridge.alpha:g}): validation MSE "
+        errors = val_errors(linear, prep)
+        candidates.append(Fitted(linear, prep, linear_cfg, float(errors.mean()), time.perf_counter() - start,
+                                 {"correction": False, "val_errors": errors}))
+        log(f"autofit: linear map alone ({ridge.describe()}): validation MSE "
             f"{candidates[0].val_mse:.4f}")
     search_start, last = time.perf_counter(), 0.0
     for i, (d, n, loss, lr) in enumerate(mamba_grid(cfg)):
@@ -276,12 +382,14 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
         model, last = _train(tcfg, prep, out / "search" / f"trial{i}", model=model,
                              max_time=timedelta(seconds=max(cfg.search_budget - spent, 30.0)),
                              limit_train_batches=EPOCH_BATCHES)
-        mse = float(val_errors(model, prep).mean())
-        candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True,
+        errors = val_errors(model, prep)
+        mse = float(errors.mean())
+        candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True, "val_errors": errors,
                                                                 "dir": str(out / "search" / f"trial{i}")}))
         log(f"autofit: trial {i}: d_model {d}, n_layer {n}, loss {loss}, lr {lr:g}: validation MSE {mse:.4f} "
             f"({last:.0f} s)")
-    best = min(candidates, key=lambda c: c.val_mse)
+    best = choose_correction(candidates, prep.horizon) if ridge is not None else min(candidates,
+                                                                                      key=lambda c: c.val_mse)
     c = best.cfg
     record.update(chosen={"lookback": L, "correction": best.record["correction"], "d_model": c.model.d_model,
                           "n_layer": c.model.n_layer, "loss": c.forecaster.loss, "lr": c.optim.lr,

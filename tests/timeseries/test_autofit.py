@@ -136,3 +136,70 @@ def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_
         assert clean["baselines"][b]["val_mse_by_lookback"] == corrupt["baselines"][b]["val_mse_by_lookback"]
     assert corrupt["test_mse"] > 10 * clean["test_mse"]          # the corruption did reach the test rows
     assert set(clean["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear", "rlinear"}
+
+
+def test_rolling_origin_folds_end_before_the_test_rows():
+    table = table_from_frame(frame(n=2000))
+    prep = prepare(table, 48, 24)
+    t_end, v_end = prep.borders["train"][1], prep.borders["val"][1]          # 1400, 1600
+    folds = autofit.fold_plan(prep, max_lookback=96)
+    assert folds[0] == (t_end, len(prep.datasets["val"]))                     # fold 0: the validation split
+    assert [o for o, _ in folds] == [1400, 1200, 1000, 800]
+    for origin, n in folds:
+        assert origin + n - 1 + 24 <= v_end                                   # last target row < v_end
+    assert len(autofit.fold_plan(prep, max_lookback=96, n_folds=2)) == 2
+    assert len(autofit.fold_plan(prep, max_lookback=400)) == 3                # 800 - 400 - 24 + 1 < 400
+
+
+def test_each_fold_is_scored_without_rows_after_it():
+    """Changing validation rows after fold 1's last target changes fold 0's errors only (the scaler reads the
+    training rows, so the scaled earlier rows stay the same)."""
+    df = frame(n=2000)
+    prep = prepare(table_from_frame(df), 48, 24)
+    later = df.copy()
+    later.loc[1400 + 24:, "s0"] += 5.0
+    fits = [autofit.ridge_path(prepare(table_from_frame(d), 48, 24), alphas=(1e-2,))[0] for d in (df, later)]
+    assert len(fits[0].fold_errors) == len(autofit.fold_plan(prep, 48)) == 4
+    assert not np.allclose(fits[0].fold_errors[0], fits[1].fold_errors[0])
+    for a, b in zip(fits[0].fold_errors[1:], fits[1].fold_errors[1:]):
+        np.testing.assert_array_equal(a, b)
+    assert fits[0].val_mse == pytest.approx(fits[0].fold_mse[0]) and fits[0].cv_mse == np.mean(fits[0].fold_mse)
+
+
+def fitted_with_errors(errors, dof=1.0, alpha=1.0):
+    errors = [np.asarray(e, dtype=np.float64) for e in errors]
+    return autofit.RidgeFit(48, alpha, None, None, float(errors[0].mean()), dof,
+                            [float(e.mean()) for e in errors], errors)
+
+
+def test_a_fitted_map_must_beat_repeat_last_by_more_than_its_standard_error():
+    rng = np.random.default_rng(0)
+    naive = fitted_with_errors([1.0 + 0.5 * rng.random(200) for _ in range(2)], dof=0.0, alpha=float("inf"))
+    noise = [0.5 * rng.normal(size=200) for _ in range(2)]
+    lucky = fitted_with_errors([e - 0.01 + n for e, n in zip(naive.fold_errors, noise)])    # lower by luck
+    better = fitted_with_errors([e * 0.7 for e in naive.fold_errors])                        # clearly lower
+    assert lucky.cv_mse < naive.cv_mse
+    assert autofit.choose_linear([naive, lucky], horizon=10) is naive
+    assert autofit.choose_linear([naive, lucky, better], horizon=10) is better
+    assert autofit.choose_linear([lucky, better], horizon=10) is better       # no repeat-last: the lowest
+    # One fold of one block of origins (a horizon longer than the fold): no evidence against the simpler one.
+    naive1, better1 = (fitted_with_errors(f.fold_errors[:1], f.dof, f.alpha) for f in (naive, better))
+    assert autofit.paired_standard_error(better1, naive1, horizon=500) == float("inf")
+    assert autofit.choose_linear([naive1, better1], horizon=500) is naive1
+    assert autofit.choose_linear([naive1, better1], horizon=10) is better1
+
+
+def test_a_mamba_correction_must_beat_the_linear_map_by_more_than_its_standard_error():
+    rng = np.random.default_rng(1)
+    base = 1.0 + rng.random(300)
+
+    def cand(errors, correction):
+        return autofit.Fitted(None, None, None, float(np.mean(errors)), 0.0,
+                              {"correction": correction, "val_errors": np.asarray(errors)})
+
+    linear = cand(base, False)
+    lucky = cand(base - 0.005 + 0.3 * rng.normal(size=300), True)
+    clear = cand(base * 0.8, True)
+    assert lucky.val_mse < linear.val_mse
+    assert autofit.choose_correction([linear, lucky], horizon=12) is linear
+    assert autofit.choose_correction([linear, lucky, clear], horizon=12) is clear
