@@ -49,7 +49,12 @@ class ForecastBenchConfig:
     search_budget: float = field(default=240.0, metadata={"help": "timeseries.fit --search-budget"})
     accelerator: str = field(default="cpu", metadata={"help": "timeseries.fit --accelerator (cpu, gpu, auto); "
                                                               "the cells share the one GPU"})
+    precision: str = field(default="32-true", metadata={
+        "help": "timeseries.fit --precision; fp32 also on a GPU, where bf16 would round the linear maps (the "
+                "closed-form one and the baselines) that the table compares"})
     workers: int = field(default=1, metadata={"help": "cells run at once, one process and one torch thread each"})
+    time_limit: float | None = field(default=None, metadata={
+        "help": "seconds after which no further cell starts (those running finish; a rerun does the rest)"})
     report_only: bool = False
 
     def __post_init__(self):
@@ -57,6 +62,8 @@ class ForecastBenchConfig:
             raise ValueError(f"--workers: must be >= 1, got {self.workers}")
         if self.search_budget < 0:
             raise ValueError(f"--search-budget: must be >= 0, got {self.search_budget}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"--time-limit: must be > 0, got {self.time_limit}")
 
 
 def parse_dataset(spec: str) -> tuple[str, str, str]:
@@ -74,7 +81,7 @@ def run_cell(cfg: ForecastBenchConfig, spec: str, seed: int, horizon: int) -> di
     # A cell interrupted mid-fit left a partial run folder: it is that cell's own earlier run, replaced.
     fit_cfg = FitConfig(csv=path, protocol=protocol, horizon=horizon, seed=seed, output_dir=str(out),
                         search_budget=cfg.search_budget, progress=False, accelerator=cfg.accelerator,
-                        overwrite=out.is_dir())
+                        precision=cfg.precision, overwrite=out.is_dir())
     start = time.perf_counter()
     log = Path(cfg.output_dir) / "logs" / f"{name}_h{horizon}_s{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,14 @@ def run_cells(cfg: ForecastBenchConfig, results_path: Path, run=run_cell) -> Non
     todo = pending_cells(cfg, load_results(results_path))
     total, start = len(todo), time.perf_counter()
 
+    def may_start() -> bool:
+        if cfg.time_limit is None or time.perf_counter() - start < cfg.time_limit or not todo:
+            return True
+        print(f"forecast: --time-limit {cfg.time_limit:g} s reached, {len(todo)} cell(s) not started (a rerun "
+              "does them)", file=sys.stderr, flush=True)
+        todo.clear()
+        return False
+
     def started(spec, seed, h):
         print(f"forecast: start {parse_dataset(spec)[0]} seed {seed} horizon {h}", file=sys.stderr, flush=True)
 
@@ -172,9 +187,12 @@ def run_cells(cfg: ForecastBenchConfig, results_path: Path, run=run_cell) -> Non
               flush=True)
 
     if cfg.workers == 1:
-        for i, cell in enumerate(todo):
+        n_done = 0
+        while todo and may_start():
+            cell = todo.pop(0)
             started(*cell)
-            finished(i + 1, run(cfg, *cell))
+            n_done += 1
+            finished(n_done, run(cfg, *cell))
         return
     # fork where there is one: the parent only schedules (it never runs a torch op nor touches CUDA, so there
     # is no thread pool or device context to inherit) and a forked worker skips re-importing torch.
@@ -182,7 +200,7 @@ def run_cells(cfg: ForecastBenchConfig, results_path: Path, run=run_cell) -> Non
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context(method)) as pool:
         running, n_done = {}, 0
         while todo or running:
-            while todo and len(running) < cfg.workers:
+            while todo and len(running) < cfg.workers and may_start():
                 cell = todo.pop(0)
                 started(*cell)
                 running[pool.submit(run, cfg, *cell)] = cell

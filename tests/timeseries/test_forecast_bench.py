@@ -70,3 +70,12 @@ def test_cells_run_in_parallel_and_resume(tmp_path, workers):
 def test_bad_workers_flag():
     with pytest.raises(ValueError, match="--workers"):
         ForecastBenchConfig(workers=0)
+
+
+def test_time_limit_stops_starting_cells(tmp_path, capsys):
+    cfg = ForecastBenchConfig(datasets=["a.csv"], horizons=[96, 192], seeds=[0], time_limit=1e-9)
+    results = tmp_path / "results.jsonl"
+    run_cells(cfg, results, run=fake_cell)
+    assert load_results(results) == [] and "2 cell(s) not started" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--time-limit"):
+        ForecastBenchConfig(time_limit=0)
