@@ -30,8 +30,9 @@ from .data import Prepared, Table, prepare
 from .models import patch_for  # noqa: F401 (autofit.patch_for: the stage-2 patch length)
 
 LOOKBACKS = (96, 192, 336, 720)
-# Ridge strengths relative to the mean feature energy (trace(X'X) / L); inf is exactly repeat-last.
-RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
+# Ridge strengths relative to the mean feature energy (trace(X'X) / L). The ends are baselines the recipe
+# may choose: 0 is the least-squares map (RLinear's exact training optimum), inf exactly repeat-last.
+RIDGE_ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
 REVIN_EPS = 1e-5  # RevIN's: the same normalisation as models.RevIN
 # Rolling-origin folds: the validation split, then up to N_FOLDS - 1 earlier blocks of the training split of
 # the same length, each scored by a map fitted only on the rows before it. One validation split is a few
@@ -93,6 +94,18 @@ def _window_features(series: torch.Tensor, lookback: int, horizon: int):
     return torch.cat([x - mean, std], 1), y - x[:, -1:]
 
 
+def _plain_window_features(series: torch.Tensor, lookback: int, horizon: int):
+    """series (rows, C) -> features (x, 1) and targets y per (window, channel): the regression of a linear
+    map with a bias on the raw (scaled) history, i.e. DLinear's model (its trend and remainder maps add up
+    to one linear map of the history)."""
+    w = series.unfold(0, lookback + horizon, 1).reshape(-1, lookback + horizon).float()
+    return torch.cat([w[:, :lookback], torch.ones(len(w), 1)], 1), w[:, lookback:]
+
+
+# name -> (window features, whether the map predicts the deviation from repeat-last)
+FEATURES = {"revin": (_window_features, True), "plain": (_plain_window_features, False)}
+
+
 @dataclass
 class RidgeFit:
     lookback: int
@@ -111,8 +124,9 @@ class RidgeFit:
         return float(np.mean(self.fold_mse))
 
     def describe(self) -> str:
-        return f"lookback {self.lookback}, " + ("repeat-last" if np.isinf(self.alpha) else
-                                                f"ridge alpha {self.alpha:g}")
+        kind = ("repeat-last" if np.isinf(self.alpha) else "least squares" if self.alpha == 0
+                else f"ridge alpha {self.alpha:g}")
+        return f"lookback {self.lookback}, {kind}"
 
     def record(self) -> dict:
         return {"lookback": self.lookback, "ridge_alpha": None if np.isinf(self.alpha) else self.alpha,
@@ -132,17 +146,26 @@ def _ridge_solutions(xtx: torch.Tensor, xty: torch.Tensor, alphas) -> list[tuple
         if np.isinf(alpha):
             out.append((torch.zeros_like(xty), 0.0))
             continue
+        if alpha == 0:
+            # The minimum-norm least-squares solution: the de-meaned history sums to zero, so X'X is singular
+            # along that direction, and the pseudo-inverse leaves it out.
+            kept = evals > 1e-10 * float(evals.max())
+            inv = torch.where(kept, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
+            out.append((evecs @ (proj * inv.unsqueeze(1)), float(kept.sum())))
+            continue
         shrink = evals / (evals + alpha * energy)
         out.append((evecs @ (proj / (evals + alpha * energy).unsqueeze(1)), float(shrink.sum())))
     return out
 
 
 def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, folds: list[tuple[int, int]] | None = None,
-               chunk: int = 2048) -> list[RidgeFit]:
-    """Fit the RevIN-linear map for every alpha on the training windows of `prep` (all input series,
-    channel-independent) and score it on each rolling-origin fold (`fold_plan`; fold 0, the validation
-    split, uses the map of the whole training split, which is the one returned) on the output series."""
+               chunk: int = 2048, features: str = "revin") -> list[RidgeFit]:
+    """Fit the RevIN-linear map (`features="plain"`: a linear map with bias on the raw history) for every
+    alpha on the training windows of `prep` (all input series, channel-independent) and score it on each
+    rolling-origin fold (`fold_plan`; fold 0, the validation split, uses the map of the whole training
+    split, which is the one returned) on the output series."""
     L, H = prep.lookback, prep.horizon
+    window_features, from_last = FEATURES[features]
     folds = folds if folds is not None else fold_plan(prep, L)
     inputs = torch.as_tensor(prep.scaled[:, prep.input_idx])
     outputs = torch.as_tensor(prep.scaled[:, prep.output_idx])
@@ -157,11 +180,11 @@ def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, folds: list[tuple[int, int]]
         n_train = origin - L - H + 1           # windows whose targets end before the fold's first origin
         for s in range(done, n_train, chunk):
             e = min(n_train, s + chunk)
-            f, t = _window_features(inputs[s:e + L + H - 1], L, H)
+            f, t = window_features(inputs[s:e + L + H - 1], L, H)
             xtx += (f.T @ f).double()
             xty += (f.T @ t).double()
         done = max(done, n_train)
-        fv, tv = _window_features(outputs[origin - L:origin - L + n_origins + L + H - 1], L, H)
+        fv, tv = window_features(outputs[origin - L:origin - L + n_origins + L + H - 1], L, H)
         fv, tv = fv.double(), tv.double()
         sols = _ridge_solutions(xtx, xty, alphas)
         errors = [((fv @ beta - tv) ** 2).reshape(-1, len(prep.output_idx), H).mean((1, 2)).numpy()
@@ -171,7 +194,8 @@ def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, folds: list[tuple[int, int]]
     for i, alpha in enumerate(alphas):
         beta, dof = per_fold[0][0][i]
         weight = beta[:L].T.clone()
-        weight[:, -1] += 1.0                                            # the repeat-last prior, folded in
+        if from_last:
+            weight[:, -1] += 1.0                                        # the repeat-last prior, folded in
         errs = [per_fold[k][1][i] for k in range(len(folds))]
         fits.append(RidgeFit(L, alpha, weight.float().numpy(), beta[L].float().numpy(), float(errs[0].mean()),
                              dof, [float(e.mean()) for e in errs], errs))
@@ -232,6 +256,7 @@ class Fitted:
     val_mse: float
     fit_seconds: float
     record: dict
+    linear_fits: list = field(default_factory=list, repr=False)   # every closed-form map the recipe scored
 
 
 def val_errors(model: torch.nn.Module, prep: Prepared) -> np.ndarray:
@@ -305,6 +330,44 @@ def fit_linear_baseline(cfg, table: Table, kind: str, out: Path, log=print) -> F
     best.record = {"lookback": best.prep.lookback, "val_mse_by_lookback": tried, "lr": lr, "loss": loss}
     log(f"autofit: {kind} baseline: lookback {best.prep.lookback} (validation MSE by lookback {tried})")
     return best
+
+
+def least_squares_baseline(cfg, table: Table, kind: str, revin_fits: list[RidgeFit] = (), log=print) -> Fitted:
+    """RLinear or DLinear at the exact optimum of its training objective (MSE on the training windows), in
+    closed form: RLinear is the RevIN-linear map with ridge alpha 0 (the recipe's path already holds it),
+    DLinear one linear map with bias on the raw history (its trend and remainder maps add up to one). Each
+    keeps the candidate lookback with the lowest rolling-origin MSE: the recipe's own lookback rule."""
+    from .models import build_model
+    start = time.perf_counter()
+    lookbacks = lookback_candidates(table, cfg)
+    fits = {f.lookback: f for f in revin_fits if f.alpha == 0 and kind == "rlinear"}
+    folds = None
+    for L in lookbacks:
+        if L not in fits:
+            prep = prepare(table, L, cfg.horizon, **prep_kwargs(cfg))
+            folds = folds or fold_plan(prep, max(lookbacks))
+            fits[L] = ridge_path(prep, (0.0,), folds, features="revin" if kind == "rlinear" else "plain")[0]
+    best = min((fits[L] for L in lookbacks), key=lambda f: f.cv_mse)
+    prep = prepare(table, best.lookback, cfg.horizon, **prep_kwargs(cfg))
+    bcfg = cfg.with_choices(lookback=best.lookback, kind=kind, loss="mse")
+    model = build_model(bcfg.forecaster_config(len(prep.inputs)))
+    weight, bias = torch.as_tensor(best.weight), torch.as_tensor(best.bias)
+    with torch.no_grad():
+        if kind == "rlinear":
+            model.linear.weight.copy_(weight)
+            model.linear.bias.copy_(bias)
+        else:   # trend map + remainder map = one map when both carry the same weights
+            for lin in (model.trend, model.seasonal):
+                lin.weight.copy_(weight)
+            model.trend.bias.copy_(bias)
+            model.seasonal.bias.zero_()
+    model.eval()
+    record = {"lookback": best.lookback, "fit": "least squares (closed form)",
+              "val_mse_by_lookback": {L: round(fits[L].val_mse, 5) for L in lookbacks},
+              "cv_mse_by_lookback": {L: round(fits[L].cv_mse, 5) for L in lookbacks}}
+    log(f"autofit: {kind} baseline (least squares): lookback {best.lookback} (rolling-origin MSE by lookback "
+        f"{record['cv_mse_by_lookback']})")
+    return Fitted(model, prep, bcfg, float(val_errors(model, prep).mean()), time.perf_counter() - start, record)
 
 
 def mamba_grid(cfg) -> list[tuple]:
@@ -401,4 +464,5 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
                            "seconds": round(t.fit_seconds, 1)} for t in candidates],
                   search_seconds=round(time.perf_counter() - start, 1))
     best.record = record
+    best.linear_fits = fits if ridge is not None else []
     return best

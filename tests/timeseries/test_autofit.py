@@ -127,7 +127,7 @@ def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_
     sel = clean["selection"]
     assert sel["chosen"]["lookback"] in sel["lookback_candidates"] == [96, 192]
     assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 0)
-    assert {"lookback", "ridge_alpha", "val_mse_by_lookback"} <= set(sel["linear"])
+    assert {"lookback", "ridge_alpha", "repeat_last", "cv_mse", "fold_mse", "best_by_lookback"} <= set(sel["linear"])
     for key in ("chosen", "linear", "lookback_candidates"):
         assert clean["selection"][key] == corrupt["selection"][key]
     assert [t["val_mse"] for t in clean["selection"]["trials"]] == [t["val_mse"] for t in sel["trials"]]
@@ -204,3 +204,23 @@ def test_a_mamba_correction_must_beat_the_linear_map_by_more_than_its_standard_e
     assert lucky.val_mse < linear.val_mse
     assert autofit.choose_correction([linear, lucky], horizon=12) is linear
     assert autofit.choose_correction([linear, lucky, clear], horizon=12) is clear
+
+
+@pytest.mark.parametrize("kind", ["rlinear", "dlinear"])
+def test_least_squares_baselines_are_the_optimum_of_their_training_loss(kind):
+    """The closed-form baseline is its model class at the minimum of the training MSE: a gradient step from
+    its weights does not lower the training loss, and its validation MSE is the one recorded."""
+    table = table_from_frame(frame(n=1200))
+    cfg = parse_config(FitConfig, ["--lookback", "48", "--horizon", "12"])
+    b = autofit.least_squares_baseline(cfg, table, kind, log=lambda *_: None)
+    assert b.record["lookback"] == 48 and b.record["val_mse_by_lookback"][48] == pytest.approx(b.val_mse, abs=1e-5)
+    x, y = next(iter(torch.utils.data.DataLoader(b.prep.datasets["train"], batch_size=100_000)))
+    model = b.model.train()
+    loss = ((model(x) - y) ** 2).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-2 * g / max(float(g.norm()), 1e-12)
+        assert float(((model(x) - y) ** 2).mean()) >= float(loss) - 1e-6
+    assert max(float(g.abs().max()) for g in grads) < 1e-3
