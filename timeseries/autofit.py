@@ -431,7 +431,9 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
         log(f"autofit: linear map alone ({ridge.describe()}): validation MSE "
             f"{candidates[0].val_mse:.4f}")
     search_start, last = time.perf_counter(), 0.0
-    for i, (d, n, loss, lr) in enumerate(mamba_grid(cfg)):
+    # --search-budget 0: the closed-form map alone, when there is one (else one trial must run).
+    grid = mamba_grid(cfg) if cfg.search_budget > 0 or ridge is None else []
+    for i, (d, n, loss, lr) in enumerate(grid):
         spent = time.perf_counter() - search_start
         if i > 0 and spent + last > cfg.search_budget:
             log(f"autofit: search budget {cfg.search_budget:g} s reached after {i} trial(s)")

@@ -100,7 +100,8 @@ class FitConfig(TrainConfig):
         "help": "start the linear path at its closed-form ridge fit (frozen) and the Mamba head at zero"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
     search_budget: float = field(default=240.0, metadata={
-        "help": "seconds for the model search on validation (lookback, size, loss, lr); at least one trial runs"})
+        "help": "seconds of Mamba trials on validation (at least one trial runs); 0: none, the closed-form "
+                "linear map alone (lookback and ridge strength are still chosen)"})
     # evaluation
     season: int | None = field(default=None, metadata={"help": "seasonal-naive period (default: from the "
                                                                 "date frequency, e.g. 24 for hourly)"})

@@ -116,7 +116,7 @@ def fits_clean_and_corrupted(tmp_path_factory):
         csv = d / f"{name}.csv"
         df.to_csv(csv, index=False)
         assert run(fit_main, FitConfig, ["--csv", str(csv), "--horizon", "12", "--max-epochs", "1",
-                                         "--search-budget", "0", "--output-dir", str(d / name),
+                                         "--search-budget", "1", "--output-dir", str(d / name),
                                          "--no-progress"]) == 0
         out[name] = json.loads((d / name / "metrics.json").read_text())
     return out
@@ -126,7 +126,7 @@ def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_
     clean, corrupt = fits_clean_and_corrupted["clean"], fits_clean_and_corrupted["corrupt"]
     sel = clean["selection"]
     assert sel["chosen"]["lookback"] in sel["lookback_candidates"] == [96, 192]
-    assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 0)
+    assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 1 s)
     assert {"lookback", "ridge_alpha", "repeat_last", "cv_mse", "fold_mse", "best_by_lookback"} <= set(sel["linear"])
     for key in ("chosen", "linear", "lookback_candidates"):
         assert clean["selection"][key] == corrupt["selection"][key]
@@ -224,3 +224,11 @@ def test_least_squares_baselines_are_the_optimum_of_their_training_loss(kind):
             p -= 1e-2 * g / max(float(g.norm()), 1e-12)
         assert float(((model(x) - y) ** 2).mean()) >= float(loss) - 1e-6
     assert max(float(g.abs().max()) for g in grads) < 1e-3
+
+
+def test_zero_search_budget_is_the_closed_form_map_alone(tmp_path):
+    cfg = parse_config(FitConfig, ["--horizon", "12", "--search-budget", "0"])
+    fitted = autofit.fit_forecaster(cfg, table_from_frame(frame(n=1200)), tmp_path, log=lambda *_: None)
+    assert [t["correction"] for t in fitted.record["trials"]] == [False]
+    assert not fitted.record["chosen"]["correction"] and not (tmp_path / "search").exists()
+    assert {f.alpha for f in fitted.linear_fits} == set(autofit.RIDGE_ALPHAS)
