@@ -39,6 +39,7 @@ REVIN_EPS = 1e-5  # RevIN's: the same normalisation as models.RevIN
 # hundred windows of one period (exchange_rate: 759 rows) and its best map often does not carry over; folds
 # over the end of the training period average that luck out.
 N_FOLDS = 4
+TINY_MSE = 1e-12   # floor of an error before its log (a constant series forecast exactly)
 
 
 def candidate_lookbacks(n_train_rows: int, horizon: int, base: tuple[int, ...] = LOOKBACKS,
@@ -120,8 +121,10 @@ class RidgeFit:
 
     @property
     def cv_mse(self) -> float:
-        """The selection score: the mean over the rolling-origin folds."""
-        return float(np.mean(self.fold_mse))
+        """The selection score: the geometric mean of the folds' MSE. Each fold counts by how much better or
+        worse a candidate is there, in ratio; with the plain mean, a fold whose errors are large for every
+        candidate (a level shift, a volatile year) would decide alone."""
+        return float(np.exp(np.mean(np.log(np.maximum(self.fold_mse, TINY_MSE)))))
 
     def describe(self) -> str:
         kind = ("repeat-last" if np.isinf(self.alpha) else "least squares" if self.alpha == 0
@@ -202,26 +205,29 @@ def ridge_path(prep: Prepared, alphas=RIDGE_ALPHAS, folds: list[tuple[int, int]]
     return fits
 
 
-def paired_standard_error(a: RidgeFit, b: RidgeFit, horizon: int) -> float:
-    """Standard error of the difference of the two fits' fold-mean MSE, from blocks of `horizon` consecutive
-    forecast origins (origins closer than a horizon share target rows, so their errors are not independent).
-    inf with fewer than two blocks: too little evidence to tell two maps apart."""
-    blocks = []
-    for ea, eb in zip(a.fold_errors, b.fold_errors):
-        d = ea - eb
-        blocks += [p.mean() for p in np.array_split(d, max(1, len(d) // horizon))]
-    return float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("inf")
+def clearly_better(errors: list[np.ndarray], reference: list[np.ndarray], horizon: int) -> bool:
+    """Whether the per-origin squared `errors` (one array per fold) are lower than the `reference`'s by
+    more than one standard error, in log ratio of the MSE over blocks of `horizon` consecutive origins
+    (origins closer than a horizon share target rows, so their errors are not independent). With fewer
+    than two blocks there is too little evidence: False, the reference (the simpler model) stands."""
+    ratios = []
+    for e, r in zip(errors, reference):
+        for be, br in zip(np.array_split(e, max(1, len(e) // horizon)), np.array_split(r, max(1, len(r) // horizon))):
+            ratios.append(np.log(max(be.mean(), TINY_MSE)) - np.log(max(br.mean(), TINY_MSE)))
+    if len(ratios) < 2:
+        return False
+    return float(np.mean(ratios) + np.std(ratios, ddof=1) / np.sqrt(len(ratios))) < 0
 
 
 def choose_linear(fits: list[RidgeFit], horizon: int) -> RidgeFit:
-    """The lowest mean rolling-origin MSE, unless it is not clearly better than repeat-last (by more than one
-    paired standard error): a fitted map must earn its place against the forecast that needs no fitting.
-    Without a repeat-last candidate (no alpha inf): the lowest score."""
+    """The lowest rolling-origin score, unless it is not clearly better than repeat-last (`clearly_better`):
+    a fitted map must earn its place against the forecast that needs no fitting. Without a repeat-last
+    candidate (no alpha inf): the lowest score."""
     best = min(fits, key=lambda f: f.cv_mse)
     naive = next((f for f in fits if np.isinf(f.alpha)), None)
     if naive is None or best is naive:
         return best
-    return best if best.cv_mse + paired_standard_error(best, naive, horizon) < naive.cv_mse else naive
+    return best if clearly_better(best.fold_errors, naive.fold_errors, horizon) else naive
 
 
 def select_linear(table: Table, horizon: int, lookbacks: list[int], prep_kwargs: dict,
@@ -382,16 +388,12 @@ def mamba_grid(cfg) -> list[tuple]:
 
 def choose_correction(candidates: list[Fitted], horizon: int) -> Fitted:
     """candidates[0] is the linear map alone, the others Mamba corrections of it. A correction is kept only
-    if its validation MSE is lower than the linear map's by more than one paired standard error (blocks of
-    `horizon` origins): one validation split is small, and a correction that wins by luck there loses on
-    new data, while the linear map is the simpler model."""
+    if it is clearly better on the validation split (`clearly_better`): one validation split is small, and a
+    correction that wins by luck there loses on new data, while the linear map is the simpler model."""
     linear, best = candidates[0], min(candidates, key=lambda c: c.val_mse)
     if best is linear:
         return linear
-    d = best.record["val_errors"] - linear.record["val_errors"]
-    blocks = [p.mean() for p in np.array_split(d, max(1, len(d) // horizon))]
-    se = np.std(blocks, ddof=1) / np.sqrt(len(blocks)) if len(blocks) > 1 else float("inf")
-    return best if best.val_mse + se < linear.val_mse else linear
+    return best if clearly_better([best.record["val_errors"]], [linear.record["val_errors"]], horizon) else linear
 
 
 def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:

@@ -163,7 +163,8 @@ def test_each_fold_is_scored_without_rows_after_it():
     assert not np.allclose(fits[0].fold_errors[0], fits[1].fold_errors[0])
     for a, b in zip(fits[0].fold_errors[1:], fits[1].fold_errors[1:]):
         np.testing.assert_array_equal(a, b)
-    assert fits[0].val_mse == pytest.approx(fits[0].fold_mse[0]) and fits[0].cv_mse == np.mean(fits[0].fold_mse)
+    assert fits[0].val_mse == pytest.approx(fits[0].fold_mse[0])
+    assert fits[0].cv_mse == pytest.approx(np.exp(np.mean(np.log(fits[0].fold_mse))))
 
 
 def fitted_with_errors(errors, dof=1.0, alpha=1.0):
@@ -184,7 +185,7 @@ def test_a_fitted_map_must_beat_repeat_last_by_more_than_its_standard_error():
     assert autofit.choose_linear([lucky, better], horizon=10) is better       # no repeat-last: the lowest
     # One fold of one block of origins (a horizon longer than the fold): no evidence against the simpler one.
     naive1, better1 = (fitted_with_errors(f.fold_errors[:1], f.dof, f.alpha) for f in (naive, better))
-    assert autofit.paired_standard_error(better1, naive1, horizon=500) == float("inf")
+    assert not autofit.clearly_better(better1.fold_errors, naive1.fold_errors, horizon=500)
     assert autofit.choose_linear([naive1, better1], horizon=500) is naive1
     assert autofit.choose_linear([naive1, better1], horizon=10) is better1
 
@@ -232,3 +233,12 @@ def test_zero_search_budget_is_the_closed_form_map_alone(tmp_path):
     assert [t["correction"] for t in fitted.record["trials"]] == [False]
     assert not fitted.record["chosen"]["correction"] and not (tmp_path / "search").exists()
     assert {f.alpha for f in fitted.linear_fits} == set(autofit.RIDGE_ALPHAS)
+
+
+def test_a_fold_that_is_hard_for_every_candidate_does_not_decide_alone():
+    """Fold scores combine as a geometric mean: twice as good on the quiet fold outweighs 20% worse on the
+    fold where every candidate errs a lot (the arithmetic mean would pick the other)."""
+    steady = fitted_with_errors([np.full(50, 0.10), np.full(50, 1.0)])
+    sharp = fitted_with_errors([np.full(50, 0.05), np.full(50, 1.2)])
+    assert np.mean(sharp.fold_mse) > np.mean(steady.fold_mse)
+    assert autofit.choose_linear([steady, sharp], horizon=10) is sharp
