@@ -16,6 +16,7 @@ The report (table.md, table.png) says which cells are missing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import sys
 import time
@@ -35,7 +36,7 @@ from timeseries.fit import fit
 from timeseries.train import FitConfig
 
 ROWS = ("model", "rlinear", "dlinear", "repeat_last", "seasonal_naive")
-NAMES = {"model": "default recipe (ours)"}
+NAMES = {"model": "default recipe (ours)", "rlinear": "rlinear (least squares)", "dlinear": "dlinear (least squares)"}
 
 
 @dataclass
@@ -85,10 +86,14 @@ def run_cell(cfg: ForecastBenchConfig, spec: str, seed: int, horizon: int) -> di
     start = time.perf_counter()
     log = Path(cfg.output_dir) / "logs" / f"{name}_h{horizon}_s{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # Lightning's info lines ("GPU available", ...) go through logging, not sys.stderr: warnings only, so
+    # that the console of N workers shows the cells' progress lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with log.open("w") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
         metrics = fit(fit_cfg)
     chosen = metrics["selection"].get("chosen", {})
     return {"dataset": name, "seed": seed, "horizon": horizon, "wall_seconds": round(time.perf_counter() - start, 1),
+            "accelerator": cfg.accelerator, "search_budget": cfg.search_budget,
             "fit_seconds": metrics["fit_seconds"], "chosen": chosen,
             "model": {k: metrics[k] for k in ("test_mse", "test_mae")},
             **{b: {k: m[k] for k in ("test_mse", "test_mae")} | ({"lookback": m["lookback"]} if "lookback" in m else {})
@@ -97,8 +102,8 @@ def run_cell(cfg: ForecastBenchConfig, spec: str, seed: int, horizon: int) -> di
 
 def report(cfg: ForecastBenchConfig, results: list[dict]) -> str:
     hs = cfg.horizons
-    lines = ["Test MSE (normalised), mean ± std over seeds; every setting of every row chosen on the validation "
-             "split (lookback for all trained rows)", ""]
+    lines = ["Test MSE (normalised), mean ± std over seeds; every choice of every row (the lookback of the fitted "
+             "rows too) made on rolling-origin folds of the training and validation rows only", ""]
     lines.append("| dataset | model | " + " | ".join(f"H={h}" for h in hs) + " | avg MSE | avg MAE | seeds |")
     lines.append("|---" * (len(hs) + 5) + "|")
     for spec in cfg.datasets:
