@@ -199,9 +199,11 @@ def run_cells(cfg: ForecastBenchConfig, results_path: Path, run=run_cell) -> Non
             n_done += 1
             finished(n_done, run(cfg, *cell))
         return
-    # fork where there is one: the parent only schedules (it never runs a torch op nor touches CUDA, so there
-    # is no thread pool or device context to inherit) and a forked worker skips re-importing torch.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork on the CPU: the parent only schedules (it never runs a torch op, so there is no thread pool to
+    # inherit) and a forked worker skips re-importing torch. spawn when a GPU may be used: a CUDA driver
+    # touched in the parent (an availability check) does not survive a fork.
+    fork = cfg.accelerator == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+    method = "fork" if fork else "spawn"
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context(method)) as pool:
         running, n_done = {}, 0
         while todo or running:

@@ -386,14 +386,28 @@ def mamba_grid(cfg) -> list[tuple]:
     return out
 
 
-def choose_correction(candidates: list[Fitted], horizon: int) -> Fitted:
-    """candidates[0] is the linear map alone, the others Mamba corrections of it. A correction is kept only
-    if it is clearly better on the validation split (`clearly_better`): one validation split is small, and a
-    correction that wins by luck there loses on new data, while the linear map is the simpler model."""
-    linear, best = candidates[0], min(candidates, key=lambda c: c.val_mse)
-    if best is linear:
+def stop_and_check_windows(n_windows: int, horizon: int) -> tuple[list[int], list[int]]:
+    """The validation windows split into alternating blocks of `horizon` consecutive origins: the even
+    blocks for a trial's early stopping and the choice among trials, the odd ones only for the final test
+    against the linear map. Scoring a trial on the windows that chose its epoch would flatter it. With one
+    block, every window stops and none checks (so no correction is kept)."""
+    blocks = np.array_split(np.arange(n_windows), max(1, n_windows // horizon))
+    stop = [int(i) for b in blocks[0::2] for i in b]
+    check = [int(i) for b in blocks[1::2] for i in b]
+    return stop, check
+
+
+def choose_correction(candidates: list[Fitted], horizon: int, stop: list[int], check: list[int]) -> Fitted:
+    """candidates[0] is the linear map alone, the others Mamba corrections of it (early-stopped on the
+    `stop` validation windows). The best trial on `stop` replaces the linear map only if it is clearly
+    better on the `check` windows (`clearly_better`): one validation split is small, a correction that wins
+    by luck there loses on new data, and the linear map is the simpler model."""
+    linear = candidates[0]
+    if len(candidates) == 1 or not check:
         return linear
-    return best if clearly_better([best.record["val_errors"]], [linear.record["val_errors"]], horizon) else linear
+    best = min(candidates[1:], key=lambda c: float(c.record["val_errors"][stop].mean()))
+    on_check = [best.record["val_errors"][check]], [linear.record["val_errors"][check]]
+    return best if clearly_better(*on_check, horizon) else linear
 
 
 def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
@@ -433,6 +447,8 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
         log(f"autofit: linear map alone ({ridge.describe()}): validation MSE "
             f"{candidates[0].val_mse:.4f}")
     search_start, last = time.perf_counter(), 0.0
+    stop, check = stop_and_check_windows(len(prep.datasets["val"]), prep.horizon)
+    early_stopping_windows = torch.utils.data.Subset(prep.datasets["val"], stop) if ridge is not None else None
     # --search-budget 0: the closed-form map alone, when there is one (else one trial must run).
     grid = mamba_grid(cfg) if cfg.search_budget > 0 or ridge is None else []
     for i, (d, n, loss, lr) in enumerate(grid):
@@ -448,15 +464,15 @@ def fit_forecaster(cfg, table: Table, out: Path, log=print) -> Fitted:
         # a bounded time per validation check, and the trial stops when the budget is spent.
         model, last = _train(tcfg, prep, out / "search" / f"trial{i}", model=model,
                              max_time=timedelta(seconds=max(cfg.search_budget - spent, 30.0)),
-                             limit_train_batches=EPOCH_BATCHES)
+                             limit_train_batches=EPOCH_BATCHES, val_dataset=early_stopping_windows)
         errors = val_errors(model, prep)
         mse = float(errors.mean())
         candidates.append(Fitted(model, prep, tcfg, mse, last, {"correction": True, "val_errors": errors,
                                                                 "dir": str(out / "search" / f"trial{i}")}))
         log(f"autofit: trial {i}: d_model {d}, n_layer {n}, loss {loss}, lr {lr:g}: validation MSE {mse:.4f} "
             f"({last:.0f} s)")
-    best = choose_correction(candidates, prep.horizon) if ridge is not None else min(candidates,
-                                                                                      key=lambda c: c.val_mse)
+    best = (choose_correction(candidates, prep.horizon, stop, check) if ridge is not None
+            else min(candidates, key=lambda c: c.val_mse))
     c = best.cfg
     record.update(chosen={"lookback": L, "correction": best.record["correction"], "d_model": c.model.d_model,
                           "n_layer": c.model.n_layer, "loss": c.forecaster.loss, "lr": c.optim.lr,

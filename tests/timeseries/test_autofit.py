@@ -190,9 +190,11 @@ def test_a_fitted_map_must_beat_repeat_last_by_more_than_its_standard_error():
     assert autofit.choose_linear([naive1, better1], horizon=10) is better1
 
 
-def test_a_mamba_correction_must_beat_the_linear_map_by_more_than_its_standard_error():
+def test_a_mamba_correction_must_beat_the_linear_map_on_windows_it_was_not_stopped_on():
     rng = np.random.default_rng(1)
     base = 1.0 + rng.random(300)
+    stop, check = autofit.stop_and_check_windows(300, horizon=12)
+    assert sorted(stop + check) == list(range(300)) and stop[:12] == list(range(12)) and check[0] == 12
 
     def cand(errors, correction):
         return autofit.Fitted(None, None, None, float(np.mean(errors)), 0.0,
@@ -202,9 +204,12 @@ def test_a_mamba_correction_must_beat_the_linear_map_by_more_than_its_standard_e
     noise = 0.3 * rng.normal(size=300)
     lucky = cand(base - 0.005 + noise - noise.mean(), True)
     clear = cand(base * 0.8, True)
-    assert lucky.val_mse < linear.val_mse
-    assert autofit.choose_correction([linear, lucky], horizon=12) is linear
-    assert autofit.choose_correction([linear, lucky, clear], horizon=12) is clear
+    overfit = base.copy()
+    overfit[stop] *= 0.5          # far better where it was early-stopped, no better elsewhere
+    assert autofit.choose_correction([linear, lucky], 12, stop, check) is linear
+    assert autofit.choose_correction([linear, lucky, clear], 12, stop, check) is clear
+    assert autofit.choose_correction([linear, cand(overfit, True)], 12, stop, check) is linear
+    assert autofit.choose_correction([linear, clear], 12, *autofit.stop_and_check_windows(10, 12)) is linear
 
 
 @pytest.mark.parametrize("kind", ["rlinear", "dlinear"])
