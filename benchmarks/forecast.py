@@ -11,6 +11,8 @@ finished and a rerun skips it. `--workers N` runs N cells at once, each in its o
 thread (the models are small; on a machine with N free cores this is N times faster); the longest cells
 (longest horizon) start first, seeds stay the outer order. Each cell's log goes to
 <output-dir>/logs/<dataset>_h<H>_s<seed>.log; the console shows one line per started and finished cell.
+`--accelerator gpu` trains the Mamba trials on the GPU (all workers share it; `--precision`, fp32 by default);
+the closed-form maps and baselines run on the CPU either way. `--time-limit S`: no cell starts after S s.
 The report (table.md, table.png) says which cells are missing.
 """
 from __future__ import annotations
