@@ -201,8 +201,8 @@ def settings_line(chosen: autofit.Fitted) -> str:
         head += (", repeat-last (no fitted map beat it on the rolling-origin folds)" if linear["repeat_last"]
                  else f", linear map ridge alpha {linear['ridge_alpha']:g}")
     if not chosen.record.get("chosen", {}).get("correction", True):
-        return (f"{head}, no Mamba correction (none lowered the validation MSE {chosen.val_mse:.4f} by more than "
-                "its standard error)")
+        return (f"{head}, no Mamba correction (none was clearly better on the validation windows it was not "
+                f"early-stopped on; validation MSE {chosen.val_mse:.4f})")
     return (f"{head}, Mamba correction over {o.token} tokens: d_model {c.model.d_model}, n_layer "
             f"{c.model.n_layer}, patch {o.patch_len}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})")
 
