@@ -87,13 +87,13 @@ def fit(cfg: FitConfig) -> dict:
                                       ("--model.n_layer", cfg.model.n_layer), ("--forecaster.loss", cfg.forecaster.loss),
                                       ("--optim.lr", cfg.optim.lr)) if value is None]
     if unset or cfg.baselines:
-        # The first line says how long this may take: the search and the baselines' lookback choice train
-        # several models, so the whole command can take longer than the chosen model's own fit.
+        # The first line says how long this may take: the search trains several models, so the whole
+        # command can take longer than the chosen model's own fit.
         print("timeseries.fit: may take several minutes: "
-              + (f"choosing {', '.join(unset)} on the validation split (closed-form linear maps at lookbacks "
-                 f"{lookbacks}, then Mamba trials for up to --search-budget {cfg.search_budget:g} s)"
-                 if unset else "settings fixed by flags")
-              + (f"; DLinear and RLinear baselines trained at each of {len(lookbacks)} lookback(s) "
+              + (f"choosing {', '.join(unset)} on rolling-origin folds of the training and validation rows "
+                 f"(closed-form linear maps at lookbacks {lookbacks}, then Mamba trials for up to "
+                 f"--search-budget {cfg.search_budget:g} s)" if unset else "settings fixed by flags")
+              + (f"; DLinear and RLinear baselines fitted at each of {len(lookbacks)} lookback(s) "
                  "(--no-baselines skips them)" if cfg.baselines else ""), file=sys.stderr)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     chosen = autofit.fit_forecaster(cfg, table, out, log)
@@ -110,10 +110,13 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.baselines:
         for name, predict in baseline_predictors(prep, season).items():
             baselines[name] = error_metrics(*forecast_windows(predict, prep.datasets["test"]), mean, scale)
+        base_cfg = dataclasses.replace(cfg, lookback=lookback_flag)
         for kind in ("dlinear", "rlinear"):
-            # Each at its own lookback, chosen on validation by the same rule (fixed if --lookback is given).
-            b = autofit.fit_linear_baseline(dataclasses.replace(cfg, lookback=lookback_flag), table, kind,
-                                            out / "baselines" / kind, log)
+            # Each at its own lookback, chosen by the recipe's rule (fixed if --lookback is given); at its
+            # exact least-squares optimum, except for quantile forecasts (pinball loss: trained with Lightning).
+            b = (autofit.fit_linear_baseline(base_cfg, table, kind, out / "baselines" / kind, log)
+                 if cfg.forecaster.quantiles else
+                 autofit.least_squares_baseline(base_cfg, table, kind, chosen.linear_fits, log))
             baselines[kind] = {**error_metrics(*forecast_windows(model_predictor(b.model, b.prep),
                                                                  b.prep.datasets["test"]), mean, scale),
                                "fit_seconds": round(b.fit_seconds, 1), "val_mse": b.val_mse, **b.record}
@@ -193,9 +196,13 @@ def settings_line(chosen: autofit.Fitted) -> str:
     if o.kind != "mamba":
         return f"{o.kind}, lookback {c.lookback}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})"
     linear = chosen.record.get("linear")
-    head = (f"lookback {c.lookback}" + (f", linear map ridge alpha {linear['ridge_alpha']:g}" if linear else ""))
+    head = f"lookback {c.lookback}"
+    if linear:
+        head += (", repeat-last (no fitted map beat it on the rolling-origin folds)" if linear["repeat_last"]
+                 else f", linear map ridge alpha {linear['ridge_alpha']:g}")
     if not chosen.record.get("chosen", {}).get("correction", True):
-        return f"{head}, no Mamba correction (it did not lower the validation MSE {chosen.val_mse:.4f})"
+        return (f"{head}, no Mamba correction (none was clearly better on the validation windows it was not "
+                f"early-stopped on; validation MSE {chosen.val_mse:.4f})")
     return (f"{head}, Mamba correction over {o.token} tokens: d_model {c.model.d_model}, n_layer "
             f"{c.model.n_layer}, patch {o.patch_len}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})")
 

@@ -100,7 +100,8 @@ class FitConfig(TrainConfig):
         "help": "start the linear path at its closed-form ridge fit (frozen) and the Mamba head at zero"})
     patience: int = field(default=3, metadata={"help": "early stopping: epochs without validation gain"})
     search_budget: float = field(default=240.0, metadata={
-        "help": "seconds for the model search on validation (lookback, size, loss, lr); at least one trial runs"})
+        "help": "seconds of Mamba trials on validation (at least one trial runs); 0: none, the closed-form "
+                "linear map alone (lookback and ridge strength are still chosen)"})
     # evaluation
     season: int | None = field(default=None, metadata={"help": "seasonal-naive period (default: from the "
                                                                 "date frequency, e.g. 24 for hourly)"})
@@ -161,10 +162,11 @@ class FitConfig(TrainConfig):
 
 
 def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_dir: str | None = None,
-                model: nn.Module | None = None, **trainer_kwargs) -> nn.Module:
+                model: nn.Module | None = None, val_dataset=None, **trainer_kwargs) -> nn.Module:
     """Fit one forecaster with Lightning (early stopping on validation MSE); returns the best weights.
     `model`: start from these weights (else a new one from `cfg`); `trainer_kwargs`: for lightning.Trainer
-    (e.g. max_time, limit_train_batches)."""
+    (e.g. max_time, limit_train_batches); `val_dataset`: the windows early stopping watches (default: the
+    whole validation split)."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     from .lightning_module import ForecastModule  # Lightning loads on first use: predict/backtest skip it
@@ -187,7 +189,7 @@ def train_model(cfg: FitConfig, prep: Prepared, kind: str | None = None, output_
     train = prep.datasets["train"]
     train_dl = DataLoader(train, batch_sampler=EpochBatches(len(train), cfg.batch_size, cfg.seed, trainer,
                                                             drop_last=False), num_workers=cfg.num_workers)
-    val_dl = DataLoader(prep.datasets["val"], batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
+    val_dl = DataLoader(prep.datasets["val"] if val_dataset is None else val_dataset, batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
     trainer.fit(task, train_dl, val_dl, ckpt_path=resume_checkpoint(run_cfg))
     best = best_checkpoint(trainer)
     if best is not None:

@@ -116,7 +116,7 @@ def fits_clean_and_corrupted(tmp_path_factory):
         csv = d / f"{name}.csv"
         df.to_csv(csv, index=False)
         assert run(fit_main, FitConfig, ["--csv", str(csv), "--horizon", "12", "--max-epochs", "1",
-                                         "--search-budget", "0", "--output-dir", str(d / name),
+                                         "--search-budget", "1", "--output-dir", str(d / name),
                                          "--no-progress"]) == 0
         out[name] = json.loads((d / name / "metrics.json").read_text())
     return out
@@ -126,8 +126,8 @@ def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_
     clean, corrupt = fits_clean_and_corrupted["clean"], fits_clean_and_corrupted["corrupt"]
     sel = clean["selection"]
     assert sel["chosen"]["lookback"] in sel["lookback_candidates"] == [96, 192]
-    assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 0)
-    assert {"lookback", "ridge_alpha", "val_mse_by_lookback"} <= set(sel["linear"])
+    assert len(sel["trials"]) == 2          # the linear map alone and one Mamba trial (budget 1 s)
+    assert {"lookback", "ridge_alpha", "repeat_last", "cv_mse", "fold_mse", "best_by_lookback"} <= set(sel["linear"])
     for key in ("chosen", "linear", "lookback_candidates"):
         assert clean["selection"][key] == corrupt["selection"][key]
     assert [t["val_mse"] for t in clean["selection"]["trials"]] == [t["val_mse"] for t in sel["trials"]]
@@ -136,3 +136,114 @@ def test_fit_chooses_and_records_the_same_settings_without_test_rows(fits_clean_
         assert clean["baselines"][b]["val_mse_by_lookback"] == corrupt["baselines"][b]["val_mse_by_lookback"]
     assert corrupt["test_mse"] > 10 * clean["test_mse"]          # the corruption did reach the test rows
     assert set(clean["baselines"]) == {"repeat_last", "seasonal_naive", "dlinear", "rlinear"}
+
+
+def test_rolling_origin_folds_end_before_the_test_rows():
+    table = table_from_frame(frame(n=2000))
+    prep = prepare(table, 48, 24)
+    t_end, v_end = prep.borders["train"][1], prep.borders["val"][1]          # 1400, 1600
+    folds = autofit.fold_plan(prep, max_lookback=96)
+    assert folds[0] == (t_end, len(prep.datasets["val"]))                     # fold 0: the validation split
+    assert [o for o, _ in folds] == [1400, 1200, 1000, 800]
+    for origin, n in folds:
+        assert origin + n - 1 + 24 <= v_end                                   # last target row < v_end
+    assert len(autofit.fold_plan(prep, max_lookback=96, n_folds=2)) == 2
+    assert len(autofit.fold_plan(prep, max_lookback=400)) == 3                # 800 - 400 - 24 + 1 < 400
+
+
+def test_each_fold_is_scored_without_rows_after_it():
+    """Changing validation rows after fold 1's last target changes fold 0's errors only (the scaler reads the
+    training rows, so the scaled earlier rows stay the same)."""
+    df = frame(n=2000)
+    prep = prepare(table_from_frame(df), 48, 24)
+    later = df.copy()
+    later.loc[1400 + 24:, "s0"] += 5.0
+    fits = [autofit.ridge_path(prepare(table_from_frame(d), 48, 24), alphas=(1e-2,))[0] for d in (df, later)]
+    assert len(fits[0].fold_errors) == len(autofit.fold_plan(prep, 48)) == 4
+    assert not np.allclose(fits[0].fold_errors[0], fits[1].fold_errors[0])
+    for a, b in zip(fits[0].fold_errors[1:], fits[1].fold_errors[1:]):
+        np.testing.assert_array_equal(a, b)
+    assert fits[0].val_mse == pytest.approx(fits[0].fold_mse[0])
+    assert fits[0].cv_mse == pytest.approx(np.exp(np.mean(np.log(fits[0].fold_mse))))
+
+
+def fitted_with_errors(errors, dof=1.0, alpha=1.0):
+    errors = [np.asarray(e, dtype=np.float64) for e in errors]
+    return autofit.RidgeFit(48, alpha, None, None, float(errors[0].mean()), dof,
+                            [float(e.mean()) for e in errors], errors)
+
+
+def test_a_fitted_map_must_beat_repeat_last_by_more_than_its_standard_error():
+    rng = np.random.default_rng(0)
+    naive = fitted_with_errors([1.0 + 0.5 * rng.random(200) for _ in range(2)], dof=0.0, alpha=float("inf"))
+    noise = [n - n.mean() for n in (0.5 * rng.normal(size=200) for _ in range(2))]
+    lucky = fitted_with_errors([e - 0.01 + n for e, n in zip(naive.fold_errors, noise)])    # lower by luck
+    better = fitted_with_errors([e * 0.7 for e in naive.fold_errors])                        # clearly lower
+    assert lucky.cv_mse < naive.cv_mse
+    assert autofit.choose_linear([naive, lucky], horizon=10) is naive
+    assert autofit.choose_linear([naive, lucky, better], horizon=10) is better
+    assert autofit.choose_linear([lucky, better], horizon=10) is better       # no repeat-last: the lowest
+    # One fold of one block of origins (a horizon longer than the fold): no evidence against the simpler one.
+    naive1, better1 = (fitted_with_errors(f.fold_errors[:1], f.dof, f.alpha) for f in (naive, better))
+    assert not autofit.clearly_better(better1.fold_errors, naive1.fold_errors, horizon=500)
+    assert autofit.choose_linear([naive1, better1], horizon=500) is naive1
+    assert autofit.choose_linear([naive1, better1], horizon=10) is better1
+
+
+def test_a_mamba_correction_must_beat_the_linear_map_on_windows_it_was_not_stopped_on():
+    rng = np.random.default_rng(1)
+    base = 1.0 + rng.random(300)
+    stop, check = autofit.stop_and_check_windows(300, horizon=12)
+    assert sorted(stop + check) == list(range(300)) and stop[:12] == list(range(12)) and check[0] == 12
+
+    def cand(errors, correction):
+        return autofit.Fitted(None, None, None, float(np.mean(errors)), 0.0,
+                              {"correction": correction, "val_errors": np.asarray(errors)})
+
+    linear = cand(base, False)
+    noise = 0.3 * rng.normal(size=300)
+    lucky = cand(base - 0.005 + noise - noise.mean(), True)
+    clear = cand(base * 0.8, True)
+    overfit = base.copy()
+    overfit[stop] *= 0.5          # far better where it was early-stopped, no better elsewhere
+    assert autofit.choose_correction([linear, lucky], 12, stop, check) is linear
+    assert autofit.choose_correction([linear, lucky, clear], 12, stop, check) is clear
+    assert autofit.choose_correction([linear, cand(overfit, True)], 12, stop, check) is linear
+    assert autofit.choose_correction([linear, clear], 12, *autofit.stop_and_check_windows(10, 12)) is linear
+
+
+@pytest.mark.parametrize("kind", ["rlinear", "dlinear"])
+def test_least_squares_baselines_are_the_optimum_of_their_training_loss(kind):
+    """The closed-form baseline is its model class at the minimum of the training MSE: a gradient step from
+    its weights does not lower the training loss, and its validation MSE is the one recorded."""
+    table = table_from_frame(frame(n=1200))
+    cfg = parse_config(FitConfig, ["--lookback", "48", "--horizon", "12"])
+    b = autofit.least_squares_baseline(cfg, table, kind, log=lambda *_: None)
+    assert b.record["lookback"] == 48 and b.record["val_mse_by_lookback"][48] == pytest.approx(b.val_mse, abs=1e-5)
+    x, y = next(iter(torch.utils.data.DataLoader(b.prep.datasets["train"], batch_size=100_000)))
+    model = b.model.train()
+    loss = ((model(x) - y) ** 2).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-2 * g / max(float(g.norm()), 1e-12)
+        assert float(((model(x) - y) ** 2).mean()) >= float(loss) - 1e-6
+    assert max(float(g.abs().max()) for g in grads) < 1e-3
+
+
+def test_zero_search_budget_is_the_closed_form_map_alone(tmp_path):
+    cfg = parse_config(FitConfig, ["--horizon", "12", "--search-budget", "0"])
+    fitted = autofit.fit_forecaster(cfg, table_from_frame(frame(n=1200)), tmp_path, log=lambda *_: None)
+    assert [t["correction"] for t in fitted.record["trials"]] == [False]
+    assert not fitted.record["chosen"]["correction"] and not (tmp_path / "search").exists()
+    assert {f.alpha for f in fitted.linear_fits} == set(autofit.RIDGE_ALPHAS)
+
+
+def test_a_fold_that_is_hard_for_every_candidate_does_not_decide_alone():
+    """Fold scores combine as a geometric mean: twice as good on the quiet fold outweighs 20% worse on the
+    fold where every candidate errs a lot (the arithmetic mean would pick the other)."""
+    steady = fitted_with_errors([np.full(50, 0.10), np.full(50, 1.0)])
+    sharp = fitted_with_errors([np.full(50, 0.05), np.full(50, 1.2)])
+    assert np.mean(sharp.fold_mse) > np.mean(steady.fold_mse)
+    assert autofit.choose_linear([steady, sharp], horizon=10) is sharp

@@ -1,7 +1,10 @@
 """benchmarks/forecast.py: dataset specs, the table's per-seed averages, missing cells, the PNG."""
+import os
+
 import pytest
 
-from benchmarks.forecast import ForecastBenchConfig, parse_dataset, plot, report
+from benchmarks.ett import append_row, load_results
+from benchmarks.forecast import ForecastBenchConfig, parse_dataset, pending_cells, plot, report, run_cells
 from ssm_core.cli import UserError
 
 ROWS = ("model", "rlinear", "dlinear", "repeat_last", "seasonal_naive")
@@ -33,3 +36,46 @@ def test_report_averages_per_seed_and_lists_missing_cells(tmp_path):
     assert "correction kept in 1/2 seeds" in table
     plot(cfg, results, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def fake_cell(cfg, spec, seed, horizon):
+    """Stands in for a fit in the worker processes: a row named by its cell, and the worker's pid."""
+    import os
+    return {"dataset": parse_dataset(spec)[0], "seed": seed, "horizon": horizon, "pid": os.getpid()}
+
+
+def test_pending_cells_skip_finished_ones_longest_first():
+    cfg = ForecastBenchConfig(datasets=["a.csv", "b.csv:ett-hour"], horizons=[96, 720], seeds=[0, 1])
+    todo = pending_cells(cfg, [{"dataset": "a", "seed": 0, "horizon": 720}])
+    assert todo == [("b.csv:ett-hour", 0, 720), ("a.csv", 0, 96), ("b.csv:ett-hour", 0, 96),
+                    ("a.csv", 1, 720), ("b.csv:ett-hour", 1, 720), ("a.csv", 1, 96), ("b.csv:ett-hour", 1, 96)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cells_run_in_parallel_and_resume(tmp_path, workers):
+    """Every pending cell runs once (in worker processes with --workers 2), the parent appends each row, and
+    a rerun finds nothing left to do."""
+    cfg = ForecastBenchConfig(datasets=["a.csv", "b.csv"], horizons=[96, 192], seeds=[0], workers=workers)
+    results = tmp_path / "results.jsonl"
+    append_row(results, {"dataset": "a", "seed": 0, "horizon": 96}, "test")
+    run_cells(cfg, results, run=fake_cell)
+    rows = load_results(results)
+    assert sorted((r["dataset"], r["horizon"]) for r in rows) == [("a", 96), ("a", 192), ("b", 96), ("b", 192)]
+    pids = {r["pid"] for r in rows if "pid" in r}
+    assert (os.getpid() in pids) is (workers == 1) and len(rows) == 4
+    run_cells(cfg, results, run=fake_cell)
+    assert len(load_results(results)) == 4
+
+
+def test_bad_workers_flag():
+    with pytest.raises(ValueError, match="--workers"):
+        ForecastBenchConfig(workers=0)
+
+
+def test_time_limit_stops_starting_cells(tmp_path, capsys):
+    cfg = ForecastBenchConfig(datasets=["a.csv"], horizons=[96, 192], seeds=[0], time_limit=1e-9)
+    results = tmp_path / "results.jsonl"
+    run_cells(cfg, results, run=fake_cell)
+    assert load_results(results) == [] and "2 cell(s) not started" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--time-limit"):
+        ForecastBenchConfig(time_limit=0)
