@@ -287,7 +287,7 @@ def demo_report(variants: list[Variant], rows: list[dict], out: Path, checkpoint
     auroc = float(roc_auc_score(y[ok], -s[ok]))
     offsets = np.array([r["motif_offset"] for r in rows])
     by_offset = {}
-    for lo, hi in ((0, 2), (2, 5), (5, 13)):
+    for lo, hi in ((0, 2), (2, 5), (5, max(6, int(offsets.max()) + 1))):
         sel = ok & (~y | ((offsets >= lo) & (offsets < hi)))
         if (y[sel]).any():
             by_offset[f"{lo}-{hi - 1}"] = {"auroc": float(roc_auc_score(y[sel], -s[sel])),
