@@ -36,7 +36,7 @@ from ssm_core import MambaConfig, MambaModel
 from ssm_core.cli import UserError, main_entry
 from ssm_core.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from ssm_core.lightning_module import TaskModule
-from ssm_core.training import OptimConfig, TrainConfig, make_trainer, prepare_output_dir
+from ssm_core.training import OptimConfig, TrainConfig, make_trainer, prepare_output_dir, resolve_accelerator
 
 from . import tokenizer as tok
 from .common import load_model, resolve_model_dir
@@ -277,23 +277,25 @@ class FinetuneModule(TaskModule):
 
 
 def probe_init_head(model: SequenceModel, batches, y: np.ndarray, valid_batches, y_valid: np.ndarray,
-                    regression: bool, seed: int) -> dict:
+                    regression: bool, seed: int, device: str | torch.device = "cpu") -> dict:
     """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): fit the head to the frozen backbone's
     pooled features first, so that fine-tuning starts from a good classifier instead of pushing a random
     head's gradients into the pretrained features; a head trained by SGD with early stopping also stops far
     short of the optimum a convex solver reaches on a few hundred sequences. The batch norm becomes the
     StandardScaler (running mean and variance = the training features'), the linear layer the regression:
     in eval mode the head then computes exactly the fitted model. Regularisation (C or alpha) is chosen on
-    the validation split. Returns what was fitted."""
+    the validation split. The features are computed on `device` (float32); the model is left on the CPU.
+    Returns what was fitted."""
     from sklearn.linear_model import LogisticRegression, Ridge
 
     def features(bs):
         with torch.no_grad():
-            return torch.cat([model.pooled(ids, mask) for ids, mask, _ in bs]).double().numpy()
+            return torch.cat([model.pooled(ids.to(device), mask.to(device)).cpu()
+                              for ids, mask, _ in bs]).double().numpy()
     was_training = model.training
-    model.eval()
+    model.eval().to(device)
     X, Xv = features(batches), features(valid_batches)
-    model.train(was_training)
+    model.train(was_training).cpu()
     bn, lin = model.head
     mean, var = X.mean(0), X.var(0)
     scale = np.sqrt(var + bn.eps)
@@ -431,7 +433,8 @@ def main(cfg: FinetuneConfig) -> dict:
     probe = None
     if cfg.probe_init:
         probe = probe_init_head(module.model, loader("train", False), data["train"][1], loader("valid", False),
-                                data["valid"][1], names is None, cfg.seed)
+                                data["valid"][1], names is None, cfg.seed,
+                                "cuda" if resolve_accelerator(cfg) == "gpu" else "cpu")
     trainer = make_trainer(cfg, monitor="val_loss",
                            callbacks=[EarlyStopping("val_loss", patience=cfg.patience, mode="min")],
                            num_sanity_val_steps=0)
