@@ -209,14 +209,16 @@ def test_stream_benchmark_runs_tiny_on_cpu(tmp_path):
     from pathlib import Path
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), "--d-model", "16", "--n-layer",
-                    "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048", "--score-context", "128",
-                    "--score-variants", "4", "--device", "cpu", "--precisions", "float32", "--workdir",
-                    str(tmp_path), "--out", str(out)], check=True, cwd=repo, capture_output=True, timeout=300)
+    argv = ["--d-model", "16", "--n-layer", "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048",
+            "--score-context", "128", "--score-variants", "4", "--device", "cpu", "--precisions", "float32",
+            "--workdir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), *argv], check=True,
+                          cwd=repo, capture_output=True, text=True, timeout=300)
     res = json.loads(out.read_text())
     assert [r["bases"] for r in res["stream"]] == [5000, 20000] and res["contig_bases"] == 20000
     assert all(r["tokens_per_second"] > 0 and "error" not in r for r in res["stream"])
     assert res["score"][0]["scored"] == 4 and res["score"][0]["variants_per_second"] > 0
+    assert "| stream, chunk 2,048 | float32 | 20,000 |" in proc.stdout     # the table BENCHMARKS.md shows
 
 
 def test_pretrain_on_many_short_records_needs_no_val_contigs(tmp_path):
