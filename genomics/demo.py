@@ -2,12 +2,13 @@
 entropy is known, so a pretraining run can be judged against the best achievable bits per base.
 
 What it holds (all from one seed, numpy only, about a second to generate):
-  * background: an order-2 Markov chain (transition rows ~ Dirichlet(1), about 1.6 bits/base) whose
+  * background: an order-2 Markov chain (transition rows ~ Dirichlet(2), about 1.75 bits/base) whose
     G+C weight drifts slowly along each contig (isochore-like GC-content drift);
   * dispersed repeats: copies of three Alu-like family consensus sequences (some reverse-complemented),
     6% substitutions, soft-masked (lower case) as RepeatMasker would;
   * tandem repeats: a 2-8 base unit repeated, 3% substitutions, soft-masked;
-  * motifs: four position weight matrices (0.9 on the consensus base) planted at random;
+  * motifs: four conserved position weight matrices (10-15 bases, 0.97 on the consensus base) planted at
+    random, 1.5% of the bases;
   * runs of N (assembly gaps), at contig ends and inside.
 Contigs are chr1, chr2, chr3 (training), chr20 (validation) and chr21 (test), as hg38's hold-out defaults.
 
@@ -31,11 +32,11 @@ VERSION = 3
 SEED = 20261123
 CONTIGS = {"chr1": 1_200_000, "chr2": 900_000, "chr3": 600_000, "chr20": 250_000, "chr21": 250_000}
 MOTIF_PWM_TOP = 0.97      # conserved: breaking a motif costs log(0.01 / 0.97) = -4.6 nats under the generator
-CHAIN_ALPHA = 2.0         # Dirichlet concentration of the chain's rows: ~1.77 bits/base, as flat as a neutral
-                          # SNV needs (at 1.0 a random SNV often costs as much as breaking a motif)
-NEUTRAL_SITE_BITS = 1.9   # planted background SNVs sit where the generator's entropy is at least this
-MOTIF_FRAC = 0.015        # share of bases in motif placements: ~1,000 of each motif in training, enough for
-                          # the README's CPU model to learn them
+CHAIN_ALPHA = 2.0         # Dirichlet concentration of the chain's rows (~1.75 bits/base): at 1.0 the rows are
+                          # so peaked that a random SNV often costs as much as breaking a motif
+NEUTRAL_SITE_BITS = 1.9   # planted background SNVs sit where the chain's distribution is at least this flat
+MOTIF_FRAC = 0.015        # share of bases in motif placements: ~800 of each motif in training, enough for the
+                          # README's CPU model to learn them
 ORDER = 2                  # Markov order of the background chain
 N_CTX = 4 ** ORDER
 LINE_WIDTH = 60
