@@ -2,7 +2,7 @@
 
     python benchmarks/genomics_finetune_grid.py --checkpoint runs/genomics --out grid.json
     python benchmarks/genomics_finetune_grid.py --checkpoint runs/genomics --tasks species --seeds 0 1 2 \\
-        --recipes "lp-ft=" "ft=--no-probe-init" "frozen=--freeze-backbone --no-probe-init" \\
+        --recipes "ft=" "lp-ft=--probe-init" "frozen=--freeze-backbone" \\
         --extra="--max-epochs 30" --workdir runs/ft_grid --out grid.json
 
 Each run is `genomics.finetune --checkpoint C --task T --seed S <extra> <recipe flags>` (the CLI's own code,
@@ -38,7 +38,7 @@ class GridConfig:
     checkpoint: str = field(default="runs/genomics", metadata={"help": "genomics.pretrain output or a model folder"})
     tasks: list[str] = field(default_factory=lambda: ["motif", "species"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    recipes: list[str] = field(default_factory=lambda: ["lp-ft=", "ft=--no-probe-init"], metadata={
+    recipes: list[str] = field(default_factory=lambda: ["ft=--no-probe-init", "lp-ft=--probe-init"], metadata={
         "help": "NAME=FLAGS: genomics.finetune flags of each recipe (empty: the defaults)"})
     extra: str = field(default="", metadata={"help": "flags given to every run (spell it --extra=\"--flag value\")"})
     workdir: str = "runs/ft_grid"

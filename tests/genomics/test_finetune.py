@@ -218,8 +218,8 @@ def test_finetune_grid_benchmark_means_over_seeds_and_continues_a_cut_grid(check
     monkeypatch.setitem(sys.modules, spec.name, grid)     # dataclasses look their module up there
     spec.loader.exec_module(grid)
     monkeypatch.setenv("GENOMICS_CACHE", str(tmp_path / "cache"))
-    argv = ["--checkpoint", str(checkpoint), "--tasks", "motif", "--seeds", "0", "1", "--recipes", "lp-ft=",
-            "ft=--no-probe-init", "--extra=--samples-per-class 12 --max-epochs 1 --batch-size 8 --accelerator cpu "
+    argv = ["--checkpoint", str(checkpoint), "--tasks", "motif", "--seeds", "0", "1", "--recipes",
+            "lp-ft=--probe-init", "ft=", "--extra=--samples-per-class 12 --max-epochs 1 --batch-size 8 --accelerator cpu "
             "--kmer-sizes 2", "--workdir", str(tmp_path / "grid"), "--out", str(tmp_path / "grid.json")]
     res = grid.main(parse_config(grid.GridConfig, argv))
     assert [(r["seed"], r["recipe"]) for r in res["runs"]] == [(0, "lp-ft"), (0, "ft"), (1, "lp-ft"), (1, "ft")]
