@@ -59,8 +59,8 @@ class FinetuneConfig(TrainConfig):
     folder: str | None = field(default=None, metadata={"help": "one subfolder per class (optionally under train/ test/)"})
     target: Literal["auto", "classification", "regression"] = "auto"
     freeze_backbone: bool = field(default=False, metadata={"help": "train the head only"})
-    # Off by default: on the demo tasks it moved the mean accuracy over three seeds by 0.02 at most, within
-    # the seeds' spread (docs/genomics.md), so not a gain to make everyone's default.
+    # Off by default: on the demo tasks it was level on one and 0.03 worse on the other (three seeds each,
+    # docs/genomics.md), so not a gain to make everyone's default.
     probe_init: bool = field(default=False, metadata={
         "help": "start the head as a linear probe: a standardised logistic (ridge) regression fitted on the "
                 "pretrained backbone's pooled features of the training split, then train (LP-FT)"})
