@@ -16,7 +16,7 @@ speed does not depend on them), then
     peak memory.
 Each measurement runs with bf16 autocast (the CLIs' default on a GPU) and in float32; a failure is recorded
 in the JSON rather than stopping the run. Writes JSON to --out (atomically, after every measurement) and
-prints each row.
+prints each row, then the markdown table of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -147,7 +147,28 @@ def main(cfg: BenchConfig) -> dict:
         print("score", row, flush=True)
     if cfg.out:
         write_json_atomic(cfg.out, result)
+    print(markdown(result))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The measurements as the table docs/BENCHMARKS.md shows."""
+    lines = ["| what | precision | bases | bases/s | peak memory (GiB) | seconds |", "|---|---|---|---|---|---|"]
+    for r in result["stream"]:
+        if "error" in r:
+            lines.append(f"| stream | {r['precision']} | {r['bases']:,} | {r['error']} | | |")
+        else:
+            lines.append(f"| stream, chunk {result['chunk']:,} | {r['precision']} | {r['bases']:,} | "
+                         f"{r['tokens_per_second'] / 1e6:.2f}M | {r['peak_memory_gib']:.2f} | {r['seconds']:.1f} |")
+    for r in result["score"]:
+        if "error" in r:
+            lines.append(f"| score {r['variants']} SNVs | {r['precision']} | | {r['error']} | | |")
+        else:
+            lines.append(f"| score {r['variants']} SNVs at {r['context']:,} context ({r['variants_per_second']:.1f} "
+                         f"variants/s) | {r['precision']} | {2 * r['variants'] * r['context']:,} (window bases) | "
+                         f"{r['window_bases_per_second'] / 1e6:.2f}M | {r['peak_memory_gib']:.2f} | "
+                         f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

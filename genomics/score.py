@@ -287,13 +287,14 @@ def demo_report(variants: list[Variant], rows: list[dict], out: Path, checkpoint
     auroc = float(roc_auc_score(y[ok], -s[ok]))
     offsets = np.array([r["motif_offset"] for r in rows])
     by_offset = {}
-    for lo, hi in ((0, 2), (2, 5), (5, 13)):
+    for lo, hi in ((0, 2), (2, 5), (5, max(6, int(offsets.max()) + 1))):
         sel = ok & (~y | ((offsets >= lo) & (offsets < hi)))
         if (y[sel]).any():
             by_offset[f"{lo}-{hi - 1}"] = {"auroc": float(roc_auc_score(y[sel], -s[sel])),
                                            "n_motif": int(y[sel].sum())}
     # The same AUROC for the generator's own likelihood ratio: what a perfect model of the demo genome gets.
-    oracle = float(roc_auc_score(y, -demo.generator_llr(rows)))
+    generator = demo.generator_llr(rows)
+    oracle = float(roc_auc_score(y, -generator))
     res = {"auroc_motif_breaking_vs_background": auroc, "auroc_by_motif_offset": by_offset,
            "generator_auroc": oracle,
            "n_motif": int(y[ok].sum()), "n_background": int((~y[ok]).sum()),
@@ -307,7 +308,7 @@ def demo_report(variants: list[Variant], rows: list[dict], out: Path, checkpoint
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     fpr, tpr, _ = roc_curve(y[ok], -s[ok])
     ax.plot(fpr, tpr, label=f"model: AUROC {auroc:.3f}")
-    gfpr, gtpr, _ = roc_curve(y, -demo.generator_llr(rows))
+    gfpr, gtpr, _ = roc_curve(y, -generator)
     ax.plot(gfpr, gtpr, label=f"generator's own ratio: {oracle:.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="false positive rate (background)", ylabel="true positive rate (motif-breaking)",

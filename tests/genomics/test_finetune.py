@@ -167,3 +167,69 @@ def test_finetune_optimiser_decays_weights_only_and_trains_the_backbone_at_its_o
 def test_finetune_old_optimiser_flags_name_their_new_spelling(flag, match):
     with pytest.raises(UserError, match=match):
         parse_config(FinetuneConfig, ["--task", "motif", flag, "0"])
+
+
+@pytest.mark.parametrize("n_out", [2, 3, 1])
+def test_probe_init_head_computes_the_fitted_regression_in_eval_mode(n_out):
+    """The head starts as the standardised logistic (ridge) regression fitted on the frozen pooled features:
+    in eval mode its logits are sklearn's decision function of the same features, for binary, multiclass
+    and regression targets."""
+    import torch
+
+    from genomics.finetune import SequenceModel, collate, probe_init_head
+    torch.manual_seed(0)
+    model = SequenceModel(MambaConfig(d_model=8, n_layer=1, vocab_size=16), n_out)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(tok.A, tok.T + 1, int(rng.integers(20, 40))) for _ in range(60)]
+    y = (rng.normal(size=60).astype(np.float32) if n_out == 1 else np.arange(60) % n_out)
+    batches = [collate(list(zip(seqs[i:i + 16], y[i:i + 16]))) for i in range(0, 60, 16)]
+    fit = probe_init_head(model, batches[:3], y[:48], batches[3:], y[48:], n_out == 1, seed=0)
+    assert fit["regularisation"] == ("alpha" if n_out == 1 else "C")
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(ids, mask) for ids, mask, _ in batches]).double().numpy()
+        X = torch.cat([model.pooled(ids, mask) for ids, mask, _ in batches[:3]]).double().numpy()
+    assert model.training is False and np.isfinite(out).all()
+    # refit the chosen model on the same standardised features and compare decision functions
+    from sklearn.linear_model import LogisticRegression, Ridge
+    Xall = torch.cat([model.pooled(ids, mask) for ids, mask, _ in batches]).detach().double().numpy()
+    scale = np.sqrt(X.var(0) + model.head[0].eps)
+    Xs, Xall_s = (X - X.mean(0)) / scale, (Xall - X.mean(0)) / scale
+    if n_out == 1:
+        ref = Ridge(alpha=fit["value"]).fit(Xs, y[:48]).predict(Xall_s)
+        np.testing.assert_allclose(out[:, 0], ref, rtol=1e-4, atol=1e-4)
+    else:
+        ref = LogisticRegression(C=fit["value"], max_iter=2000, random_state=0).fit(Xs, y[:48]).decision_function(Xall_s)
+        if n_out == 2:
+            np.testing.assert_allclose(out[:, 1] - out[:, 0], ref, rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_grid_benchmark_means_over_seeds_and_continues_a_cut_grid(checkpoint, tmp_path, monkeypatch):
+    """benchmarks/genomics_finetune_grid.py at tiny size: one run per task x seed x recipe through the CLI's
+    code, the summary is the mean over seeds beside the baseline, and finished runs are read, not repeated."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "genomics_finetune_grid.py"
+    spec = importlib.util.spec_from_file_location("genomics_finetune_grid", path)
+    grid = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, grid)     # dataclasses look their module up there
+    spec.loader.exec_module(grid)
+    monkeypatch.setenv("GENOMICS_CACHE", str(tmp_path / "cache"))
+    argv = ["--checkpoint", str(checkpoint), "--tasks", "motif", "--seeds", "0", "1", "--recipes",
+            "lp-ft=--probe-init", "ft=", "--extra=--samples-per-class 12 --max-epochs 1 --batch-size 8 --accelerator cpu "
+            "--kmer-sizes 2", "--workdir", str(tmp_path / "grid"), "--out", str(tmp_path / "grid.json")]
+    res = grid.main(parse_config(grid.GridConfig, argv))
+    assert [(r["seed"], r["recipe"]) for r in res["runs"]] == [(0, "lp-ft"), (0, "ft"), (1, "lp-ft"), (1, "ft")]
+    summary = {r["recipe"]: r for r in res["summary"]}
+    lp = [r for r in res["runs"] if r["recipe"] == "lp-ft"]
+    assert summary["lp-ft"]["finetuned_accuracy"]["mean"] == pytest.approx(np.mean([r["finetuned_accuracy"] for r in lp]))
+    assert summary["lp-ft"]["seeds"] == [0, 1] and "baseline_accuracy" in summary["ft"]
+    first = json.loads((tmp_path / "grid" / "ft" / "motif" / "seed1" / "finetune.json").read_text())
+    assert first["probe_init"] is None and json.loads(
+        (tmp_path / "grid" / "lp-ft" / "motif" / "seed1" / "finetune.json").read_text())["probe_init"]["regularisation"] == "C"
+    again = grid.main(parse_config(grid.GridConfig, argv))      # every run is read back
+    assert [r["finetuned_accuracy"] for r in again["runs"]] == [r["finetuned_accuracy"] for r in res["runs"]]
+    assert json.loads((tmp_path / "grid.json").read_text())["summary"] == again["summary"]

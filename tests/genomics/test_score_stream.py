@@ -209,14 +209,16 @@ def test_stream_benchmark_runs_tiny_on_cpu(tmp_path):
     from pathlib import Path
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), "--d-model", "16", "--n-layer",
-                    "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048", "--score-context", "128",
-                    "--score-variants", "4", "--device", "cpu", "--precisions", "float32", "--workdir",
-                    str(tmp_path), "--out", str(out)], check=True, cwd=repo, capture_output=True, timeout=300)
+    argv = ["--d-model", "16", "--n-layer", "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048",
+            "--score-context", "128", "--score-variants", "4", "--device", "cpu", "--precisions", "float32",
+            "--workdir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), *argv], check=True,
+                          cwd=repo, capture_output=True, text=True, timeout=300)
     res = json.loads(out.read_text())
     assert [r["bases"] for r in res["stream"]] == [5000, 20000] and res["contig_bases"] == 20000
     assert all(r["tokens_per_second"] > 0 and "error" not in r for r in res["stream"])
     assert res["score"][0]["scored"] == 4 and res["score"][0]["variants_per_second"] > 0
+    assert "| stream, chunk 2,048 | float32 | 20,000 |" in proc.stdout     # the table BENCHMARKS.md shows
 
 
 def test_pretrain_on_many_short_records_needs_no_val_contigs(tmp_path):
@@ -252,3 +254,9 @@ def test_planted_demo_variants_and_the_generator_ceiling():
             m = next(m for s, m in sites[r["contig"]][1] if s <= r["pos"] < s + motifs[m].shape[0])
             if r["motif_offset"] < motifs[m].shape[0] - 2:      # no chain base after it within reach
                 assert v == pytest.approx(math.log((1 - demo.MOTIF_PWM_TOP) / 3 / demo.MOTIF_PWM_TOP))
+    # The design: background SNVs sit where the generator's distribution is flat, so under the generator
+    # they are near-neutral and a motif break (-4.6 nats) stands out; a model of the genome can separate them.
+    from sklearn.metrics import roc_auc_score
+    is_motif = np.array([r["label"] == "motif" for r in rows])
+    assert np.median(np.abs(llr[~is_motif])) < 0.5 and llr[~is_motif].min() > -3.0
+    assert roc_auc_score(is_motif, -llr) > 0.99
