@@ -48,9 +48,10 @@ common=(--config configs/audio/kws_synth.yaml --synth-size "$SIZE" --accelerator
         --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
 train() { name=$1; shift; $py -m audio.train "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
 for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
-train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
+# ABLATIONS=0 keeps only the baseline beside the recipe (a shorter device command).
+[ "${ABLATIONS:-1}" = 0 ] || train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
 no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
-train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
+[ "${ABLATIONS:-1}" = 0 ] || train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
 train baseline_s0 --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
 wait || true
 stamp "training done"
