@@ -322,7 +322,8 @@ def _speech_pool(n_jobs: int, min_jobs: int = 500):
     """Synthesis is one CPU-bound call per clip (tens of thousands for the full set): spread it over the
     machine's CPUs. Only the synthesis runs in workers; the random degradations stay in this process, in
     job order, so the set is the same for any number of workers."""
-    workers = min(len(os.sched_getaffinity(0)), 16)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cpus, 16)
     if workers < 2 or n_jobs < min_jobs:
         return _InProcess()
     import multiprocessing as mp
