@@ -12,13 +12,11 @@ non-empty folder is refused.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssm_core.cli import UserError, main_entry
+from ssm_core.io import atomic_folder
 from ssm_core.validation import writable_folder
 
 from .data import KEYWORDS
@@ -50,15 +48,8 @@ def build_heldout(cfg: HeldoutConfig, progress: bool = True) -> Path:
         raise UserError(f"--output-dir {out}: exists and is not empty (give a new folder)")
     synth = SynthConfig(words=cfg.words, train_voices=[], val_voices=[], test_voices=cfg.voices, rates=cfg.rates,
                         pitches=cfg.pitches, noise_seconds=cfg.noise_seconds, seed=cfg.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:          # an existing `out` is empty (checked above)
         generate(synth, tmp, progress)
-        if out.exists():
-            out.rmdir()          # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

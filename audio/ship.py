@@ -11,16 +11,14 @@ holds nothing but those files (a folder of someone else's files is refused).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ssm_core.cli import UserError, main_entry
-from ssm_core.io import write_json_atomic, write_text_atomic
+from ssm_core.io import atomic_folder, write_json_atomic, write_text_atomic
 from ssm_core.validation import writable_folder
 
 from .model import DETECTOR_FILE, SHIPPED_MODEL, export_model, load_model
@@ -99,9 +97,8 @@ def ship(cfg: ShipConfig) -> Path:
             raise UserError(f"--output {out}: holds files that are not a shipped model's ({', '.join(foreign)})")
         if not cfg.overwrite:
             raise UserError(f"--output {out}: holds a shipped model already; --overwrite replaces it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # An existing `out` holds only a shipped model's files (checked above).
+    with atomic_folder(out) as tmp:
         export_model(model, tmp)
         if (run / "config.yaml").is_file():
             shutil.copyfile(run / "config.yaml", tmp / "training_config.yaml")
@@ -110,11 +107,6 @@ def ship(cfg: ShipConfig) -> Path:
                 "threshold": stream["operating_point"]["threshold"], "smooth_ms": stream["smooth_ms"],
                 "refractory_ms": stream["refractory_ms"]})
         write_text_atomic(tmp / "MODEL_CARD.md", model_card(metrics, run_config, stream, model.num_parameters()))
-        if out.exists():
-            shutil.rmtree(out)      # only a shipped model's files (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

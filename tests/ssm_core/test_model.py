@@ -241,3 +241,21 @@ def test_config_saved_without_residual_in_fp32_loads(tmp_path):
     assert back.config.residual_in_fp32 is True and torch.equal(back(ids), lm(ids))
     MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=5, residual_in_fp32=False)).save_pretrained(tmp_path / "new")
     assert MambaLM.from_pretrained(tmp_path / "new").config.residual_in_fp32 is False
+
+
+def test_atomic_folder_replaces_on_success_and_leaves_nothing_on_error(tmp_path):
+    from ssm_core.io import DIR_MODE, atomic_folder
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("build failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]        # no temporary folder left
+    assert (out / "old.txt").read_text() == "old"                          # the old folder untouched
+    with atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert (out.stat().st_mode & 0o777) == DIR_MODE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
