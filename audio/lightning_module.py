@@ -39,18 +39,27 @@ class KWSModule(TaskModule):
         # At most a tenth of the run (+1), so that short runs (tests, smoke runs) still reach the peak.
         return min(self.optim.warmup_steps, total_steps // 10 + 1)
 
+    def augment_wave(self, wave: torch.Tensor) -> torch.Tensor:
+        """The waveform augmentations, in float32 whatever the trainer's precision: under bf16 autocast the
+        resampler's convolution would hand back bfloat16 (8 mantissa bits: audio quantised at about -48 dB,
+        and cuFFT has no bfloat16, so the room and channel filters after it fail on the GPU)."""
+        c = self.augment
+        sr = self.model.config.features.sample_rate
+        with torch.autocast(wave.device.type, enabled=False):
+            wave = speed_perturb(wave.float(), c["speed_perturb"])
+            wave = time_shift(wave, int(c["time_shift_ms"] * sr / 1000))
+            # The order of a recording: the room, the noise in it, the microphone and line, the mic's hiss, the level.
+            wave = room_reverb(wave, c.get("reverb_prob", 0.0), sr)
+            wave = mix_noise(wave, self.noise_bank, c["noise_prob"], c["snr_db"])
+            wave = channel(wave, c.get("channel_prob", 0.0), c.get("telephone_prob", 0.0), sr)
+            wave = mic_noise(wave, c.get("mic_noise_prob", 0.0), c.get("mic_snr_db", [10.0, 40.0]))
+            gain_db = torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"]
+            return wave * 10 ** (gain_db / 20)
+
     def training_step(self, batch, _):
         wave, y = batch
         c, m = self.augment, self.model
-        sr = m.config.features.sample_rate
-        wave = speed_perturb(wave, c["speed_perturb"])
-        wave = time_shift(wave, int(c["time_shift_ms"] * sr / 1000))
-        # The order of a recording: the room, the noise in it, the microphone and line, the mic's hiss, the level.
-        wave = room_reverb(wave, c.get("reverb_prob", 0.0), sr)
-        wave = mix_noise(wave, self.noise_bank, c["noise_prob"], c["snr_db"])
-        wave = channel(wave, c.get("channel_prob", 0.0), c.get("telephone_prob", 0.0), sr)
-        wave = mic_noise(wave, c.get("mic_noise_prob", 0.0), c.get("mic_snr_db", [10.0, 40.0]))
-        wave = wave * 10 ** (torch.empty(wave.shape[0], 1, device=wave.device).uniform_(-1, 1) * c["gain_db"] / 20)
+        wave = self.augment_wave(wave)
         # Another clip of the batch, then the clip: the first is scored from a fresh state, the second with
         # the state another word left behind, as on a stream. (The whole clip: a word may sit anywhere
         # before its label frames, so a cut-down prefix could lose the word its label names.)

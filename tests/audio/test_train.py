@@ -181,6 +181,21 @@ def test_kws_module_does_not_decay_a_log(tmp_path):
     assert "head.weight" in {names[id(p)] for p in decay["params"]}
 
 
+def test_waveform_augmentation_stays_float32_under_bf16_autocast():
+    """Under bf16-mixed the resampler's convolution returned bfloat16 waves, which cuFFT rejects in the room
+    and channel filters after it ("Unsupported dtype BFloat16" on the GPU) and which quantise the audio."""
+    from audio.lightning_module import KWSModule
+    from audio.model import KWSConfig
+    cfg = train.AudioTrainConfig()
+    kws = KWSConfig(labels=["a", "b"], encoder=MambaConfig(d_model=16, n_layer=1, d_input=80))
+    module = KWSModule(kws.to_dict(), {f: getattr(cfg, f) for f in train.AUGMENT_FIELDS}, {"lr": 1e-3})
+    module.noise_bank = torch.randn(40000) * 0.1
+    torch.manual_seed(0)
+    wave = torch.randn(8, 16000) * 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(module.augment_wave(wave).dtype == torch.float32 for _ in range(10))
+
+
 def test_flat_exports_of_before_still_load():
     from audio.model import KWSConfig
     old = {"labels": ["a", "b"], "features": {"n_mels": 40}, "d_model": 24, "n_layer": 1, "d_state": 8,
