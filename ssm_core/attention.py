@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from .mamba2 import check_mixer_input
 from .model import MambaConfig, register_mixer
 
+# Most score elements one masked attention call of `stream` may materialise (2^28: 1 GiB in float32).
+STREAM_SCORES = 1 << 28
+
 
 @dataclass
 class KVCache:
@@ -117,8 +120,17 @@ class Attention(nn.Module):
         S = k.shape[2]
         q_pos = torch.arange(state.pos, state.pos + T, device=x.device)
         k_pos = torch.arange(state.pos + T - S, state.pos + T, device=x.device)
-        mask = None if T == 1 and (self.window is None or S <= self.window) else self._mask(q_pos, k_pos)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        kq, vq = k.to(q.dtype), v.to(q.dtype)
+        if T == 1 and (self.window is None or S <= self.window):
+            o = F.scaled_dot_product_attention(q, kq, vq)
+        else:
+            # A masked SDPA materialises the (b, heads, queries, keys) scores and the mask: with a long cache
+            # (an induction stream at 2^20 tokens, chunks of 8192) that is tens of GiB at once. The chunk's
+            # queries are independent of each other, so they go in blocks that keep it under STREAM_SCORES.
+            block = max(1, STREAM_SCORES // (b * self.num_heads * S))
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + block], kq, vq,
+                                                          attn_mask=self._mask(q_pos[i:i + block], k_pos))
+                           for i in range(0, T, block)], dim=2)
         if self.window is not None and S > self.window:
             k, v = k[:, :, S - self.window:], v[:, :, S - self.window:]
         y = self.out_proj(o.transpose(1, 2).reshape(b, T, -1))

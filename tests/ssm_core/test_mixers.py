@@ -109,6 +109,25 @@ def test_attention_matches_explicit_softmax_with_window():
     torch.testing.assert_close(m(x), m.out_proj(o))
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_stream_in_query_blocks_equals_one_call(monkeypatch, window):
+    """A chunk's queries go through SDPA in blocks when the score matrix would be large (a long cache):
+    the result is the one-call result (queries are independent)."""
+    from ssm_core import attention
+    torch.manual_seed(0)
+    m = Attention(16, num_heads=2, window=window).double()
+    x = torch.randn(3, 23, 16, dtype=torch.float64)
+    whole, _ = stream_in_chunks(m, x, [9, 14])
+    monkeypatch.setattr(attention, "STREAM_SCORES", 3 * 2 * 23 * 4)     # 4 queries against 23 keys
+    sdpa, calls = attention.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape[2])
+                        or sdpa(q, *a, **k))
+    blocked, _ = stream_in_chunks(m, x, [9, 14])
+    assert calls == [9, 4, 4, 4, 2]     # the first chunk (9 keys) fits the budget; the second (23 keys) does not
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked, m(x), rtol=1e-10, atol=1e-10)
+
+
 def test_kv_cache_memory_is_bounded_by_window():
     torch.manual_seed(0)
     full, windowed = Attention(16, num_heads=2), Attention(16, num_heads=2, window=4)
