@@ -67,7 +67,8 @@ class GridConfig:
         "help": "also evaluate every run at these lengths (see ssm_core.tasks)"})
     eval_mode: list[Literal["fused", "stream"]] = field(default_factory=lambda: ["fused"])
     eval_length_examples: int = 64
-    # Streaming attention builds a (chunk x cached tokens) mask: short chunks keep it small at long lengths.
+    # Streaming attention scores each chunk against every cached token (Attention.stream takes the chunk's
+    # queries in blocks, so its memory stays bounded; its time still grows with the square of the length).
     stream_chunk: int = field(default=4096, metadata={"help": "tokens per chunk of --eval-mode stream"})
     init_from_grid: str | None = field(default=None, metadata={
         "help": "--out-dir of an earlier grid: each run starts from the weights of its run of the same name "
