@@ -63,8 +63,9 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         "`en_US-joe-medium` Piper voice), one-second clips with noise, rooms and channels simulated.",
         "",
         f"Training: {metrics.get('steps')} steps, batch {run_config.get('batch_size')}, seed "
-        f"{run_config.get('seed')}; `python -m audio.train --config training_config.yaml` (the run's resolved "
-        "configuration, beside this card) repeats it.",
+        f"{run_config.get('seed')}; `python -m audio.train --config training_config.yaml --output-dir runs/kws` "
+        "(the run's resolved configuration, beside this card; `--heldout '[]'` without its held-out sets) "
+        "repeats it.",
         f"Augmentation: {json.dumps(aug)}.",
         "",
         "| test speech (12 classes, clip accuracy) | accuracy |",
