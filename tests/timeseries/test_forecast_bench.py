@@ -79,3 +79,33 @@ def test_time_limit_stops_starting_cells(tmp_path, capsys):
     assert load_results(results) == [] and "2 cell(s) not started" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--time-limit"):
         ForecastBenchConfig(time_limit=0)
+
+
+def test_lookback_ensemble_diagnostic_refits_the_folds_as_the_recipe_does(tmp_path):
+    """benchmarks/forecast_lookback_ensemble.py: each member's refitted fold forecasts reproduce the fold
+    errors `autofit.ridge_path` scored it by, and the report says what the recipe's rules would do."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.forecast_lookback_ensemble import EnsembleConfig, main, member_forecasts, targets
+    from timeseries import autofit
+    from timeseries.data import prepare, read_table
+    rng = np.random.default_rng(0)
+    t = np.arange(3000)
+    df = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=len(t), freq="h").strftime("%Y-%m-%d %H:%M"),
+                       **{f"s{k}": np.sin(2 * np.pi * t / 24 + k) + 0.3 * rng.normal(size=len(t)) for k in range(2)}})
+    csv = tmp_path / "d.csv"
+    df.to_csv(csv, index=False)
+    table = read_table(csv)
+    prep = prepare(table, 96, 24)
+    folds = autofit.fold_plan(prep, 192)
+    fits = autofit.ridge_path(prep, autofit.RIDGE_ALPHAS, folds)
+    best = min(fits, key=lambda f: f.cv_mse)
+    preds, truth = member_forecasts(prep, best.alpha, folds), targets(prep, folds)
+    assert len(folds) >= 2
+    for k in range(len(folds)):
+        assert np.isclose(((preds[k] - truth[k]) ** 2).mean(), best.fold_mse[k], rtol=1e-4)
+    row = main(EnsembleConfig(csv=str(csv), horizons=[24], out=str(tmp_path / "e.jsonl")))[0]
+    assert row["chosen"]["lookback"] in [m["lookback"] for m in row["members"]]
+    assert {"folds_prefer_it", "clearly_better_than_repeat_last", "test_mse"} <= set(row["ensemble all"])
+    assert (tmp_path / "e.jsonl").read_text().count("\n") == 1
