@@ -318,12 +318,13 @@ class _InProcess:
         return map(fn, items)
 
 
-def _speech_pool(n_jobs: int, min_jobs: int = 500):
+def _speech_pool(n_jobs: int, min_jobs: int = 500, workers: int | None = None):
     """Synthesis is one CPU-bound call per clip (tens of thousands for the full set): spread it over the
-    machine's CPUs. Only the synthesis runs in workers; the random degradations stay in this process, in
-    job order, so the set is the same for any number of workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cpus, 16)
+    machine's CPUs (or `workers` processes). Only the synthesis runs in workers; the random degradations stay
+    in this process, in job order, so the set is the same for any number of workers."""
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(cpus, 16)
     if workers < 2 or n_jobs < min_jobs:
         return _InProcess()
     import multiprocessing as mp
