@@ -67,8 +67,9 @@ def noise_files(root: Path) -> list[Path]:
 
 
 def build_splits(root: Path, labels: list[str], seed: int = 0, clip_samples: int = 16000,
-                 extra_fraction: float = 0.1) -> dict[str, list[Item]]:
-    """Items of each split; silence and unknown (label set 12) are drawn deterministically from `seed`."""
+                 extra_fraction: float = 0.1, flag: str = "--data") -> dict[str, list[Item]]:
+    """Items of each split; silence and unknown (label set 12) are drawn deterministically from `seed`.
+    `flag`: the option that named `root`, for the error messages."""
     import soundfile as sf
     listed = {s: set((root / f"{s}_list.txt").read_text().split()) for s in ("validation", "testing")}
     index = {name: i for i, name in enumerate(labels)}
@@ -85,7 +86,7 @@ def build_splits(root: Path, labels: list[str], seed: int = 0, clip_samples: int
             else:
                 unknown[split].append(Item(str(f), index[UNKNOWN]))
     if not any(known.values()):
-        raise UserError(f"--data {root}: no clips of the classes {labels[:5]}... found (<word>/*.wav)")
+        raise UserError(f"{flag} {root}: no clips of the classes {labels[:5]}... found (<word>/*.wav)")
     rng = np.random.default_rng(seed)
     noises = [(str(p), sf.info(str(p)).frames) for p in noise_files(root)]
     splits = {}
@@ -98,7 +99,7 @@ def build_splits(root: Path, labels: list[str], seed: int = 0, clip_samples: int
             items += [unknown[s][i] for i in sorted(pick)]
         if SILENCE in index:
             if not noises:
-                raise UserError(f"--data {root}: label set 12 needs {NOISE_DIR}/*.wav for the _silence_ class")
+                raise UserError(f"{flag} {root}: label set 12 needs {NOISE_DIR}/*.wav for the _silence_ class")
             for _ in range(n_extra):
                 path, frames = noises[rng.integers(len(noises))]
                 items.append(Item(path, index[SILENCE], int(rng.integers(0, max(1, frames - clip_samples))),

@@ -22,6 +22,7 @@ from ssm_core.io import atomic_folder, write_json_atomic, write_text_atomic
 from ssm_core.validation import writable_folder
 
 from .model import DETECTOR_FILE, SHIPPED_MODEL, export_model, load_model
+from .train import AUGMENT_FIELDS
 
 SHIPPED_FILES = {"config.json", "model.safetensors", DETECTOR_FILE, "MODEL_CARD.md", "training_config.yaml"}
 
@@ -47,9 +48,7 @@ def _read_json(path: Path, flag: str) -> dict:
 
 
 def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters: int) -> str:
-    aug = {k: run_config.get(k) for k in ("speed_perturb", "freq_warp", "reverb_prob", "noise_prob", "snr_db",
-                                          "channel_prob", "telephone_prob", "mic_noise_prob", "mic_snr_db",
-                                          "gain_db", "time_shift_ms", "freq_mask", "time_mask")}
+    aug = {k: run_config.get(k) for k in AUGMENT_FIELDS}
     engines = metrics.get("accuracy_by_engine", {})
     rows = "\n".join(f"| {name} | {acc:.3f} |" for name, acc in engines.items()) or "| (none reported) | |"
     lines = [

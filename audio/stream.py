@@ -162,6 +162,14 @@ class Detector:
         return [d for _, d in self.flush_all()]
 
 
+def model_detector(model: KeywordSpotter, keywords: list[str], threshold: float | np.ndarray, smooth_ms: float,
+                   refractory_ms: float) -> Detector:
+    """A Detector on `model`'s frames: each frame's end time and the smoothing / refractory times in frames."""
+    f = model.config.features
+    return Detector(model.labels, keywords, lambda i: (i * f.hop_length + f.win_length) / f.sample_rate,
+                    int(round(smooth_ms / f.hop_ms)), threshold, int(round(refractory_ms / f.hop_ms)))
+
+
 class LatencyHistogram:
     """Log-spaced histogram of latencies (1 us to 100 s, 1% bins): quantiles in constant memory."""
 
@@ -338,9 +346,7 @@ def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Su
     feats = model.config.features
     sr, chunk = feats.sample_rate, max(1, int(round(cfg.chunk_ms * feats.sample_rate / 1000)))
     keywords = cfg.keywords or [c for c in model.labels if c not in (SILENCE, UNKNOWN)]
-    detector = Detector(model.labels, keywords,
-                        lambda i: (i * feats.hop_length + feats.win_length) / sr,
-                        int(round(smooth_ms / feats.hop_ms)), threshold, int(round(refractory_ms / feats.hop_ms)))
+    detector = model_detector(model, keywords, threshold, smooth_ms, refractory_ms)
     if cfg.mic:
         source = mic_chunks(sr, chunk, cfg.input_device, open_stream or open_sounddevice_stream)
     else:

@@ -32,7 +32,7 @@ from ssm_core.validation import at_least, in_range
 from .data import KEYWORDS, NOISE_DIR, SILENCE, UNKNOWN, fit_length, noise_files, resolve_root, word_folders
 from .features import load_audio
 from .model import load_model
-from .stream import Detector
+from .stream import model_detector
 
 THRESHOLDS = np.round(np.concatenate([np.arange(0.3, 0.9, 0.05), np.arange(0.9, 0.995, 0.01)]), 3)
 
@@ -143,11 +143,9 @@ def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
     root = resolve_root(cfg.heldout)
     model = load_model(cfg.model).to(cfg.device).eval()
-    feats = model.config.features
-    sr, hop = feats.sample_rate, feats.hop_ms
+    sr = model.config.features.sample_rate
     keywords = [c for c in model.labels if c not in (SILENCE, UNKNOWN)]
-    det = Detector(model.labels, keywords, lambda i: (i * feats.hop_length + feats.win_length) / sr,
-                   int(round(cfg.smooth_ms / hop)), THRESHOLDS, int(round(cfg.refractory_ms / hop)))
+    det = model_detector(model, keywords, THRESHOLDS, cfg.smooth_ms, cfg.refractory_ms)
     maker = StreamMaker(root, sr, cfg.seed)
     chunk, total = int(cfg.chunk_ms * sr / 1000), int(cfg.hours * 3600 * sr)
     scorer = Scorer(THRESHOLDS.size, cfg.tolerance_ms / 1000)

@@ -173,6 +173,14 @@ def main(cfg: AudioTrainConfig) -> dict:
     for s in ("train", "validation"):
         if not splits[s]:
             raise UserError(f"--data {root}: the {s} split is empty")
+    # Each held-out engine's folder whole (its keywords, _unknown_ words and _silence_, as the 12-class task),
+    # checked here so that an empty one fails before the training, not after it.
+    heldout_items = {}
+    for h in heldout:
+        items = build_splits(h, labels, seed=cfg.seed, flag="--heldout")["testing"]
+        if not items:
+            raise UserError(f"--heldout {h}: its testing split is empty")
+        heldout_items[heldout_name(h)] = (h, items)
     kws = cfg.kws_config(labels)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     module = KWSModule(kws.to_dict(), {k: getattr(cfg, k) for k in AUGMENT_FIELDS}, asdict(cfg.optim))
@@ -207,18 +215,14 @@ def main(cfg: AudioTrainConfig) -> dict:
         if splits[split]:
             result = evaluate_items(model, ClipDataset(splits[split], sr), cfg.batch_size, desc=split)
             metrics[split] = result
-    # Accuracy per engine: the embedded test split's voices (espeak-ng's held-out ones), and each held-out
-    # engine's folder whole (its keywords, _unknown_ words and _silence_, as the 12-class task).
+    # Accuracy per engine: the embedded test split's voices (espeak-ng's held-out ones), and each held-out engine.
     engines = {}
     if splits["testing"] and not cfg.data:
         engines["espeak (held-out voices)"] = metrics["testing"]["accuracy"]
-    for h in heldout:
-        items = build_splits(h, labels, seed=cfg.seed)["testing"]
-        if not items:
-            raise UserError(f"--heldout {h}: its testing split is empty")
+    for name, (h, items) in heldout_items.items():
         result = evaluate_items(model, ClipDataset(items, sr), cfg.batch_size, desc=f"held out {h.name}")
-        metrics.setdefault("heldout", {})[heldout_name(h)] = result
-        engines[heldout_name(h)] = result["accuracy"]
+        metrics.setdefault("heldout", {})[name] = result
+        engines[name] = result["accuracy"]
     metrics["accuracy_by_engine"] = engines
     write_report(out, metrics, labels, split="testing" if splits["testing"] else "validation")
     t = metrics.get("testing", metrics["validation"])

@@ -50,11 +50,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` (a folder the caller has checked
-    may go) in one rename, so a reader never sees a half-built folder; on an error nothing is left."""
+    """Yield a temporary folder beside `path`; on success it is renamed to `path` (after removing an old
+    `path`, a folder the caller has checked may go), so a reader never sees a half-built folder; on an error
+    nothing is left and an old `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -66,6 +66,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:

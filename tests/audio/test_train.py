@@ -121,6 +121,20 @@ def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsy
     assert printed[-1].startswith("summary: audio 12.00 s, real-time factor")
 
 
+def test_empty_heldout_folder_fails_before_training(tiny_synth, tmp_path, capsys):
+    cache, _ = tiny_synth
+    empty = tmp_path / "heldout"            # the Speech Commands layout, without a clip
+    (empty / "yes").mkdir(parents=True)
+    for f in ("validation_list.txt", "testing_list.txt"):
+        (empty / f).write_text("")
+    out = tmp_path / "run"
+    assert run(train.main, train.AudioTrainConfig,
+               ["--synth-size", "tiny", "--synth-cache", str(cache), "--output-dir", str(out), "--max-steps", "2",
+                "--accelerator", "cpu", "--heldout", f"[{empty}]"], prog="audio.train") == 2
+    assert f"--heldout {empty}: no clips" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()          # no training ran
+
+
 def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
     out = tmp_path / "run"
     assert run(train.main, train.AudioTrainConfig,
