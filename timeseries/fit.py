@@ -207,11 +207,21 @@ def settings_line(chosen: autofit.Fitted) -> str:
             f"{c.model.n_layer}, patch {o.patch_len}, loss {o.loss}, lr {lr:g} (validation MSE {chosen.val_mse:.4f})")
 
 
+def chosen_label(metrics: dict) -> str:
+    """The chosen model's row name: what it computes, not only its class (the default recipe's Mamba
+    forecaster without a correction is its closed-form linear map, or repeat-last)."""
+    kind = metrics["model"]["options"]["kind"]
+    sel = metrics.get("selection", {})
+    if kind == "mamba" and sel.get("chosen", {}).get("correction") is False and "linear" in sel:
+        return "ours: repeat-last" if sel["linear"].get("repeat_last") else "ours: linear map"
+    return f"ours: {kind}"
+
+
 def summary_table(metrics: dict) -> str:
-    rows = [(metrics["model"]["options"]["kind"], metrics)] + list(metrics.get("baselines", {}).items())
-    lines = [f"{'model':<16}{'test_mse':>10}{'test_mae':>10}{'mse (orig)':>14}{'mae (orig)':>12}"]
+    rows = [(chosen_label(metrics), metrics)] + list(metrics.get("baselines", {}).items())
+    lines = [f"{'model':<18}{'test_mse':>10}{'test_mae':>10}{'mse (orig)':>14}{'mae (orig)':>12}"]
     for name, m in rows:
-        lines.append(f"{name:<16}{m['test_mse']:>10.4f}{m['test_mae']:>10.4f}{m['test_mse_original']:>14.4g}"
+        lines.append(f"{name:<18}{m['test_mse']:>10.4f}{m['test_mae']:>10.4f}{m['test_mse_original']:>14.4g}"
                      f"{m['test_mae_original']:>12.4g}")
     return "\n".join(lines)
 

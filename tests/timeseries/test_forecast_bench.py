@@ -109,3 +109,18 @@ def test_lookback_ensemble_diagnostic_refits_the_folds_as_the_recipe_does(tmp_pa
     assert row["chosen"]["lookback"] in [m["lookback"] for m in row["members"]]
     assert {"folds_prefer_it", "clearly_better_than_repeat_last", "test_mse"} <= set(row["ensemble all"])
     assert (tmp_path / "e.jsonl").read_text().count("\n") == 1
+
+
+def test_fit_summary_names_what_the_chosen_model_computes():
+    """A Mamba forecaster whose correction was not kept is its linear map (or repeat-last): the table says so."""
+    from timeseries.fit import summary_table
+    row = {"test_mse": 0.1, "test_mae": 0.2, "test_mse_original": 1.0, "test_mae_original": 2.0}
+    metrics = {**row, "model": {"options": {"kind": "mamba"}}, "baselines": {"dlinear": row},
+               "selection": {"chosen": {"correction": False}, "linear": {"repeat_last": True}}}
+    assert summary_table(metrics).splitlines()[1].startswith("ours: repeat-last")
+    metrics["selection"]["linear"]["repeat_last"] = False
+    assert summary_table(metrics).splitlines()[1].startswith("ours: linear map")
+    metrics["selection"]["chosen"]["correction"] = True
+    assert summary_table(metrics).splitlines()[1].startswith("ours: mamba")
+    del metrics["selection"]
+    assert summary_table(metrics).splitlines()[1].startswith("ours: mamba")     # flags fixed every setting
