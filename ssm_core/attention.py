@@ -2,8 +2,8 @@
 Mamba layers, for recall and in-context tasks). Parameter names as mamba_ssm's MHA (`in_proj`, `out_proj`).
 
 Attention goes through `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels
-on GPU). Positions: rotary embeddings (RoPE) by default; a hybrid can set `rotary=False` and rely on the
-Mamba layers for order, as Jamba does.
+on GPU; `attend` pads head_dim so that they apply). Positions: rotary embeddings (RoPE) by default; a hybrid
+can set `rotary=False` and rely on the Mamba layers for order, as Jamba does.
 
 Streaming keeps a KV cache. Its memory is what makes attention different from the SSM mixers, whose state is
 a constant size: per attention layer the cache holds keys and values for every past token,
@@ -27,6 +27,24 @@ from .model import MambaConfig, register_mixer
 
 # Most score elements one masked attention call of `stream` may materialise (2^28: 1 GiB in float32).
 STREAM_SCORES = 1 << 28
+# SDPA's flash and memory-efficient kernels need head_dim to be a multiple of 8 (16 bytes in half precision);
+# for any other head_dim PyTorch falls back to its math kernel, which materialises every (query, key) score:
+# a one-head d_model 78 layer at batch 64 x 8192 tokens asked for 16 GiB at once. `attend` pads to it.
+SDPA_HEAD_MULTIPLE = 8
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+           is_causal: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention(q, k, v) with head_dim padded by zero columns to SDPA_HEAD_MULTIPLE, so
+    that the memory-efficient kernels apply: zero columns change no score and give zero output columns (cut
+    off), and the scale stays 1/sqrt(the true head_dim). Exact."""
+    d = q.shape[-1]
+    pad = -d % SDPA_HEAD_MULTIPLE
+    if pad == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=d ** -0.5)[..., :d]
 
 
 @dataclass
@@ -94,10 +112,10 @@ class Attention(nn.Module):
         L = x.shape[1]
         q, k, v = self._qkv(x, 0)
         if self.window is None or self.window >= L:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = attend(q, k, v, is_causal=True)
         else:
             pos = torch.arange(L, device=x.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(pos, pos))
+            o = attend(q, k, v, attn_mask=self._mask(pos, pos))
         return self.out_proj(o.transpose(1, 2).reshape(x.shape[0], L, -1))
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
@@ -122,14 +140,13 @@ class Attention(nn.Module):
         k_pos = torch.arange(state.pos + T - S, state.pos + T, device=x.device)
         kq, vq = k.to(q.dtype), v.to(q.dtype)
         if T == 1 and (self.window is None or S <= self.window):
-            o = F.scaled_dot_product_attention(q, kq, vq)
+            o = attend(q, kq, vq)
         else:
             # A masked SDPA materialises the (b, heads, queries, keys) scores and the mask: with a long cache
             # (an induction stream at 2^20 tokens, chunks of 8192) that is tens of GiB at once. The chunk's
             # queries are independent of each other, so they go in blocks that keep it under STREAM_SCORES.
             block = max(1, STREAM_SCORES // (b * self.num_heads * S))
-            o = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + block], kq, vq,
-                                                          attn_mask=self._mask(q_pos[i:i + block], k_pos))
+            o = torch.cat([attend(q[:, :, i:i + block], kq, vq, attn_mask=self._mask(q_pos[i:i + block], k_pos))
                            for i in range(0, T, block)], dim=2)
         if self.window is not None and S > self.window:
             k, v = k[:, :, S - self.window:], v[:, :, S - self.window:]

@@ -109,6 +109,28 @@ def test_attention_matches_explicit_softmax_with_window():
     torch.testing.assert_close(m(x), m.out_proj(o))
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_pads_head_dim_for_the_memory_efficient_kernels(monkeypatch, window):
+    """head_dim 5 goes to SDPA as 8 (else CUDA falls back to materialising every score); the result is the
+    explicit softmax of the unpadded heads, scaled by 1/sqrt(5), offline and streamed."""
+    from ssm_core import attention
+    torch.manual_seed(0)
+    m = Attention(10, num_heads=2, window=window, rotary=False).double()
+    x = torch.randn(2, 11, 10, dtype=torch.float64)
+    q, k, v = m.in_proj(x).view(2, 11, 3, 2, 5).permute(2, 0, 3, 1, 4)
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    keep = (j <= i) & ((i - j < window) if window else True)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(5)).masked_fill(~keep, -math.inf)
+    expected = m.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 11, 10))
+    sdpa, head_dims = attention.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: head_dims.append(q.shape[-1]) or sdpa(q, *a, **kw))
+    torch.testing.assert_close(m(x), expected, rtol=1e-12, atol=1e-12)
+    streamed, _ = stream_in_chunks(m, x, [4, 1, 6])
+    torch.testing.assert_close(streamed, expected, rtol=1e-12, atol=1e-12)
+    assert head_dims and set(head_dims) == {8}
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_attention_stream_in_query_blocks_equals_one_call(monkeypatch, window):
     """A chunk's queries go through SDPA in blocks when the score matrix would be large (a long cache):
