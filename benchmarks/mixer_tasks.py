@@ -191,13 +191,21 @@ def main(cfg: GridConfig) -> dict:
                 labels.append(label)
     import contextlib
     import multiprocessing as mp
-    results, unfinished = [], []
+    results, unfinished, failed = [], [], []
     # One worker: the runs one after the other in this process (no process start-up).
     with (ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) if cfg.workers > 1
           else contextlib.nullcontext()) as pool:
-        outcomes = (pool.map if pool is not None else map)(_run, [dict(j) for j in jobs])
-        for label, job, r in zip(labels, jobs, outcomes):   # in order
+        futures = [pool.submit(_run, dict(j)) for j in jobs] if pool is not None else None
+        for i, (label, job) in enumerate(zip(labels, jobs)):   # in order
             lr, seed = job["lr"], job["seed"]
+            # One run's failure (CUDA out of memory, say) is reported with the others' results, not instead of
+            # them: the grid still writes its JSON and tables, then exits with an error naming the failed runs.
+            try:
+                r = futures[i].result() if futures is not None else _run(dict(job))
+            except Exception as exc:  # noqa: BLE001 (re-raised below, after the results are written)
+                failed.append({"label": label, "lr": lr, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
+                print(f"{label:22s} lr {lr:.0e} seed {seed}: failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
             if not r["complete"]:
                 unfinished.append({"label": label, "lr": lr, "seed": seed, "step": r["step"]})
                 print(f"{label:22s} lr {lr:.0e} seed {seed}: unfinished at step {r['step']} of {cfg.steps}",
@@ -207,12 +215,22 @@ def main(cfg: GridConfig) -> dict:
             results.append(r)
             print(f"{label:22s} lr {lr:.0e} seed {seed}: accuracy {r['accuracy']:.3f} "
                   f"(exact {r['exact_match']:.3f}) params {r['params']} {r['train_seconds']} s", flush=True)
-    write_json_atomic(out / "mixer_tasks.json", {"grid": vars(cfg), "runs": results, "unfinished": unfinished})
+    write_json_atomic(out / "mixer_tasks.json", {"grid": vars(cfg), "runs": results, "unfinished": unfinished,
+                                                 "failed": failed})
     if unfinished:
         print(f"\n{len(unfinished)} of {len(jobs)} runs unfinished: run the same command again to continue them")
-    if not results:
-        return {"runs": results, "unfinished": unfinished}
+    if results:
+        report_results(cfg, grid, results, out)
+    if failed:
+        f = failed[0]
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} runs failed (results of the others are in "
+                           f"{out / 'mixer_tasks.json'}); first: {f['label']} lr {f['lr']:g} seed {f['seed']}: "
+                           f"{f['error']}")
+    return {"runs": results, "unfinished": unfinished}
 
+
+def report_results(cfg: GridConfig, grid: list, results: list[dict], out: Path) -> None:
+    """The markdown tables and the two PNGs of the finished runs."""
     print(f"\n{cfg.task}, {cfg.seq_len} positions, {cfg.n_memorize} tokens of {cfg.n_tokens}, {cfg.steps} steps "
           f"(chance {1 / cfg.n_tokens:.3f})\n")
     print("| mixer | params | lr | accuracy per seed | mean over seeds | best (exact match) |")
@@ -241,7 +259,6 @@ def main(cfg: GridConfig) -> dict:
             print(f"| {label} ({mode}) | " + " | ".join(f"{row[n]:.3f}" if n in row else "–" for n in lengths) + " |")
         plot_lengths(table, cfg.seq_len, chance, f"{cfg.task}: trained at {cfg.seq_len}, tested at other lengths",
                      out / "mixer_tasks_lengths.png")
-    return {"runs": results, "unfinished": unfinished}
 
 
 if __name__ == "__main__":

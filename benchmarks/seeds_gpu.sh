@@ -27,7 +27,7 @@ left() { awk "BEGIN{l = int($BUDGET * $T) - $SECONDS; c = int($1 * $T) + 1; prin
 m() { awk "BEGIN{print $1 * $T}"; }
 # timeout signals its whole process group, so a grid's worker processes stop with it.
 grid() { local secs=$1; shift; timeout "$secs" $PY -m benchmarks.mixer_tasks "$@" $X; }
-finished() { $PY -c "import json,sys; sys.exit(bool(json.load(open('$1/mixer_tasks.json'))['unfinished']))" 2>/dev/null; }
+finished() { $PY -c "import json,sys; d = json.load(open('$1/mixer_tasks.json')); sys.exit(bool(d['unfinished'] or d.get('failed')))" 2>/dev/null; }
 
 # Minutes of training for a grid granted $1 seconds, keeping $2 seconds (scaled) for start-up and evaluation.
 tl() { awk "BEGIN{print ($1 - $2 * $T) / 60}"; }

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ssm_core import Mamba, MambaConfig, MambaLM
@@ -198,6 +199,28 @@ def test_grid_stopped_by_its_time_limit_is_finished_by_the_same_command(tmp_path
     stage2 = grid(GridConfig(**{**argv, "seq_len": 24, "out_dir": str(tmp_path / "grid2")},
                              init_from_grid=str(tmp_path / "grid")))
     assert stage2["runs"][0]["config"]["init_from"].endswith("mamba-lr0.01-s0/checkpoints/last.ckpt")
+
+
+def test_a_failed_run_does_not_lose_the_grids_other_results(tmp_path, monkeypatch):
+    """One run failing (the H100 grid: CUDA out of memory in one evaluation) still writes the others'
+    results, lists the failure, and then ends the command with an error naming it."""
+    from benchmarks import mixer_tasks
+    real = mixer_tasks._run
+
+    def oom_for_mamba2(kwargs):
+        if kwargs["model"]["mixer"] == "mamba2":
+            raise MemoryError("CUDA out of memory")
+        return real(kwargs)
+    monkeypatch.setattr(mixer_tasks, "_run", oom_for_mamba2)
+    cfg = mixer_tasks.GridConfig(seq_len=12, n_memorize=2, n_tokens=4, steps=2, batch_size=4, lrs=[0.01], seeds=[0],
+                                 mixers=["Mamba-2", "Mamba"], eval_examples=8, device="cpu", workers=1,
+                                 out_dir=str(tmp_path / "grid"))
+    with pytest.raises(RuntimeError, match="1 of 2 runs failed.*Mamba-2 lr 0.01 seed 0: MemoryError"):
+        mixer_tasks.main(cfg)
+    saved = json.loads((tmp_path / "grid/mixer_tasks.json").read_text())
+    assert [r["label"] for r in saved["runs"]] == ["Mamba"] and saved["runs"][0]["step"] == 2
+    assert [f["label"] for f in saved["failed"]] == ["Mamba-2"]
+    assert (tmp_path / "grid/mixer_tasks.png").is_file()
 
 
 def test_sigterm_saves_the_checkpoint_and_the_run_resumes(tmp_path, monkeypatch):
