@@ -22,7 +22,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +62,9 @@ class GridConfig:
     n_layer: int = 2
     d_state: int = 16
     warmup_steps: int = field(default=0, metadata={"help": "0: a twentieth of --steps"})
+    mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "MambaConfig.mixer_options of every model, e.g. '{mamba: {dt_min: 1e-5}}' (a mixer's keyword "
+                "arguments)"})
     eval_examples: int = 1024
     eval_lengths: list[int] = field(default_factory=list, metadata={
         "help": "also evaluate every run at these lengths (see ssm_core.tasks)"})
@@ -86,6 +89,15 @@ class GridConfig:
                 raise ValueError(f"--mixers / --seeds-for: unknown label {m!r}; known: {', '.join(known)}")
         if self.workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+        if self.mixer_options:   # a wrong option name is one error now, not a failure of every run later
+            from ssm_core import MambaConfig, MambaLM
+            for label, spec, sel, d in MIXER_GRID:
+                if label in self.mixers:
+                    try:
+                        MambaLM(MambaConfig(mixer=spec, selective=sel, d_model=d, n_layer=self.n_layer,
+                                            d_state=self.d_state, vocab_size=4, mixer_options=self.mixer_options))
+                    except (TypeError, ValueError) as exc:
+                        raise ValueError(f"--mixer-options {self.mixer_options}: {label}: {exc}") from None
         if self.init_from_grid is not None and not (Path(self.init_from_grid) / "runs").is_dir():
             raise ValueError(f"--init-from-grid {self.init_from_grid}: not the --out-dir of a grid (no runs/ in it)")
 
@@ -177,7 +189,7 @@ def main(cfg: GridConfig) -> dict:
         for lr in cfg.lrs:
             for seed in cfg.seeds_for.get(label, cfg.seeds):
                 jobs.append(dict(task=cfg.task, model=dict(mixer=spec, selective=sel, d_model=d, n_layer=cfg.n_layer,
-                                                           d_state=cfg.d_state),
+                                                           d_state=cfg.d_state, mixer_options=cfg.mixer_options),
                                  seq_len=cfg.seq_len, n_memorize=cfg.n_memorize, n_tokens=cfg.n_tokens,
                                  steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=cfg.warmup_steps,
                                  seed=seed, device=cfg.device, eval_examples=cfg.eval_examples,

@@ -246,3 +246,36 @@ def test_sigterm_saves_the_checkpoint_and_the_run_resumes(tmp_path, monkeypatch)
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["step"] == 3
     monkeypatch.setitem(tasks.BATCHES, "selective-copy", real)
     assert tasks.train(_tiny(tmp_path, resume=True))["step"] == 6
+
+
+def test_memory_horizon_time_constants_and_report(tmp_path):
+    """With Delta's input weights zeroed, Delta is softplus(dt bias) on every token, so each state's time
+    constant is 1 / (exp(A_log) * softplus(bias)) exactly; the report reads a finished run of the task CLI."""
+    from benchmarks import memory_horizon
+    from ssm_core.tasks import main as task_main
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4)
+    with torch.no_grad():
+        m.dt_proj.weight.zero_()
+    h, filler = torch.randn(2, 10, 16), torch.rand(2, 10) > 0.3
+    expected = 1 / (m.A_log.exp() * torch.nn.functional.softplus(m.dt_proj.bias)[:, None])
+    torch.testing.assert_close(memory_horizon.layer_time_constants(m, h, filler), expected.detach())
+
+    task_main(_tiny(tmp_path / "run", task="induction", steps=2))
+    out = memory_horizon.main(memory_horizon.HorizonConfig(run=str(tmp_path / "run"), length=32, examples=2))
+    assert [r["layer"] for r in out["layers"]] == [0, 1]
+    assert all(r["slowest_tau_tokens"][0] >= r["median_tau_tokens"] > 0 for r in out["layers"])
+    assert json.loads((tmp_path / "run/memory_horizon.json").read_text())["layers"][1]["slowest_keeps"]["2^20"] >= 0
+    with pytest.raises(memory_horizon.UserError, match="metrics.json is missing"):
+        memory_horizon.main(memory_horizon.HorizonConfig(run=str(tmp_path / "nothing")))
+
+
+def test_grid_mixer_options_reach_every_model_and_a_wrong_name_is_one_error(tmp_path):
+    from benchmarks.mixer_tasks import GridConfig
+    from benchmarks.mixer_tasks import main as grid
+    with pytest.raises(ValueError, match="--mixer-options.*Mamba: .*dt_mn"):
+        GridConfig(mixers=["Mamba"], mixer_options={"mamba": {"dt_mn": 1e-5}})
+    out = grid(GridConfig(task="induction", seq_len=12, n_tokens=4, steps=1, batch_size=4, lrs=[0.01], seeds=[0],
+                          mixers=["Mamba"], eval_examples=8, device="cpu", workers=1, out_dir=str(tmp_path / "g"),
+                          mixer_options={"mamba": {"dt_min": 1e-5, "dt_init_floor": 1e-6}}))
+    assert out["runs"][0]["config"]["model"]["mixer_options"] == {"mamba": {"dt_min": 1e-5, "dt_init_floor": 1e-6}}
