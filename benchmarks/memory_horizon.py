@@ -59,11 +59,7 @@ def layer_time_constants(mixer, h, filler):
     """(d_inner, d_state) time constants of one Mamba mixer whose input (after the block's norm) is
     h (batch, L, d_model), over the tokens where `filler` (batch, L) is True."""
     import torch.nn.functional as F
-
-    from ssm_core.ops import causal_conv1d
-    u, _ = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)
-    u = causal_conv1d(u, mixer._conv_weight(), mixer.conv1d.bias, activation="silu")
-    delta, _, _ = mixer._ssm_inputs(u)
+    _, _, delta, _, _ = mixer.scan_inputs(h)
     delta = F.softplus(delta + mixer.dt_proj.bias[None, :, None].to(delta.dtype))      # (b, d_inner, L)
     w = filler[:, None, :].to(delta.dtype)
     mean_delta = (delta * w).sum((0, 2)) / w.sum()
@@ -74,14 +70,15 @@ def main(cfg: HorizonConfig) -> dict:
     import torch
 
     from ssm_core import Mamba, MambaConfig, MambaLM
-    from ssm_core.tasks import BATCHES, FIRST_DATA, TaskConfig
+    from ssm_core.tasks import BATCHES, TaskConfig
     run = Path(cfg.run)
     metrics, ckpt = run / "metrics.json", run / "checkpoints" / "last.ckpt"
     for f in (metrics, ckpt):
         if not f.is_file():
             raise UserError(f"--run {run}: {f.name} is missing (not a finished ssm_core.tasks run)")
-    saved = json.loads(metrics.read_text())["config"]
-    model_cfg = MambaConfig(**saved["model"], vocab_size=FIRST_DATA + saved["n_tokens"])
+    saved = json.loads(metrics.read_text())["config"]     # as config_dict wrote it: derived fields left out
+    model_cfg = MambaConfig.from_dict({**saved["model"], **{k.removeprefix("model."): v for k, v in
+                                                           TaskConfig.derive(saved).items()}})
     task = TaskConfig(**{k: v for k, v in saved.items() if k not in ("model", "optim", "device")},
                       model=model_cfg, device="cpu")
     model = MambaLM(model_cfg)

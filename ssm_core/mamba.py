@@ -113,16 +113,20 @@ class Mamba(nn.Module):
             raise ValueError(f"{name}: sequence length must be >= 1")
 
     # --- full sequence --------------------------------------------------------------------------------
+    def scan_inputs(self, x: torch.Tensor):
+        """x (batch, L, d_model) -> (u, z, delta before bias, B, C): what the scan of a whole sequence starting
+        from a zero state takes (u and z (batch, d_inner, L)); the unfused path, and for reading Delta."""
+        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)         # (b, d_inner, L) each
+        u = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, activation="silu")
+        return (u, z, *self._ssm_inputs(u))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, L, d_model) -> (batch, L, d_model)."""
         self._check_input(x)
         if self.selective:
             return self._fused(x)
         A = -torch.exp(self.A_log.float())
-        xz = self.in_proj(x).transpose(1, 2)                           # (b, 2*d_inner, L)
-        u, z = xz.chunk(2, dim=1)
-        u = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, activation="silu")
-        delta, B, C = self._ssm_inputs(u)
+        u, z, delta, B, C = self.scan_inputs(x)
         y = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                            delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
