@@ -11,12 +11,14 @@
     python -m ssm_core.tasks selective-copy --model.selective false   # the LTI ablation
     python -m ssm_core.tasks induction --model.mixer mamba2 --output-dir runs/induction
     python -m ssm_core.tasks induction --output-dir runs/ih --eval-lengths 256 4096 1048576 --eval-mode stream
+    python -m ssm_core.tasks induction --init-from runs/ih/checkpoints/last.ckpt --initial-state passed --steps 500
 
 With --output-dir a run keeps checkpoints/last.ckpt (every --checkpoint-every steps, at --time-limit and on
 Ctrl-C) and `--resume` continues it exactly (model, optimiser, schedule, data stream). --time-limit stops a
 long training in time to be continued by the next command. --eval-lengths evaluates an induction model at
 other lengths than it was trained at, over the whole sequence at once (`fused`) or chunk by chunk with the
 recurrent state carried over (`stream`: memory bounded by --stream-chunk whatever the length).
+--initial-state passed trains every batch from the previous batch's final state (state passing).
 
 Token ids: 0 blank, 1 marker/trigger, 2.. data tokens.
 """
@@ -79,6 +81,10 @@ class TaskConfig:
     stream_chunk: int = field(default=65536, metadata={"help": "tokens per chunk of --eval-mode stream"})
     eval_tokens_per_batch: int = field(default=1 << 20, metadata={
         "help": "--eval-lengths: at most this many tokens per batch (bounds fused mode's memory at long lengths)"})
+    initial_state: Literal["zero", "passed"] = field(default="zero", metadata={
+        "help": "the state each training sequence starts from: zero, or passed (the final state of the previous "
+                "batch's sequence in the same row, detached: state passing, Buitrago Ruiz & Gu 2025, which shows "
+                "the model the states that long sequences reach; recurrent mixers only)"})
     progress: bool = True
 
     DERIVED = {"model.vocab_size": "--n-tokens", "model.d_input": "token input",
@@ -104,6 +110,9 @@ class TaskConfig:
             raise ValueError(f"--init-from {self.init_from}: no such checkpoint file")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"--time-limit: must be > 0 minutes, got {self.time_limit}")
+        if self.initial_state == "passed" and "attention" in self.model.layer_mixers():
+            raise ValueError("--initial-state passed: needs recurrent mixers only (an attention layer's cache "
+                             "would grow with every batch)")
         if (self.resume or self.time_limit is not None) and not self.output_dir:
             raise ValueError("--resume and --time-limit need --output-dir (where the checkpoint is kept)")
         if self.model.vocab_size != self.vocab_size:
@@ -245,10 +254,25 @@ def _check_resumable(saved: dict, cfg: TaskConfig, path: Path) -> None:
                         "(repeat the options of the run that wrote it, or start anew with --overwrite)")
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, step: int, loss_ema, elapsed: float, cfg) -> None:
+def _state_tensors(state: list) -> list[dict]:
+    """The tensors of a model's recurrent state (one dataclass per layer), e.g. to save them."""
+    return [{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if isinstance(getattr(s, f.name), torch.Tensor)}
+            for s in state]
+
+
+def _detached(state: list) -> list:
+    """The state cut from the graph that computed it, as copies: `stream` writes into its state in place, and
+    the next step must neither backpropagate into this one nor overwrite what this one's graph saved."""
+    return [dataclasses.replace(s, **{k: v.detach().clone() for k, v in t.items()})
+            for s, t in zip(state, _state_tensors(state))]
+
+
+def _save_checkpoint(path: Path, model, opt, sched, gen, step: int, loss_ema, elapsed: float, cfg,
+                     carried: list | None) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "step": step, "loss_ema": loss_ema, "elapsed": elapsed,
+                    "carried_state": None if carried is None else _state_tensors(carried),
                     "options": _training_options(cfg)}, tmp)
 
 
@@ -266,6 +290,7 @@ def train(cfg: TaskConfig) -> dict:
     model = build_model(cfg).to(cfg.device)
     opt, sched, _ = make_optimizer(model, cfg.optim, cfg.steps, cfg.optim.warmup_steps or max(1, cfg.steps // 20))
     step, loss_ema, elapsed = 0, None, 0.0
+    carried = None   # --initial-state passed: the state the next batch starts from
     if cfg.resume:
         if not ckpt.is_file():
             raise UserError(f"--resume: {ckpt} does not exist (the earlier run saved no checkpoint)")
@@ -276,6 +301,9 @@ def train(cfg: TaskConfig) -> dict:
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         step, loss_ema, elapsed = state["step"], state["loss_ema"], state["elapsed"]
+        if state.get("carried_state") is not None:
+            carried = [dataclasses.replace(s, **t) for s, t in
+                       zip(model.init_state(cfg.batch_size, device=cfg.device), state["carried_state"])]
     elif cfg.init_from:
         try:
             model.load_state_dict(torch.load(cfg.init_from, map_location=cfg.device, weights_only=True)["model"])
@@ -292,7 +320,8 @@ def train(cfg: TaskConfig) -> dict:
 
     def save():
         if ckpt is not None:
-            _save_checkpoint(ckpt, model, opt, sched, gen, step, loss_ema, elapsed + time.perf_counter() - t0, cfg)
+            _save_checkpoint(ckpt, model, opt, sched, gen, step, loss_ema, elapsed + time.perf_counter() - t0, cfg,
+                             carried)
 
     # SIGTERM (a scheduler's stop) ends the run at the next step boundary with its checkpoint saved, and
     # exits 143 through the same path as the Lightning trainings (ssm_core.errors).
@@ -307,7 +336,14 @@ def train(cfg: TaskConfig) -> dict:
                 from lightning.pytorch.utilities.exceptions import SIGTERMException
                 raise SIGTERMException(128 + signal.SIGTERM)
             x, y = (t.to(cfg.device) for t in BATCHES[cfg.task](cfg, cfg.batch_size, gen))
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            if cfg.initial_state == "passed":
+                if carried is None:
+                    carried = model.init_state(cfg.batch_size, device=cfg.device)
+                logits, carried = model.stream(x, carried)
+                carried = _detached(carried)
+            else:
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:

@@ -104,19 +104,42 @@ def _tiny(tmp_path, **kw):
     return TaskConfig(**base)
 
 
-def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("initial_state", ["zero", "passed"])
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(tmp_path, initial_state):
     from ssm_core.tasks import train
-    straight = train(_tiny(tmp_path / "straight"))
-    # A time limit this short stops after every step; each --resume continues from the checkpoint.
-    parts = [train(_tiny(tmp_path / "parts", time_limit=1e-6))]
+    straight = train(_tiny(tmp_path / "straight", initial_state=initial_state))
+    # A time limit this short stops after every step; each --resume continues from the checkpoint (with
+    # --initial-state passed, from the carried state too).
+    parts = [train(_tiny(tmp_path / "parts", time_limit=1e-6, initial_state=initial_state))]
     while not parts[-1]["complete"]:
         assert parts[-1]["step"] == len(parts)
-        parts.append(train(_tiny(tmp_path / "parts", time_limit=1e-6, resume=True)))
+        parts.append(train(_tiny(tmp_path / "parts", time_limit=1e-6, resume=True, initial_state=initial_state)))
     assert len(parts) == 6
     assert parts[-1]["accuracy"] == straight["accuracy"] and parts[-1]["final_train_loss"] == straight["final_train_loss"]
     a = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)["model"]
     b = torch.load(tmp_path / "parts/checkpoints/last.ckpt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_passing_starts_each_batch_from_the_previous_batchs_final_state(tmp_path):
+    from ssm_core.tasks import build_model, train
+    cfg = _tiny(tmp_path / "run", steps=1, checkpoint_every=1, initial_state="passed", model=MambaConfig(
+        d_model=16, n_layer=2, vocab_size=6, mixer=["mamba", "mamba2"], mixer_options={"mamba2": {"headdim": 8}}))
+    train(cfg)
+    carried = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["carried_state"]
+    # The first batch from a zero state, through the weights as initialised (the step updates them after).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    x, _ = selective_copy_batch(cfg, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        _, want = model.stream(x, model.init_state(cfg.batch_size))
+    assert [sorted(t) for t in carried] == [["conv", "ssm"], ["conv", "ssm"]]
+    for got, w in zip(carried, want):
+        assert torch.allclose(got["ssm"], w.ssm, atol=1e-6) and torch.allclose(got["conv"], w.conv, atol=1e-6)
+        assert w.ssm.abs().max() > 0
+    with pytest.raises(ValueError, match="--initial-state passed.*attention"):
+        _tiny(tmp_path / "att", initial_state="passed", model=MambaConfig(
+            d_model=16, n_layer=2, vocab_size=6, mixer=["mamba", "attention"]))
 
 
 def test_resume_refuses_other_training_options_and_a_run_without_checkpoint(tmp_path):
