@@ -35,6 +35,18 @@ tl() { awk "BEGIN{print ($1 - $2 * $T) / 60}"; }
 copy_and_induction() {
   # The two 256-length grids share the GPU (small models: each process is CPU-bound, 16 cores).
   local a b
+  if finished "$S/copy256"; then
+    # Stage one is done (an earlier command): stage two at 4096 and the induction grid share the GPU and
+    # the whole budget but the DNA sweep's share.
+    a=$(left 480)
+    if [ "$a" -lt "$(t 60)" ]; then return; fi
+    grid "$a" --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(tl "$a" 100)" \
+        > "$S/induction.log" 2>&1 &
+    grid "$a" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
+        --time-limit "$(tl "$a" 40)" > "$S/copy4096.log" 2>&1 &
+    wait
+    return
+  fi
   a=$(left 240)
   if [ "$a" -lt "$(t 60)" ]; then return; fi
   grid "$a" --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(tl "$a" 48)" \

@@ -248,6 +248,8 @@ def _training_options(cfg: TaskConfig) -> dict:
 
 def _check_resumable(saved: dict, cfg: TaskConfig, path: Path) -> None:
     now = _training_options(cfg)
+    # An option added after the checkpoint was written counts as given its default there.
+    saved = {**_training_options(TaskConfig()), **saved}
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         raise UserError(f"--resume: {path} was written with other {', '.join('--' + k for k in differ)} "
@@ -299,7 +301,7 @@ def train(cfg: TaskConfig) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())   # map_location moved it to --device
         step, loss_ema, elapsed = state["step"], state["loss_ema"], state["elapsed"]
         if state.get("carried_state") is not None:
             carried = [dataclasses.replace(s, **t) for s, t in

@@ -142,6 +142,36 @@ def test_state_passing_starts_each_batch_from_the_previous_batchs_final_state(tm
             d_model=16, n_layer=2, vocab_size=6, mixer=["mamba", "attention"]))
 
 
+def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
+    # A checkpoint's options lack those added later: they count as their defaults (a grid's runs resumed
+    # across an upgrade).
+    from ssm_core.tasks import train
+    train(_tiny(tmp_path / "run", steps=2))
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["options"]["initial_state"], state["carried_state"]
+    torch.save(state, ckpt)
+    assert train(_tiny(tmp_path / "run", steps=4, resume=True))["step"] == 4
+    with pytest.raises(Exception, match="--initial_state"):
+        train(_tiny(tmp_path / "run", steps=6, resume=True, initial_state="passed"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+@pytest.mark.parametrize("initial_state", ["zero", "passed"])
+def test_a_cuda_run_resumes_to_the_uninterrupted_result(tmp_path, initial_state):
+    # On CUDA the checkpoint is loaded onto the device, the data generator's state included (it must go back
+    # to the CPU), and the carried state too.
+    from ssm_core.tasks import train
+    straight = train(_tiny(tmp_path / "straight", device="cuda", initial_state=initial_state))
+    parts = [train(_tiny(tmp_path / "parts", device="cuda", time_limit=1e-6, initial_state=initial_state))]
+    while not parts[-1]["complete"]:
+        parts.append(train(_tiny(tmp_path / "parts", device="cuda", time_limit=1e-6, resume=True,
+                                 initial_state=initial_state)))
+    assert len(parts) == 6
+    assert parts[-1]["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+
+
 def test_resume_refuses_other_training_options_and_a_run_without_checkpoint(tmp_path):
     import pytest
 
