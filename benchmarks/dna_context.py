@@ -62,12 +62,52 @@ def genome(cfg: ContextSweepConfig) -> tuple[Path, dict]:
     return fasta, json.loads(fasta.with_name("demo.entropy.json").read_text())
 
 
+KINDS = ("background", "copy, source in view", "copy, source out of view")
+
+
+def bits_by_kind(model_dir: Path, notes, contig: str, C: int, max_bases: int, device: str) -> dict:
+    """Held-out bits per base of a run's model split by what the generator put there: background bases,
+    copied bases whose source lies inside the window (a model that copies predicts them at the generator's
+    substitution entropy), and copied bases whose source is out of view. Windows of C bases from the contig's
+    start, scored as validation scores them (offset t sees t bases back); `notes` is the genome's
+    demo.copies.npz."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from genomics.tokenizer import BASES
+    from ssm_core.model import from_pretrained
+    model = from_pretrained(model_dir, map_location=device).eval()
+    ids = torch.tensor(BASES)[torch.from_numpy(notes[f"{contig}/bases"].astype(np.int64))]
+    dist, ent, bg = (notes[f"{contig}/{k}"] for k in ("copy_distance", "entropy", "background_entropy"))
+    sums = np.zeros((len(KINDS), 3))          # per kind: bases, the model's bits, the generator's best bits
+    offset = np.arange(1, C)
+    with torch.no_grad():
+        for s in range(0, max(1, min(len(ids), max_bases) // C) * C, C):
+            x = ids[s:s + C][None].to(device)
+            logp = torch.log_softmax(model(x)[0, :-1].float(), -1)
+            bits = (-logp.gather(-1, x[0, 1:, None])[:, 0] / math.log(2)).cpu().numpy()
+            d = dist[s + 1:s + C]
+            kind = np.where(d == 0, 0, np.where(d <= offset, 1, 2))
+            best = np.where(kind == 1, ent[s + 1:s + C], bg[s + 1:s + C])
+            for k in range(len(KINDS)):
+                m = kind == k
+                sums[k] += (m.sum(), bits[m].sum(), best[m].sum())
+    return {label: {"bases": int(n), "model_bits": b / n if n else None, "generator_best_bits": g / n if n else None}
+            for label, (n, b, g) in zip(KINDS, sums)}
+
+
 def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
     from genomics.pretrain import PretrainConfig
     from genomics.pretrain import main as pretrain
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        if "bits_by_kind" not in metrics:        # a run finished before the breakdown existed
+            metrics["bits_by_kind"] = breakdown(cfg, fasta, out, C)
+            write_json_atomic(out / "metrics.json", metrics)
+        return metrics
     resume = any(out.glob("**/last.ckpt"))
     batch = cfg.tokens_per_step // C
     val_batches = cfg.val_batches or max(1, cfg.val_tokens // cfg.tokens_per_step)
@@ -82,8 +122,19 @@ def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
     t0 = time.perf_counter()
     metrics = pretrain(pcfg)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    metrics["bits_by_kind"] = breakdown(cfg, fasta, out, C)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def breakdown(cfg: ContextSweepConfig, fasta: Path, out: Path, C: int) -> dict:
+    import numpy as np
+    import torch
+
+    from genomics.demo import LONG_RANGE_ANNOTATION
+    device = "cuda" if cfg.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
+    with np.load(fasta.with_name(LONG_RANGE_ANNOTATION)) as notes:
+        return bits_by_kind(out / "model", notes, "chr20", C, cfg.val_tokens, device)
 
 
 def main(cfg: ContextSweepConfig) -> dict:
@@ -95,7 +146,8 @@ def main(cfg: ContextSweepConfig) -> dict:
                      "generator_best_in_windows": ent["bits_per_base_in_windows"]["chr20"][str(C)],
                      "generator_best_full_context": ent["bits_per_base_at_context"]["chr20"][str(C)],
                      "train_tokens": m["train_tokens"], "tokens_per_second": m.get("tokens_per_second"),
-                     "peak_gpu_memory_gib": m.get("peak_gpu_memory_gib"), "n_params": m["n_params"]})
+                     "peak_gpu_memory_gib": m.get("peak_gpu_memory_gib"), "n_params": m["n_params"],
+                     "bits_by_kind": m["bits_by_kind"]})
         print(f"context {C:>7}: held-out {rows[-1]['val_bits_per_base']:.4f} bits/base "
               f"(generator's best in windows of {C}: {rows[-1]['generator_best_in_windows']:.4f})", flush=True)
     h = ent["bits_per_base"]["chr20"]
@@ -104,11 +156,17 @@ def main(cfg: ContextSweepConfig) -> dict:
                                                  "genome": {k: v for k, v in ent.items() if k != "definition"}})
     print(f"\nheld-out chr20 of the long-range genome (generator entropy {h:.4f} bits/base), "
           f"{cfg.tokens_per_step:,} bases per step, {cfg.steps} steps\n")
-    print("| context | batch | held-out bits/base | gap to generator | generator's best in windows |")
-    print("|---|---|---|---|---|")
+    print("| context | batch | held-out bits/base | gap to generator | generator's best in windows | background "
+          "bases: model / best | copies, source in view: model / best (share of bases) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        bg, cv = r["bits_by_kind"][KINDS[0]], r["bits_by_kind"][KINDS[1]]
+        n = sum(k["bases"] for k in r["bits_by_kind"].values())
+        copies = (f"{cv['model_bits']:.3f} / {cv['generator_best_bits']:.3f} ({cv['bases'] / n:.1%})"
+                  if cv["bases"] else "none in view")
         print(f"| {r['context']:,} | {r['batch_size']} | {r['val_bits_per_base']:.4f} | "
-              f"{r['val_bits_per_base'] - h:+.4f} | {r['generator_best_in_windows']:.4f} |")
+              f"{r['val_bits_per_base'] - h:+.4f} | {r['generator_best_in_windows']:.4f} | "
+              f"{bg['model_bits']:.3f} / {bg['generator_best_bits']:.3f} | {copies} |")
     plot(rows, h, out / "dna_context.png")
     return {"rows": rows, "generator_bits_per_base": h}
 

@@ -387,6 +387,9 @@ LONG_RANGE_COPY_FRAC = 0.5         # fraction of the segments that are copies of
 LONG_RANGE_DISTANCES = (1_000, 500_000)   # copy distance ~ LogUniform over this range, in bases
 LONG_RANGE_DIVERGENCE = 0.1        # substitutions per copied base
 LONG_RANGE_CONTEXTS = tuple(2 ** k for k in range(10, 18))   # 1k .. 131k
+# Per base of each held-out contig: the base (0..3 = ACGT), its copy distance (0: background), the entropy it
+# was drawn with, and the background chain's entropy there (what a predictor without the copy's source faces).
+LONG_RANGE_ANNOTATION = "demo.copies.npz"
 
 
 def long_range_contig(rng, length: int, table, segment: int = LONG_RANGE_SEGMENT,
@@ -428,14 +431,18 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
            else "-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8])
     folder = Path(root) if root else cache_root() / f"longrange-v1{tag}"
     fasta = folder / "demo.fa"
-    if fasta.is_file() and (folder / "demo.entropy.json").is_file() and Path(str(fasta) + ".fai").is_file():
+    if all(f.is_file() for f in (fasta, folder / "demo.entropy.json", Path(str(fasta) + ".fai"),
+                                 folder / LONG_RANGE_ANNOTATION)):
         return fasta
     rng = np.random.default_rng(SEED + 1)
     table = markov_table(rng)
-    records, entropy, counted, at_context, in_windows = [], {}, {}, {}, {}
+    records, entropy, counted, at_context, in_windows, annotation = [], {}, {}, {}, {}, {}
     for name, length in contigs.items():
         seq, ent, dist, bg = long_range_contig(rng, length, table)
         records.append((name, np.frombuffer(b"ACGT", dtype=np.uint8)[seq].tobytes()))
+        if name != "chr1":   # the held-out contigs, base by base (the training contig would be 24 bytes a base)
+            annotation.update({f"{name}/bases": seq, f"{name}/copy_distance": dist.astype(np.int32),
+                               f"{name}/entropy": ent, f"{name}/background_entropy": bg})
         entropy[name] = float(ent.mean())
         counted[name] = int(length)
         at_context[name] = {str(c): float(np.where((dist > 0) & (dist < c), ent, bg).mean()) for c in contexts}
@@ -444,6 +451,9 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
         in_view = [np.clip(1 - dist / c, 0, 1) * (dist > 0) for c in contexts]
         in_windows[name] = {str(c): float((v * ent + (1 - v) * bg).mean()) for c, v in zip(contexts, in_view)}
     write_fasta(fasta, records)
+    with atomic_path(folder / LONG_RANGE_ANNOTATION) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **annotation)
     write_json_atomic(folder / "demo.entropy.json", {
         "bits_per_base": entropy, "non_n_bases": counted, "bits_per_base_at_context": at_context,
         "bits_per_base_in_windows": in_windows,

@@ -29,6 +29,14 @@ def test_the_generators_best_falls_with_context_towards_its_entropy(tmp_path):
         bits = [meta[curve]["chr20"][str(c)] for c in contexts]
         assert bits[0] > bits[1] > bits[2] > h, (curve, bits, h)
     assert demo.long_range_genome(tmp_path, contigs={"chr1": 60_000, "chr20": 60_000}, contexts=contexts) == fasta
+    # The per-base annotation of the held-out contig describes the FASTA's bases and reproduces the curve.
+    with np.load(fasta.with_name(demo.LONG_RANGE_ANNOTATION)) as notes:
+        assert sorted(notes) == ["chr20/background_entropy", "chr20/bases", "chr20/copy_distance", "chr20/entropy"]
+        lines = fasta.read_text().split(">chr20")[1].splitlines()[1:]
+        assert np.frombuffer(b"ACGT", dtype=np.uint8)[notes["chr20/bases"]].tobytes() == "".join(lines).encode()
+        dist, ent, bg = notes["chr20/copy_distance"], notes["chr20/entropy"], notes["chr20/background_entropy"]
+        assert np.isclose(np.where((dist > 0) & (dist < 4096), ent, bg).mean(),
+                          meta["bits_per_base_at_context"]["chr20"]["4096"])
 
 
 def test_context_sweep_runs_every_context_and_resumes(tmp_path):
@@ -41,3 +49,11 @@ def test_context_sweep_runs_every_context_and_resumes(tmp_path):
     saved = json.loads((tmp_path / "sweep/dna_context.json").read_text())
     assert saved["rows"] == result["rows"] and (tmp_path / "sweep/dna_context.png").is_file()
     assert main(cfg)["rows"] == result["rows"]       # finished contexts are read back, not retrained
+    # Every scored base is of one kind; in-view copies are predictable down to the substitution entropy.
+    for r in result["rows"]:
+        kinds = r["bits_by_kind"]
+        assert sum(k["bases"] for k in kinds.values()) == max(1, 512 // r["context"]) * (r["context"] - 1)
+        in_view = kinds["copy, source in view"]
+        if in_view["bases"]:
+            assert np.isclose(in_view["generator_best_bits"], demo._mutation_entropy(demo.LONG_RANGE_DIVERGENCE))
+        assert all(k["model_bits"] > 0 for k in kinds.values() if k["bases"])
