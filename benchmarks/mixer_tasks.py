@@ -174,7 +174,7 @@ def plot_lengths(table: dict, train_len: int, chance: float, title: str, path: P
     ax.set_ylabel("accuracy (mean over seeds)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     save_figure_atomic(fig, path)
 
