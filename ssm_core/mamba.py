@@ -26,9 +26,21 @@ def _records_grad(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or module.A_log.requires_grad)
 
 
+def carry_state(state, name: str, value: torch.Tensor) -> None:
+    """Store a chunk's final `value` as `state.<name>`: written into the existing tensor (no allocation per
+    chunk), or, while autograd records (training through `stream`: state passing, truncated BPTT), put in its
+    place as a new tensor, because the chunk's ops may have saved the old one for their backward."""
+    old = getattr(state, name)
+    if torch.is_grad_enabled() and (value.requires_grad or old.requires_grad):
+        setattr(state, name, value.to(old.dtype))
+    else:
+        old.copy_(value)
+
+
 @dataclass
 class MambaState:
-    """Recurrent state of one Mamba mixer. Tensors are updated in place by `Mamba.stream`."""
+    """Recurrent state of one Mamba mixer. Tensors are updated in place by `Mamba.stream` (replaced, while
+    autograd records: `carry_state`)."""
     conv: torch.Tensor  # (batch, d_inner, d_conv - 1): the last inputs of the causal conv
     ssm: torch.Tensor   # (batch, d_inner, d_state), float32
     # Scratch buffers of the CPU short-chunk path (ssm_core.cpu.stream_steps), one set per chunk length, made
@@ -195,11 +207,11 @@ class Mamba(nn.Module):
             u, z = xz.transpose(1, 2).chunk(2, dim=1)
             u, tail = causal_conv1d(u, self._conv_weight(), self.conv1d.bias, initial_states=state.conv,
                                     return_final_states=True, activation="silu")
-            state.conv.copy_(tail)
+            carry_state(state, "conv", tail)
             delta, B, C = self._ssm_inputs(u)
             y, h = selective_scan(u, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                   delta_softplus=True, h0=state.ssm, return_final_state=True)
-            state.ssm.copy_(h)
+            carry_state(state, "ssm", h)
             y = y.transpose(1, 2)
         y = self.out_proj(y)
         return (y if residual is None else residual + y), state

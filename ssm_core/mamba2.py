@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mamba import carry_state
 from .model import MambaConfig, register_mixer
 from .ops import causal_conv1d, ssd_chunk_scan
 
@@ -57,7 +58,8 @@ class GatedRMSNorm(nn.Module):
 
 @dataclass
 class Mamba2State:
-    """Recurrent state of one Mamba2 mixer (updated in place by `Mamba2.stream`)."""
+    """Recurrent state of one Mamba2 mixer (updated in place by `Mamba2.stream`; replaced while autograd
+    records: `carry_state`)."""
     conv: torch.Tensor  # (batch, conv_dim, d_conv - 1): the last inputs of the causal conv over [x, B, C]
     ssm: torch.Tensor   # (batch, nheads, headdim, d_state), float32 (float64 for float64 models)
 
@@ -119,7 +121,7 @@ class Mamba2(nn.Module):
         else:
             xBC, tail = causal_conv1d(xBC, conv_w, self.conv1d.bias, initial_states=state.conv,
                                       return_final_states=True, activation="silu")
-            state.conv.copy_(tail)
+            carry_state(state, "conv", tail)
         xs, B, C = torch.split(xBC.transpose(1, 2), [self.d_inner, self.ngroups * self.d_state,
                                                       self.ngroups * self.d_state], dim=-1)
         gs = (b, L, self.ngroups, self.d_state)
@@ -131,7 +133,7 @@ class Mamba2(nn.Module):
                              return_final_states=state is not None)
         if state is not None:
             out, final = out
-            state.ssm.copy_(final)
+            carry_state(state, "ssm", final)
         y = out.reshape(b, L, self.d_inner)
         if self.rmsnorm:
             y = self.norm(y, z)

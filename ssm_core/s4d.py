@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mamba import carry_state
 from .mamba2 import check_mixer_input
 from .model import MambaConfig, register_mixer
 
@@ -123,7 +124,7 @@ class S4D(nn.Module):
         y = y + 2 * torch.einsum("hn,bhn,hnt->bht", C, state.ssm, powers[..., 1:]).real
         # New state: s_T = dA^T s_0 + sum_t dA^(T-1-t) dB u_t.
         inject = torch.einsum("hnt,bht->bhn", powers[..., :T].flip(-1), u.to(powers.dtype)) * dB
-        state.ssm.copy_(powers[..., T] * state.ssm + inject)
+        carry_state(state, "ssm", powers[..., T] * state.ssm + inject)
         return self._output(y, u, x), state
 
 

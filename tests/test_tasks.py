@@ -142,6 +142,18 @@ def test_state_passing_starts_each_batch_from_the_previous_batchs_final_state(tm
             d_model=16, n_layer=2, vocab_size=6, mixer=["mamba", "attention"]))
 
 
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "s4d"])
+def test_state_passing_trains_through_the_kernels_that_save_the_state_for_backward(tmp_path, monkeypatch, mixer):
+    # The Triton conv and scans keep the initial state they read for their backward; `stream` used to write the
+    # chunk's final state into that same tensor, and backward refused ("modified by an inplace operation").
+    # The kernels run here in Triton's CPU interpreter (conftest), as on a GPU.
+    from ssm_core.tasks import train
+    monkeypatch.setenv("SSM_CORE_BACKEND", "triton")
+    cfg = _tiny(tmp_path / mixer, steps=2, batch_size=4, initial_state="passed", model=MambaConfig(
+        d_model=16, n_layer=1, vocab_size=6, mixer=mixer, mixer_options={"mamba2": {"headdim": 8}}))
+    assert train(cfg)["step"] == 2
+
+
 def test_resume_reads_a_checkpoint_written_before_an_option_existed(tmp_path):
     # A checkpoint's options lack those added later: they count as their defaults (a grid's runs resumed
     # across an upgrade).
