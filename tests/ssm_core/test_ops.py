@@ -128,3 +128,24 @@ def test_mamba_block_cuda_matches_reference_and_streams():
         state = m.init_state(2)
         outs = [m.stream(x[:, s:e], state)[0] for s, e in ((0, 100), (100, 101), (101, 102), (102, 300))]
     assert rel(torch.cat(outs, 1), y) < 1e-4
+
+
+def test_cpu_ssd_runs_in_short_chunks_with_the_result_of_any_chunk(monkeypatch):
+    # The CPU backend caps Mamba-2's chunk (its cost is chunk x chunk per head); the result is the chunked
+    # scan's at the caller's chunk size, exactly in float64, with the final state too.
+    from ssm_core import ops
+    from ssm_core.reference import ssd_chunk_scan_ref
+    seen = []
+    monkeypatch.setattr(ops, "_impl", lambda x, op: lambda *a, **k: seen.append(k["chunk_size"]) or
+                        ssd_chunk_scan_ref(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 2, 300, 3, 4, 8
+    x = torch.randn(b, L, h, p, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, h, generator=g, dtype=torch.float64) * 0.2
+    A = -torch.rand(h, generator=g, dtype=torch.float64) - 0.5
+    B, C = (torch.randn(b, L, 1, n, generator=g, dtype=torch.float64) for _ in range(2))
+    h0 = torch.randn(b, h, p, n, generator=g, dtype=torch.float64)
+    y, s = ops.ssd_chunk_scan(x, dt, A, B, C, chunk_size=256, initial_states=h0, return_final_states=True)
+    want_y, want_s = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=256, initial_states=h0, return_final_states=True)
+    assert seen == [ops.CPU_SSD_CHUNK] and ops.CPU_SSD_CHUNK < 256
+    assert rel(y, want_y) < 1e-12 and rel(s, want_s) < 1e-12
