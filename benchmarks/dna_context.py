@@ -13,6 +13,7 @@ dna_context.png, and prints a markdown table.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -128,13 +129,19 @@ def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
 
 
 def breakdown(cfg: ContextSweepConfig, fasta: Path, out: Path, C: int) -> dict:
-    import numpy as np
     import torch
+    device = "cuda" if cfg.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
+    return bits_by_kind(out / "model", held_out_annotation(fasta), "chr20", C, cfg.val_tokens, device)
+
+
+@functools.lru_cache(maxsize=1)
+def held_out_annotation(fasta: Path) -> dict:
+    """The genome's demo.copies.npz, decompressed once for every context of the sweep."""
+    import numpy as np
 
     from genomics.demo import LONG_RANGE_ANNOTATION
-    device = "cuda" if cfg.device in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
     with np.load(fasta.with_name(LONG_RANGE_ANNOTATION)) as notes:
-        return bits_by_kind(out / "model", notes, "chr20", C, cfg.val_tokens, device)
+        return {k: notes[k] for k in notes.files}
 
 
 def main(cfg: ContextSweepConfig) -> dict:

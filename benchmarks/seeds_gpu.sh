@@ -32,32 +32,33 @@ finished() { $PY -c "import json,sys; d = json.load(open('$1/mixer_tasks.json'))
 # Minutes of training for a grid granted $1 seconds, keeping $2 seconds (scaled) for start-up and evaluation.
 tl() { awk "BEGIN{print ($1 - $2 * $T) / 60}"; }
 
+# The three grids, each granted $1 seconds (its log in $S).
+copy256() { grid "$1" --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" \
+    --time-limit "$(tl "$1" 48)" > "$S/copy256.log" 2>&1; }
+induction() { grid "$1" --config configs/seeds/induction.yaml --out-dir "$S/induction" \
+    --time-limit "$(tl "$1" 100)" > "$S/induction.log" 2>&1; }
+copy4096() { grid "$1" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" \
+    --out-dir "$S/copy4096" --time-limit "$(tl "$1" 40)" > "$S/copy4096.log" 2>&1; }
+
 copy_and_induction() {
-  # The two 256-length grids share the GPU (small models: each process is CPU-bound, 16 cores).
+  # Grids share the GPU (small models: each process is CPU-bound, 16 cores).
   local a b
   if finished "$S/copy256"; then
     # Stage one is done (an earlier command): stage two at 4096 and the induction grid share the GPU and
     # the whole budget but the DNA sweep's share.
     a=$(left 480)
     if [ "$a" -lt "$(t 60)" ]; then return; fi
-    grid "$a" --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(tl "$a" 100)" \
-        > "$S/induction.log" 2>&1 &
-    grid "$a" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
-        --time-limit "$(tl "$a" 40)" > "$S/copy4096.log" 2>&1 &
+    induction "$a" & copy4096 "$a" &
     wait
     return
   fi
   a=$(left 240)
   if [ "$a" -lt "$(t 60)" ]; then return; fi
-  grid "$a" --config configs/seeds/selective_copy_256.yaml --out-dir "$S/copy256" --time-limit "$(tl "$a" 48)" \
-      > "$S/copy256.log" 2>&1 &
-  grid "$a" --config configs/seeds/induction.yaml --out-dir "$S/induction" --time-limit "$(tl "$a" 100)" \
-      > "$S/induction.log" 2>&1 &
+  copy256 "$a" & induction "$a" &
   wait
   b=$(left 190)
   if finished "$S/copy256" && [ "$b" -ge "$(t 60)" ]; then
-    grid "$b" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" --out-dir "$S/copy4096" \
-        --time-limit "$(tl "$b" 40)" > "$S/copy4096.log" 2>&1
+    copy4096 "$b"
   fi
 }
 

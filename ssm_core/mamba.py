@@ -31,7 +31,7 @@ def carry_state(state, name: str, value: torch.Tensor) -> None:
     chunk), or, while autograd records (training through `stream`: state passing, truncated BPTT), put in its
     place as a new tensor, because the chunk's ops may have saved the old one for their backward."""
     old = getattr(state, name)
-    if torch.is_grad_enabled() and (value.requires_grad or old.requires_grad):
+    if value.requires_grad:
         setattr(state, name, value.to(old.dtype))
     else:
         old.copy_(value)
