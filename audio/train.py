@@ -3,6 +3,7 @@
     python -m audio.train --output-dir runs/kws                       # embedded synthetic set (espeak-ng)
     python -m audio.train --data ~/speech_commands_v0.02 --labels 35 --output-dir runs/sc35
     python -m audio.train --config configs/audio/kws_synth.yaml
+    python -m audio.train --config configs/audio/kws_synth.yaml --engine-balance 1   # each engine half an epoch
     python -m audio.train --model.d_model 64 --model.n_layer 2 --optim.lr 3e-3 --features.n_mels 40
 
 Each training example is another clip of the batch followed by the clip itself: the loss is the
@@ -16,6 +17,7 @@ Writes <output-dir>/checkpoints/{last,best}.ckpt, <output-dir>/model/ (the best 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,13 +39,13 @@ from ssm_core.training import (
     save_run_config,
 )
 
-from .data import ClipDataset, build_splits, label_names, load_noise_bank, resolve_root
+from .data import ClipDataset, Item, build_splits, label_names, load_noise_bank, resolve_root
 from .engines import engine_of
 from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
 from .lightning_module import KWSModule
 from .model import KeywordSpotter, KWSConfig, default_encoder, export_model, load_model
-from .synth import available_engines, ensure_dataset, synth_config
+from .synth import available_engines, clip_engine, ensure_dataset, synth_config
 
 AUGMENT_FIELDS = ("speed_perturb", "time_shift_ms", "gain_db", "noise_prob", "snr_db", "freq_warp", "freq_mask",
                   "time_mask", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob", "mic_snr_db")
@@ -63,6 +65,9 @@ class AudioTrainConfig(TrainConfig):
     synth_engines: list[str] | None = field(default=None, metadata={
         "help": "engines of the embedded set's training voices, espeak and optionally piper (the `voices` "
                 "extra, or its words in the cache); default: every one this installation has"})
+    engine_balance: float = field(default=0.0, metadata={
+        "help": "embedded set: each engine's share of an epoch's spoken clips goes as n^(1-b) of its n clips: "
+                "0 in proportion to its clips, 1 equal shares (the minority engine's clips drawn repeatedly)"})
     heldout: list[str] = field(default_factory=list, metadata={
         "help": "Speech Commands folders of engines never trained on (python -m audio.heldout): each one's "
                 "accuracy is reported under its engine's name"})
@@ -112,13 +117,16 @@ class AudioTrainConfig(TrainConfig):
             raise ValueError(f"--freq-warp: expected 0 <= value < 0.5, got {self.freq_warp}")
         if not 0 <= self.speed_perturb < 0.5:
             raise ValueError(f"--speed-perturb: expected 0 <= value < 0.5, got {self.speed_perturb}")
-        for name in ("noise_prob", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob"):
+        for name in ("noise_prob", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob",
+                     "engine_balance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected 0 to 1, got {getattr(self, name)}")
         for name in ("snr_db", "mic_snr_db"):
             low_high = getattr(self, name)
             if len(low_high) != 2 or not low_high[0] <= low_high[1]:
                 raise ValueError(f"--{name.replace('_', '-')}: expected two values LOW HIGH, got {low_high}")
+        if self.engine_balance and self.data:
+            raise ValueError("--engine-balance: only for the embedded synthetic set (--data clips name no engine)")
 
     def kws_config(self, labels: list[str]) -> KWSConfig:
         return KWSConfig(labels=labels, features=self.features, encoder=self.model, label_frames=self.label_frames)
@@ -131,6 +139,29 @@ def feature_stats(dataset: ClipDataset, model: KeywordSpotter, n: int = 512) -> 
     with torch.no_grad():
         feats = model.frontend(torch.stack([dataset[i][0] for i in idx]))
     return feats.mean((0, 1)), feats.std((0, 1)).clamp_min(1e-3)
+
+
+def engine_shares(counts: dict[str, int], balance: float) -> dict[str, float]:
+    """Each engine's share of the spoken clips, p_e proportional to n_e^(1 - balance) for its n_e clips:
+    balance 0 is its share of the clips (sampling by clip counts), 1 an equal share for every engine."""
+    mass = {e: n ** (1 - balance) for e, n in counts.items() if n > 0}
+    return {e: m / sum(mass.values()) for e, m in mass.items()}
+
+
+def engine_weights(items: list[Item], balance: float) -> tuple[list[float] | None, dict[str, tuple[float, int]]]:
+    """The training clips' sampling weights (EpochBatches) for --engine-balance, and each engine's (share of
+    an epoch, clips). The spoken clips (keywords and `_unknown_` words; the engine from the file name) keep
+    their share of an epoch and split it by engine_shares; `_silence_` (cut from noises: no engine) keeps
+    its own. Weights None (draws by clip counts: the run without the flag) at balance 0 or with one engine."""
+    engines = [None if it.offset >= 0 else clip_engine(it.path) for it in items]
+    counts = Counter(e for e in engines if e is not None)
+    spoken, shares = sum(counts.values()), engine_shares(counts, balance)
+    epoch = {e: (shares[e] * spoken / len(items), counts[e]) for e in sorted(counts)}
+    if spoken < len(items):
+        epoch["_silence_"] = ((len(items) - spoken) / len(items), len(items) - spoken)
+    if balance == 0 or len(counts) < 2:
+        return None, epoch
+    return [1.0 if e is None else shares[e] * spoken / counts[e] for e in engines], epoch
 
 
 def dataset_root(cfg: AudioTrainConfig) -> Path:
@@ -192,6 +223,11 @@ def main(cfg: AudioTrainConfig) -> dict:
     module.noise_bank = load_noise_bank(root, sr)
     print(f"audio.train: {len(train_ds)} train / {len(val_ds)} validation clips, {len(labels)} classes, "
           f"{module.model.num_parameters():,} parameters, data {root}")
+    weights = None
+    if not cfg.data:
+        weights, epoch = engine_weights(splits["train"], cfg.engine_balance)
+        print(f"audio.train: shares of an epoch (--engine-balance {cfg.engine_balance:g}): "
+              + ", ".join(f"{name} {share:.3f} ({clips:,} clips)" for name, (share, clips) in epoch.items()))
     # Validate every val_every steps counted across epochs (and at the last step when it is a multiple).
     interval = min(cfg.val_every, cfg.max_steps) if cfg.max_steps > 0 else cfg.val_every
     # Exact resume: the data order (EpochBatches) and the augmentation draws (StepSeed) follow from the step.
@@ -200,7 +236,8 @@ def main(cfg: AudioTrainConfig) -> dict:
                            use_distributed_sampler=False)
     workers = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     train_dl = DataLoader(train_ds, batch_sampler=EpochBatches(len(train_ds), cfg.batch_size, cfg.seed, trainer,
-                                                               drop_last=len(train_ds) > cfg.batch_size), **workers)
+                                                               drop_last=len(train_ds) > cfg.batch_size,
+                                                               weights=weights), **workers)
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, **workers)
     save_run_config(cfg, cfg.output_dir)
     trainer.fit(module, train_dl, val_dl, ckpt_path=resume_checkpoint(cfg))

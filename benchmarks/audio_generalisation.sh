@@ -23,6 +23,9 @@ HOURS=${HOURS:-1}
 read -r -a extra <<< "${EXTRA:-}"
 # RECIPE: flags added to the recipe's three seeds only (a second pass with other augmentation settings).
 read -r -a recipe <<< "${RECIPE:-}"
+# RECIPE_CONFIG: the recipe's seeds' config in place of kws_synth.yaml (e.g. kws_synth_balanced.yaml). Not a
+# --config in RECIPE: a config read after the flags below would set its own size and steps over SIZE and STEPS.
+RECIPE_CONFIG=${RECIPE_CONFIG:-configs/audio/kws_synth.yaml}
 RUNS=${RUNS:-/tmp/kws_runs}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
@@ -45,15 +48,17 @@ stamp "data sets built"
 # 2. six trainings at once on the GPU: the recipe (3 seeds), without the Piper voice, without the channel
 #    augmentations (rooms, channels, hiss), and without both (espeak-ng and the augmentations of before, the
 #    baseline of this harness; its mel warp at the old +-10%)
-common=(--config configs/audio/kws_synth.yaml --synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2
-        --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
-train() { name=$1; shift; $py -m audio.train "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
-for s in 0 1 2; do train "multi_s$s" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
+common=(--synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2 --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
+# train NAME CONFIG FLAGS...
+train() { name=$1 config=$2; shift 2
+  $py -m audio.train --config "$config" "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
+base=configs/audio/kws_synth.yaml
+for s in 0 1 2; do train "multi_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
 # ABLATIONS=0 keeps only the baseline beside the recipe (a shorter device command).
-[ "${ABLATIONS:-1}" = 0 ] || train espeak_only_s0 --seed 0 --synth-engines '[espeak]' &
+[ "${ABLATIONS:-1}" = 0 ] || train espeak_only_s0 "$base" --seed 0 --synth-engines '[espeak]' &
 no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
-[ "${ABLATIONS:-1}" = 0 ] || train no_channel_s0 --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
-train baseline_s0 --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
+[ "${ABLATIONS:-1}" = 0 ] || train no_channel_s0 "$base" --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
+train baseline_s0 "$base" --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
 wait || true
 stamp "training done"
 grep -h "audio.train: accuracy\|error" "$RUNS"/*.log || true

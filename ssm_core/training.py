@@ -200,16 +200,45 @@ def prepare_run(cfg: TrainConfig, program: str, owned: Sequence[str],
     return prepare_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, program=program, owned=owned)
 
 
+def weighted_draw(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k item indices drawn by weight: item i comes floor(c_i) or ceil(c_i) times, c_i = k w_i / sum(w), which
+    is its expected count exactly (systematic sampling: the items in a random order laid end to end as
+    intervals of length c_i, and k points one apart from a uniform start; an item gets the points in its
+    interval). So an item of weight 5x the mean comes 5 times, one of half the mean every other draw, and
+    an item of weight 0 never. In the items' visiting order (shuffle the result)."""
+    visit = torch.randperm(len(weights), generator=generator)
+    edges = torch.cumsum(weights[visit] * (k / weights.sum()), 0).clamp(max=k)
+    edges[-1] = k                                    # the float sum may miss k by a rounding
+    start = torch.rand((), generator=generator, dtype=torch.float64)
+    below = torch.ceil(edges - start).clamp(0, k).long()   # how many of the points lie below each edge
+    counts = torch.diff(below, prepend=below.new_zeros(1))
+    return torch.repeat_interleave(visit, counts)
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """A batch sampler of shuffled epochs that resumes exactly: epoch e is the permutation seeded by
     (seed, e), and each iteration starts at the run's position, read from the trainer when iteration starts
     (after --resume restored it): a run resumed after step k draws the batches the uninterrupted run drew
     from step k on, where Lightning's own shuffling would start the epoch's order afresh. With several
     processes each takes its share of every epoch (as DistributedSampler; the Trainer needs
-    use_distributed_sampler=False). Assumes one batch per optimizer step (no gradient accumulation)."""
+    use_distributed_sampler=False). Assumes one batch per optimizer step (no gradient accumulation).
 
-    def __init__(self, n: int, batch_size: int, seed: int, trainer, drop_last: bool = True):
+    `weights` (one per item, >= 0, not all 0): an epoch is still n draws, but item i is drawn in proportion
+    to its weight (`weighted_draw`: floor or ceil of n w_i / sum(w) times, shuffled), so an item may come
+    several times in an epoch, or not at all, and on several ranks. Still a function of (seed, epoch) alone.
+    Without weights the epochs are the permutations they always were (a run resumes as it was started)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, trainer, drop_last: bool = True,
+                 weights: Sequence[float] | None = None):
         self.n, self.batch_size, self.seed, self.trainer, self.drop_last = n, batch_size, seed, trainer, drop_last
+        self.weights = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+            if len(w) != n:
+                raise ValueError(f"EpochBatches: {len(w)} weights for {n} items")
+            if not (torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise ValueError("EpochBatches: weights must be finite and >= 0, and not all 0")
+            self.weights = w
 
     def _share(self) -> int:
         return self.n // max(1, self.trainer.world_size)
@@ -218,13 +247,19 @@ class EpochBatches(torch.utils.data.Sampler):
         per_rank = self._share()
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
-    def __iter__(self):
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The item indices of one epoch, every rank's together (rank r takes every world-th from r)."""
         from .callbacks import step_seed
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch))
+        if self.weights is None:
+            return torch.randperm(self.n, generator=g)
+        return weighted_draw(self.weights, self.n, g)[torch.randperm(self.n, generator=g)]
+
+    def __iter__(self):
         batches = len(self)
         epoch, done = divmod(int(self.trainer.global_step), max(1, batches))
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch)))
         world, rank = max(1, self.trainer.world_size), self.trainer.global_rank
-        mine = order[rank::world][:self._share()]
+        mine = self.epoch_order(epoch)[rank::world][:self._share()]
         for b in range(done, batches):
             yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 

@@ -3,15 +3,18 @@
 import math
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
 import torch
 
 from ssm_core import MambaConfig, MambaLM
+from ssm_core.callbacks import step_seed
 from ssm_core.cli import UserError, dump_config, parse_config, run
-from ssm_core.training import OptimConfig, make_optimizer, parameter_groups, warmup_cosine
+from ssm_core.training import EpochBatches, OptimConfig, make_optimizer, parameter_groups, warmup_cosine
 
 
 def test_no_weight_decay_on_a_log_d_norms_and_biases():
@@ -160,3 +163,92 @@ def test_print_config_prints_the_resolved_config():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "  d_state: 4\n" in r.stdout and "keep_softmask: true\n" in r.stdout and "vocab_size" not in r.stdout
+
+
+# --- EpochBatches ---------------------------------------------------------------------------------------
+def _at(n: int, batch_size: int, seed: int = 0, step: int = 0, world: int = 1, rank: int = 0, **kw):
+    """An EpochBatches of a trainer at `step` (the trainer's fields it reads only)."""
+    trainer = SimpleNamespace(global_step=step, world_size=world, global_rank=rank)
+    return EpochBatches(n, batch_size, seed, trainer, **kw)
+
+
+def _epoch(sampler: EpochBatches, epoch: int) -> list[list[int]]:
+    sampler.trainer.global_step = epoch * len(sampler)
+    return list(sampler)
+
+
+def test_epoch_batches_without_weights_are_the_permutations_of_before():
+    """The order runs have always had (a run started before weights existed resumes with the same batches):
+    epoch e is torch.randperm(n) seeded by step_seed(seed, e); rank r takes every world-th item from r."""
+    n, bs, seed = 103, 8, 7
+    for world, drop_last in ((1, True), (1, False), (3, False)):
+        for rank in range(world):
+            s = _at(n, bs, seed, world=world, rank=rank, drop_last=drop_last)
+            for epoch in (0, 2):
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch)))
+                mine = order[rank::world][:n // world]
+                assert _epoch(s, epoch) == [mine[b * bs:(b + 1) * bs].tolist() for b in range(len(s))]
+
+
+def test_weighted_epochs_draw_items_in_proportion_to_their_weights():
+    # 6 items of weight 4.5 and 54 of weight 0.5: half the weight each, so 30 draws each in an epoch of 60,
+    # every heavy item exactly 5 times, a light one 0 or 1 time (5/9 on average).
+    weights = [4.5] * 6 + [0.5] * 54
+    s = _at(60, 10, seed=3, weights=weights, drop_last=False)
+    assert len(s) == 6
+    for epoch in range(20):
+        drawn = [i for batch in _epoch(s, epoch) for i in batch]
+        counts = Counter(drawn)
+        assert len(drawn) == 60 and all(counts[i] == 5 for i in range(6))
+        assert all(counts[i] <= 1 for i in range(6, 60))
+    # Unequal, uneven weights (zeros among them): each item floor or ceil of its expected count in every
+    # epoch, and that count on average over epochs.
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(40, generator=g, dtype=torch.float64) ** 3 * 10
+    w[[3, 17]] = 0
+    expected = 40 * w / w.sum()
+    s = _at(40, 8, seed=1, weights=w.tolist())
+    total = torch.zeros(40, dtype=torch.float64)
+    epochs = 400
+    for epoch in range(epochs):
+        counts = torch.bincount(torch.tensor(_epoch(s, epoch)).flatten(), minlength=40).double()
+        assert counts.sum() == 40 and ((counts - expected).abs() < 1 + 1e-9).all() and counts[[3, 17]].sum() == 0
+        total += counts
+    assert (total / epochs - expected).abs().max() < 0.12, (total / epochs - expected)
+
+
+def test_weighted_epochs_resume_exactly_and_follow_the_seed():
+    n, bs, w = 53, 4, [3.0] * 5 + [1.0] * 45 + [0.0] * 3
+    s = _at(n, bs, seed=1, weights=w)
+    run_ = [b for epoch in range(3) for b in _epoch(s, epoch)]      # the uninterrupted run, epoch by epoch
+    per_epoch = len(s)
+    assert per_epoch == n // bs
+    for k in (0, 5, per_epoch, per_epoch + 3, 3 * per_epoch - 1):
+        resumed = list(_at(n, bs, seed=1, step=k, weights=w))     # a fresh sampler, from the step alone
+        assert resumed == run_[k:(k // per_epoch + 1) * per_epoch], k
+    assert _epoch(_at(n, bs, seed=1, weights=w), 1) == _epoch(s, 1)
+    assert _epoch(_at(n, bs, seed=2, weights=w), 1) != _epoch(s, 1)
+    assert _epoch(s, 0) != _epoch(s, 1)
+
+
+def test_ranks_share_each_epoch_without_overlap():
+    n, bs, world = 50, 4, 3
+    for weights in (None, [5.0] * 5 + [1.0] * 45):
+        whole = _at(n, bs, seed=4, weights=weights).epoch_order(2)
+        shards = [[i for b in _epoch(_at(n, bs, seed=4, world=world, rank=r, weights=weights), 2) for i in b]
+                  for r in range(world)]
+        share = n // world // bs * bs
+        for r, shard in enumerate(shards):      # rank r: positions r, r + world, ... of the epoch's draws
+            assert shard == whole[r::world][:share].tolist()
+        if weights is None:                     # a permutation: no item on two ranks
+            assert len(set().union(*map(set, shards))) == world * share
+        else:                                   # the epoch's first world x share draws, repeats among them
+            assert Counter(i for shard in shards for i in shard) == Counter(whole[:world * share].tolist())
+            assert max(Counter(whole.tolist()).values()) > 1
+
+
+def test_epoch_batches_weights_are_checked():
+    for weights, match in (([1.0] * 4, "4 weights for 5 items"), ([1.0, -1, 1, 1, 1], ">= 0"),
+                           ([0.0] * 5, "not all 0"), ([1.0, math.nan, 1, 1, 1], "finite")):
+        with pytest.raises(ValueError, match=match):
+            _at(5, 2, weights=weights)

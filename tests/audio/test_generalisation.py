@@ -235,3 +235,67 @@ def test_kws_config_survives_ship_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
     save_audio(tmp_path / "x.wav", x[0].numpy(), 16000)
+
+
+def test_engine_balance_shares_and_weights():
+    from audio import train
+    from audio.data import Item
+    from ssm_core.training import weighted_draw
+    counts = {"espeak": 900, "piper": 100}
+    assert train.engine_shares(counts, 0) == pytest.approx({"espeak": 0.9, "piper": 0.1})
+    assert train.engine_shares(counts, 1) == pytest.approx({"espeak": 0.5, "piper": 0.5})
+    assert train.engine_shares(counts, 0.5) == pytest.approx({"espeak": 0.75, "piper": 0.25})   # 30 : 10
+    assert train.engine_shares({"espeak": 7}, 1) == {"espeak": 1.0}
+    # 90 espeak-ng clips, 10 Piper ones and 25 of silence (cut from a noise file: no engine)
+    clip = lambda voice, k: Item(f"/set/yes/{synth.clip_name(voice, 100 + k, 50)}", 0)
+    items = ([clip("en-us+m1", k) for k in range(90)] + [clip("piper:joe/1", k) for k in range(10)]
+             + [Item("/set/_background_noise_/pink.wav", 10, offset=k) for k in range(25)])
+    split = lambda epoch: ({k: share for k, (share, _) in epoch.items()}, {k: n for k, (_, n) in epoch.items()})
+    weights, epoch = train.engine_weights(items, 1.0)
+    shares, clips = split(epoch)
+    assert shares == pytest.approx({"espeak": 0.4, "piper": 0.4, "_silence_": 0.2})
+    assert clips == {"espeak": 90, "piper": 10, "_silence_": 25}
+    w = torch.tensor(weights, dtype=torch.float64)
+    assert w[90:100].sum() / w.sum() == pytest.approx(0.4) and w[100:].sum() / w.sum() == pytest.approx(0.2)
+    # drawn by EpochBatches' rule: each Piper clip 0.4 x 125 / 10 = 5 times an epoch
+    drawn = torch.bincount(weighted_draw(w, len(items), torch.Generator().manual_seed(0)), minlength=len(items))
+    assert (drawn[90:100] == 5).all() and drawn.sum() == len(items)
+    # balance 0 and a single engine: no weights (the epochs of a run without the flag), the shares by counts
+    weights, epoch = train.engine_weights(items, 0.0)
+    assert weights is None and split(epoch)[0] == pytest.approx({"espeak": 0.72, "piper": 0.08, "_silence_": 0.2})
+    weights, epoch = train.engine_weights(items[:90], 1.0)
+    assert weights is None and epoch == {"espeak": (1.0, 90)}
+
+
+def test_engine_balance_flag(tmp_path, monkeypatch, capsys):
+    """Its bad values are one line; on a set of two engines the training clips are drawn by the weights."""
+    from audio import train
+    for value in ("1.5", "-0.1"):
+        assert run(train.main, train.AudioTrainConfig, ["--engine-balance", value], prog="audio.train") == 2
+        assert f"--engine-balance: expected 0 to 1, got {float(value)}" in capsys.readouterr().err
+    assert run(train.main, train.AudioTrainConfig, ["--engine-balance", "1", "--data", str(tmp_path)],
+               prog="audio.train") == 2
+    assert "--engine-balance: only for the embedded synthetic set" in capsys.readouterr().err
+    # the tiny set with the Piper voice's words from a word cache (a tone each), trained one step
+    cfg = synth.synth_config("tiny", 0, ["espeak", "piper"])
+    folder = synth.word_cache_dir(tmp_path / "cache") / "piper~joe_0"
+    folder.mkdir(parents=True)
+    tone = (0.3 * np.sin(np.arange(8000) / 7)).astype(np.float32)
+    for word in cfg.words:
+        sf.write(str(folder / f"{word}_160_50.flac"), tone, 16000, format="FLAC", subtype="PCM_16")
+    monkeypatch.setattr(synth, "piper_available", lambda: False)
+    from ssm_core import training
+    samplers = []
+    monkeypatch.setattr(train, "EpochBatches", lambda *a, **kw: samplers.append(training.EpochBatches(*a, **kw))
+                        or samplers[-1])
+    assert run(train.main, train.AudioTrainConfig,
+               ["--synth-size", "tiny", "--synth-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run"),
+                "--max-steps", "1", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
+                "--val-every", "1", "--accelerator", "cpu", "--engine-balance", "1"], prog="audio.train") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "shares of an epoch" in x)
+    # 30 keyword clips + 3 `_unknown_` ones (2 espeak-ng voices, 1 Piper) and 4 of silence
+    assert line == ("audio.train: shares of an epoch (--engine-balance 1): espeak 0.446 (22 clips), "
+                    "piper 0.446 (11 clips), _silence_ 0.108 (4 clips)")
+    w = samplers[0].weights
+    piper = [i for i, it in enumerate(samplers[0].trainer.train_dataloader.dataset.items) if "piper~" in it.path]
+    assert len(w) == 37 and len(piper) == 11 and float(w[piper].sum() / w.sum()) == pytest.approx(33 / 37 / 2)
