@@ -3,9 +3,10 @@
 #
 #   bash benchmarks/seeds_gpu.sh 1     # oracle step, copying at 256 (+ induction heads beside it), copying at 4096
 #   bash benchmarks/seeds_gpu.sh 2     # whatever command 1 left unfinished, then the DNA context sweep
+#   bash benchmarks/seeds_gpu.sh dna   # the DNA context sweep alone
 #
 # State between commands: each experiment's folder (run folders with their checkpoints, JSON, PNGs) is packed
-# into $OUT/<experiment>.tar (copy256, copy4096, induction, dna; each under 16 MB); put those files in
+# into $OUT/<experiment>.tar (copy256, copy4096, induction, dna_regional; each under 16 MB); put those files in
 # runs/seeds/ of the checkout (carried to the device) before the next command, which unpacks them and
 # continues: finished runs are kept as they are, unfinished ones resume. All logs end up in $OUT/seeds.log.
 # SEEDS_EXTRA (flags appended to every grid) and SEEDS_TIME_SCALE are for a CPU check of the path only.
@@ -62,18 +63,23 @@ copy_and_induction() {
   fi
 }
 
+# The DNA context sweep on the regional genome (docs/seeds.md section 4), granted $1 seconds. (The table of
+# the copies genome came from `--genome copies --steps 300` into dna/.)
+dna() { timeout "$1" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --genome regional \
+    --out-dir "$S/dna_regional" --contexts 1024 4096 16384 65536 131072 --steps 1000 ${SEEDS_DNA_EXTRA:-} \
+    > "$S/dna_context.log" 2>&1; }
+
 if [ "$PART" = 1 ]; then
   if [ -f .bench/mamba_reference.py ]; then
     timeout "$(t 40)" $PY -m benchmarks.mamba_ssm_step --device cuda --seq-len 4096 --anchor-dir .bench \
         --out "$OUT/mamba_ssm_step.json" > "$S/mamba_ssm_step.log" 2>&1
   fi
   copy_and_induction
+elif [ "$PART" = dna ]; then
+  dna "$(left 600)"
 else
   copy_and_induction
-  if [ "$(left 200)" -ge "$(t 60)" ]; then
-    timeout "$(left 200)" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --out-dir "$S/dna" \
-        --contexts 1024 4096 16384 65536 131072 --steps 300 ${SEEDS_DNA_EXTRA:-} > "$S/dna_context.log" 2>&1
-  fi
+  if [ "$(left 200)" -ge "$(t 60)" ]; then dna "$(left 200)"; fi
 fi
 for f in mamba_ssm_step copy256 induction copy4096 dna_context; do
   [ -f "$S/$f.log" ] && { echo "=== $f"; cat "$S/$f.log"; } >> "$OUT/seeds.log"
@@ -82,5 +88,5 @@ for d in copy256 copy4096 induction; do
   [ -d "$S/$d" ] && (cd "$S" && tar cf "$OUT/$d.tar" --exclude='*.tmp' "$d")
 done
 # The DNA runs' Lightning checkpoints would pass 16 MB; a context without metrics.json is simply run again.
-[ -d "$S/dna" ] && (cd "$S" && tar cf "$OUT/dna.tar" --exclude='*.tmp' --exclude='*.ckpt' dna)
+[ -d "$S/dna_regional" ] && (cd "$S" && tar cf "$OUT/dna_regional.tar" --exclude='*.tmp' --exclude='*.ckpt' dna_regional)
 ls -la "$OUT"

@@ -19,9 +19,12 @@ written next to the FASTA as `demo.entropy.json`.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +395,19 @@ LONG_RANGE_CONTEXTS = tuple(2 ** k for k in range(10, 18))   # 1k .. 131k
 LONG_RANGE_ANNOTATION = "demo.copies.npz"
 
 
+def _generated_folder(root, name: str, key: list, default_key: list) -> tuple[Path, Path]:
+    """(folder, its demo.fa) of a generated genome: `root`, else the cache folder `name`, suffixed with a
+    hash of `key` when it is not the default (so a test's small genome never stands in for the real one)."""
+    tag = "" if key == default_key else "-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
+    folder = Path(root) if root else cache_root() / f"{name}{tag}"
+    return folder, folder / "demo.fa"
+
+
+def _save_annotation(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
 def long_range_contig(rng, length: int, table, segment: int = LONG_RANGE_SEGMENT,
                       copy_frac: float = LONG_RANGE_COPY_FRAC, distances: tuple[int, int] = LONG_RANGE_DISTANCES,
                       divergence: float = LONG_RANGE_DIVERGENCE):
@@ -426,11 +442,8 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
     where a base at offset t sees only t bases back (what pretraining's validation at that --seq-len
     measures). These curves are what a model trained at each context can at best reach."""
     contigs = contigs or LONG_RANGE_CONTIGS
-    key = [contigs, list(contexts)]
-    tag = ("" if key == [LONG_RANGE_CONTIGS, list(LONG_RANGE_CONTEXTS)]
-           else "-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8])
-    folder = Path(root) if root else cache_root() / f"longrange-v1{tag}"
-    fasta = folder / "demo.fa"
+    folder, fasta = _generated_folder(root, "longrange-v1", [contigs, list(contexts)],
+                                      [LONG_RANGE_CONTIGS, list(LONG_RANGE_CONTEXTS)])
     if all(f.is_file() for f in (fasta, folder / "demo.entropy.json", Path(str(fasta) + ".fai"),
                                  folder / LONG_RANGE_ANNOTATION)):
         return fasta
@@ -451,9 +464,7 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
         in_view = [np.clip(1 - dist / c, 0, 1) * (dist > 0) for c in contexts]
         in_windows[name] = {str(c): float((v * ent + (1 - v) * bg).mean()) for c, v in zip(contexts, in_view)}
     write_fasta(fasta, records)
-    with atomic_path(folder / LONG_RANGE_ANNOTATION) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **annotation)
+    _save_annotation(folder / LONG_RANGE_ANNOTATION, annotation)
     write_json_atomic(folder / "demo.entropy.json", {
         "bits_per_base": entropy, "non_n_bases": counted, "bits_per_base_at_context": at_context,
         "bits_per_base_in_windows": in_windows,
@@ -463,4 +474,135 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
                       "generator's hidden state (a copied base: the substitution entropy; bits_per_base_at_context "
                       "counts copies whose source is `context` or more bases back at the background's entropy; "
                       "bits_per_base_in_windows: bases scored in windows of `context` bases)"})
+    return fasta
+
+
+# --- a genome of regions, each with its own chain: what a recurrent state can carry across a long context -----
+# Real genomes change composition over hundreds of kilobases (isochores, gene-dense vs gene-poor domains).
+# Here every region draws its own Markov chain, so a predictor that has read more of the region
+# estimates the region's statistics better: a dependency of a few thousand bits (the region's table), paid
+# out at every base, which a fixed-size state can hold (counts), unlike the copies above (which need the
+# whole span's bases). The curve it allows falls from 1k to 131k and is computed exactly below.
+REGIONAL_CONTIGS = {"chr1": 32_000_000, "chr20": 1_500_000, "chr21": 1_500_000}
+# Per base of each held-out contig: the base (0..3 = ACGT) and its region's index; and the chains' order and
+# alpha (what the Bayes predictor needs).
+REGIONAL_ANNOTATION = "demo.regions.npz"
+
+
+@dataclass(frozen=True)
+class Regions:
+    """How the regional genome's regions are drawn."""
+    order: int = 2                      # Markov order of each region's chain: 4**order contexts x 3 free numbers
+    alpha: float = 1.0                  # Dirichlet concentration of each region's rows (1.0: ~1.56 bits/base)
+    lengths: tuple[int, int] = (1 << 17, 1 << 20)   # region length ~ LogUniform over this range, in bases
+
+    def __post_init__(self):
+        if not 0 <= self.order <= 6:
+            raise ValueError(f"regions.order: must be in 0..6, got {self.order}")
+        if not self.alpha > 0:
+            raise ValueError(f"regions.alpha: must be > 0, got {self.alpha}")
+        if not 1 <= self.lengths[0] <= self.lengths[1]:
+            raise ValueError(f"regions.lengths: expected 1 <= shortest <= longest, got {list(self.lengths)}")
+
+
+def regional_chain(rng, lengths: list[int], order: int, alpha: float):
+    """Regions of the given lengths, each an order-`order` Markov chain with its own transition table
+    (rows ~ Dirichlet(alpha)); a region's first `order` bases are uniform. Returns (bases 0..3, per-base
+    entropy in bits given the region's table, per-base region index). Vectorised over regions: one numpy
+    step per base of the longest region."""
+    n, longest, n_ctx = len(lengths), max(lengths), 4 ** order
+    tables = rng.dirichlet([alpha] * 4, size=(n, n_ctx))
+    cum, h = np.cumsum(tables, 2), _h(tables)
+    u = rng.random((n, longest))
+    out = np.zeros((n, longest), dtype=np.uint8)
+    ent = np.full((n, longest), 2.0, dtype=np.float32)
+    out[:, :order] = rng.integers(0, 4, (n, order))
+    ctx = (out[:, :order].astype(np.int64) * 4 ** np.arange(order - 1, -1, -1)).sum(1)
+    lanes = np.arange(n)
+    for t in range(order, longest):
+        b = (u[:, t:t + 1] > cum[lanes, ctx]).sum(1).clip(0, 3)
+        out[:, t], ent[:, t] = b, h[lanes, ctx]
+        ctx = (ctx * 4 + b) % n_ctx
+    keep = np.arange(longest) < np.asarray(lengths)[:, None]
+    return out[keep], ent[keep], np.repeat(np.arange(n), lengths)
+
+
+def regional_best_bits(seq: np.ndarray, region: np.ndarray, context: int, order: int, alpha: float,
+                       windows: bool = True) -> np.ndarray:
+    """Per-base bits of the Bayes predictor of the regional genome that sees `context` bases back (windows:
+    bases scored in consecutive windows of `context`, a base at offset t seeing t back, as pretraining's
+    validation) and knows where regions start: with the Dirichlet prior, its prediction is
+    (n(ctx, b) + alpha) / (n(ctx) + 4 alpha), counting the region's transitions in view. No predictor does
+    better on average; one that must notice region changes itself does a little worse."""
+    n = seq.shape[0]
+    i = np.arange(n)
+    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
+    region_start = starts[np.searchsorted(starts, i, side="right") - 1]
+    view = (i // context) * context if windows else np.maximum(i - context, 0)
+    first = np.maximum(view, region_start) + order       # the first base whose context is in view and region
+    s = seq.astype(np.int64)
+    ctx = np.zeros(n, dtype=np.int64)
+    for j in range(1, order + 1):
+        ctx[order:] = ctx[order:] * 4 + s[order - j:n - j]
+
+    def seen(code: np.ndarray) -> np.ndarray:
+        # Earlier bases of the same region with the same code, at positions >= first: ranks in one sort of
+        # (region, code, position) keys.
+        key = (region.astype(np.int64) * (4 ** (order + 1)) + code) << 32
+        ordered = np.sort(key + i)
+        return np.searchsorted(ordered, key + i) - np.searchsorted(ordered, key + first)
+
+    in_view = i >= first
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = (seen(ctx * 4 + s) + alpha) / (seen(ctx) + 4 * alpha)
+        return np.where(in_view, -np.log2(np.where(in_view, p, 1.0)), 2.0)
+
+
+def regional_genome(root: str | os.PathLike | None = None, contigs: dict[str, int] | None = None,
+                    contexts: tuple[int, ...] = LONG_RANGE_CONTEXTS,
+                    regions: Regions = Regions()) -> Path:
+    """Path of the regional genome FASTA (demo.fa in its own folder, with demo.entropy.json), generated on
+    first use (about 10 s). The entropy file has the same curves as long_range_genome's, from the Bayes
+    predictor (regional_best_bits), so benchmarks/dna_context.py reads either genome alike."""
+    contigs = contigs or REGIONAL_CONTIGS
+    key = [contigs, list(contexts), dataclasses.asdict(regions)]
+    folder, fasta = _generated_folder(root, "regional-v1", json.loads(json.dumps(key)),
+                                      json.loads(json.dumps([REGIONAL_CONTIGS, list(LONG_RANGE_CONTEXTS),
+                                                             dataclasses.asdict(Regions())])))
+    if all(f.is_file() for f in (fasta, folder / "demo.entropy.json", Path(str(fasta) + ".fai"),
+                                 folder / REGIONAL_ANNOTATION)):
+        return fasta
+    rng = np.random.default_rng(SEED + 2)
+    lo, hi = np.log(regions.lengths[0]), np.log(regions.lengths[1])
+    lengths, owner = [], []         # regions of every contig, cut to fit it
+    for c, length in enumerate(contigs.values()):
+        left = length
+        while left > 0:
+            lengths.append(min(left, int(np.exp(rng.uniform(lo, hi)))))
+            owner.append(c)
+            left -= lengths[-1]
+    seq, ent, region = regional_chain(rng, lengths, regions.order, regions.alpha)
+    bounds = np.cumsum([0] + list(contigs.values()))
+    records, entropy, counted, at_context, in_windows, regions_per_contig, annotation = [], {}, {}, {}, {}, {}, {}
+    for c, name in enumerate(contigs):
+        part = slice(bounds[c], bounds[c + 1])
+        records.append((name, np.frombuffer(b"ACGT", dtype=np.uint8)[seq[part]].tobytes()))
+        entropy[name], counted[name] = float(ent[part].mean()), int(bounds[c + 1] - bounds[c])
+        regions_per_contig[name] = int(np.sum(np.asarray(owner) == c))
+        if name != "chr1":      # the held-out contigs (the curves cost a few seconds per context)
+            annotation.update({f"{name}/bases": seq[part], f"{name}/region": region[part].astype(np.int32)})
+            best = functools.partial(regional_best_bits, seq[part], region[part], order=regions.order,
+                                     alpha=regions.alpha)
+            at_context[name] = {str(k): float(best(k, windows=False).mean()) for k in contexts}
+            in_windows[name] = {str(k): float(best(k).mean()) for k in contexts}
+    write_fasta(fasta, records)
+    _save_annotation(folder / REGIONAL_ANNOTATION, {**annotation, "order": np.int64(regions.order),
+                                                    "alpha": np.float64(regions.alpha)})
+    write_json_atomic(folder / "demo.entropy.json", {
+        "bits_per_base": entropy, "non_n_bases": counted, "bits_per_base_at_context": at_context,
+        "bits_per_base_in_windows": in_windows,
+        "seed": SEED + 2, "regions": dataclasses.asdict(regions), "regions_per_contig": regions_per_contig,
+        "definition": "bits_per_base: mean over bases of the entropy of the distribution each base was drawn from, "
+                      "given its region's table; bits_per_base_at_context / _in_windows: the Bayes predictor "
+                      "that knows region starts but not tables, seeing `context` bases back / scored in windows"})
     return fasta

@@ -1,5 +1,6 @@
-"""The long-range genome (genomics.demo.long_range_genome) and the context sweep over it
-(benchmarks/dna_context.py) at CPU size: the code path, not the accuracy."""
+"""The context-length genomes (genomics.demo.long_range_genome: copies; regional_genome: every region its own
+chain) and the context sweep over them (benchmarks/dna_context.py) at CPU size: the code path, not the
+accuracy."""
 import json
 
 import numpy as np
@@ -41,7 +42,8 @@ def test_the_generators_best_falls_with_context_towards_its_entropy(tmp_path):
 
 def test_context_sweep_runs_every_context_and_resumes(tmp_path):
     from benchmarks.dna_context import ContextSweepConfig, main
-    cfg = ContextSweepConfig(contexts=[64, 256], tokens_per_step=512, steps=2, genome_scale=1e-3, device="cpu",
+    cfg = ContextSweepConfig(contexts=[64, 256], tokens_per_step=512, steps=2, genome="copies", genome_scale=1e-3,
+                             device="cpu",
                              val_tokens=512, out_dir=str(tmp_path / "sweep"), cache_dir=str(tmp_path / "cache"))
     result = main(cfg)
     assert [r["context"] for r in result["rows"]] == [64, 256] and [r["batch_size"] for r in result["rows"]] == [8, 2]
@@ -57,3 +59,74 @@ def test_context_sweep_runs_every_context_and_resumes(tmp_path):
         if in_view["bases"]:
             assert np.isclose(in_view["generator_best_bits"], demo._mutation_entropy(demo.LONG_RANGE_DIVERGENCE))
         assert all(k["model_bits"] > 0 for k in kinds.values() if k["bases"])
+
+
+# --- the regional genome: every region its own chain --------------------------------------------------------
+def brute_force_bayes(seq, region, C, order, alpha, windows=True):
+    """regional_best_bits written as its definition, one base at a time."""
+    out = []
+    for i in range(len(seq)):
+        rs = i
+        while rs > 0 and region[rs - 1] == region[i]:
+            rs -= 1
+        first = max((i // C) * C if windows else max(i - C, 0), rs) + order
+        if i < first:
+            out.append(2.0)
+            continue
+        ctx = tuple(seq[i - order:i])
+        n_ctx = sum(tuple(seq[j - order:j]) == ctx for j in range(first, i))
+        n_pair = sum(tuple(seq[j - order:j]) == ctx and seq[j] == seq[i] for j in range(first, i))
+        out.append(-np.log2((n_pair + alpha) / (n_ctx + 4 * alpha)))
+    return np.array(out)
+
+
+def test_the_regional_bayes_predictor_counts_only_what_it_sees_of_the_region():
+    rng = np.random.default_rng(1)
+    seq, ent, region = demo.regional_chain(rng, [150, 40, 210], order=2, alpha=0.5)
+    assert seq.shape == ent.shape == region.shape == (400,) and list(np.bincount(region)) == [150, 40, 210]
+    assert np.all(ent[[0, 1, 150, 151, 190, 191]] == 2.0)        # a region's first `order` bases are uniform
+    for C, windows in ((64, True), (128, True), (50, False)):
+        fast = demo.regional_best_bits(seq, region, C, order=2, alpha=0.5, windows=windows)
+        assert np.allclose(fast, brute_force_bayes(seq, region, C, 2, 0.5, windows)), (C, windows)
+
+
+def test_the_regional_genome_rewards_a_longer_context_and_annotates_its_held_out_bases(tmp_path):
+    contexts = (256, 1024, 4096)
+    regions = demo.Regions(order=2, lengths=(8_000, 30_000))
+    fasta = demo.regional_genome(tmp_path, contigs={"chr1": 40_000, "chr20": 60_000}, contexts=contexts,
+                                 regions=regions)
+    meta = json.loads(fasta.with_name("demo.entropy.json").read_text())
+    h = meta["bits_per_base"]["chr20"]
+    for curve in ("bits_per_base_at_context", "bits_per_base_in_windows"):
+        bits = [meta[curve]["chr20"][str(c)] for c in contexts]
+        assert 2.0 > bits[0] > bits[1] > bits[2] > h, (curve, bits, h)
+    assert meta["regions"]["order"] == 2 and meta["regions_per_contig"]["chr20"] >= 2
+    with np.load(fasta.with_name(demo.REGIONAL_ANNOTATION)) as notes:
+        lines = fasta.read_text().split(">chr20")[1].splitlines()[1:]
+        assert np.frombuffer(b"ACGT", dtype=np.uint8)[notes["chr20/bases"]].tobytes() == "".join(lines).encode()
+        best = demo.regional_best_bits(notes["chr20/bases"], notes["chr20/region"], 1024, order=int(notes["order"]),
+                                       alpha=float(notes["alpha"]))
+        assert np.isclose(best.mean(), meta["bits_per_base_in_windows"]["chr20"]["1024"])
+    assert demo.regional_genome(tmp_path, contigs={"chr1": 40_000, "chr20": 60_000}, contexts=contexts,
+                                regions=regions) == fasta
+
+
+def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tmp_path):
+    import pytest
+
+    from benchmarks.dna_context import ContextSweepConfig, main
+    from ssm_core.errors import UserError
+    cfg = ContextSweepConfig(contexts=[64, 256], tokens_per_step=512, steps=2, genome_scale=1e-3, device="cpu",
+                             val_tokens=512, out_dir=str(tmp_path / "sweep"), cache_dir=str(tmp_path / "cache"))
+    result = main(cfg)
+    for r in result["rows"]:
+        split = r["bits_by_offset"]
+        bins = split["by_offset"]
+        assert bins[0]["offsets"][0] == 1 and bins[-1]["offsets"][1] == r["context"] - 1
+        assert sum(b["bases"] for b in bins) == split["all"]["bases"] == max(1, 512 // r["context"]) * (r["context"] - 1)
+        assert all(b["model_bits"] > 0 and b["generator_best_bits"] > 0 for b in bins)
+    saved = json.loads((tmp_path / "sweep/dna_context.json").read_text())
+    assert saved["config"]["genome"] == "regional" and saved["config"]["model"]["d_model"] == cfg.model.d_model
+    # A sweep of the other genome in the same folder would read these runs as its own: refused.
+    with pytest.raises(UserError, match="holds a sweep of the regional genome"):
+        main(ContextSweepConfig(**{**vars(cfg), "genome": "copies"}))
