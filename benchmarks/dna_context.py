@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genomics.demo import Regions
@@ -45,6 +47,9 @@ class ContextSweepConfig:
     steps: int = 400
     lr: float = 0.005
     genome: str = field(default="regional", metadata={"help": "regional or copies (see the module's docstring)"})
+    seq_len_warmup: float = field(default=0.5, metadata={
+        "help": "share of the steps over which a context above the smallest grows from the smallest (doubling, "
+                "equal bases per step: genomics.pretrain --seq-len-warmup-steps); 0: none"})
     regions: Regions = field(default_factory=Regions)    # the regional genome's regions
     genome_scale: float = field(default=1.0, metadata={
         "help": "the genome's contig (and region) lengths times this (small for a CPU check of the code path)"})
@@ -65,6 +70,8 @@ class ContextSweepConfig:
                 raise ValueError(f"--tokens-per-step {self.tokens_per_step}: not a multiple of context {c}")
         if self.genome not in GENOMES:
             raise ValueError(f"--genome: expected one of {', '.join(GENOMES)}; got {self.genome!r}")
+        if not 0 <= self.seq_len_warmup < 1:
+            raise ValueError(f"--seq-len-warmup: must be in [0, 1), got {self.seq_len_warmup}")
         if not 0 < self.genome_scale <= 1:
             raise ValueError(f"--genome-scale: must be in (0, 1], got {self.genome_scale}")
 
@@ -102,7 +109,7 @@ def window_bits(model_dir: Path, bases, C: int, max_bases: int, device: str):
 
     from genomics.tokenizer import BASES
     from ssm_core.model import from_pretrained
-    model = from_pretrained(model_dir, map_location=device).eval()
+    model = from_pretrained(model_dir, map_location=device).to(device).eval()
     ids = torch.tensor(BASES)[torch.from_numpy(bases.astype(np.int64))]
     bits, where = [], []
     with torch.no_grad():
@@ -167,9 +174,10 @@ def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
-        if metrics.get("genome", "copies") != cfg.genome:     # sweeps before --genome were of the copies genome
-            raise UserError(f"--out-dir {cfg.out_dir}: holds a sweep of the {metrics.get('genome', 'copies')} "
-                            f"genome, not --genome {cfg.genome}; give another --out-dir")
+        trained_on = yaml.safe_load((out / "config.yaml").read_text())["fasta"]
+        if trained_on != [str(fasta)]:
+            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {trained_on[0]}, not on this "
+                            f"sweep's genome ({fasta}); give another --out-dir")
         if key not in metrics:        # a run finished before the breakdown existed
             metrics[key] = breakdown(cfg, fasta, out, C)
             write_json_atomic(out / "metrics.json", metrics)
@@ -182,12 +190,12 @@ def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
                           val_batches=val_batches, ckpt_every=max(1, cfg.steps // 4), resume=resume,
                           overwrite=out.exists() and not resume, keep_softmask=False, val_contigs=["chr20"],
                           test_contigs=["chr21"], model=cfg.model,
+                          seq_len_warmup_steps=int(cfg.seq_len_warmup * cfg.steps), seq_len_warmup_start=min(cfg.contexts),
                           optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=10,
                                             min_lr_ratio=0.1, grad_clip=1.0))
     t0 = time.perf_counter()
     metrics = pretrain(pcfg)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    metrics["genome"] = cfg.genome
     metrics[key] = breakdown(cfg, fasta, out, C)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -17,7 +17,8 @@ S=${SEEDS_WORK:-/tmp/seeds-work}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$S"
-for f in runs/seeds/*.tar; do [ -f "$f" ] && tar xf "$f" -C "$S"; done
+# A folder already in $S (a warm machine's earlier command) is newer than the tar it came from: keep it.
+for f in runs/seeds/*.tar; do [ -f "$f" ] && [ ! -d "$S/$(basename "$f" .tar)" ] && tar xf "$f" -C "$S"; done
 X=${SEEDS_EXTRA:-}
 T=${SEEDS_TIME_SCALE:-1}   # seconds per second of the budget below (tiny for a CPU check)
 t() { awk "BEGIN{print int($1 * $T) + 1}"; }

@@ -62,7 +62,8 @@ class PretrainConfig(TrainConfig):
     rc_augment: bool = field(default=False, metadata={
         "help": "reverse-complement half of the training windows (for strand-symmetric genomes: hg38 config)"})
     seq_len: int = 1024        # long windows: fewer bases scored with little context (GC drift, repeats)
-    seq_len_warmup_steps: int = field(default=0, metadata={"help": "grow the context over this many steps"})
+    seq_len_warmup_steps: int = field(default=0, metadata={
+        "help": "grow the context over this many steps (meanwhile more, shorter windows: equal bases per step)"})
     seq_len_warmup_start: int = 1024
     objective: Literal["causal", "mlm"] = field(default="causal", metadata={
         "help": "causal next-base, or masked LM (needs --model.bidirectional or --model.rc_equivariant)"})

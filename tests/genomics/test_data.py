@@ -191,7 +191,8 @@ def test_seq_len_warmup_and_batches(fasta):
     g = Genome.open([path])
     ds = WindowBatches(WindowSampler(g, [(0, 0, 5000)], "train", 0, 1.0), 2, 256, seq_len_warmup_steps=10,
                        seq_len_warmup_start=64)
-    assert ds[0]["input_ids"].shape == (2, 64) and ds[10]["input_ids"].shape == (2, 256)
+    # Equal bases per step through the warmup: 8 windows of 64, then 2 of 256.
+    assert ds[0]["input_ids"].shape == (8, 64) and ds[10]["input_ids"].shape == (2, 256)
 
 
 def test_auto_holdout_without_hg38_names(tmp_path):

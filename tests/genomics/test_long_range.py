@@ -128,5 +128,5 @@ def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tm
     saved = json.loads((tmp_path / "sweep/dna_context.json").read_text())
     assert saved["config"]["genome"] == "regional" and saved["config"]["model"]["d_model"] == cfg.model.d_model
     # A sweep of the other genome in the same folder would read these runs as its own: refused.
-    with pytest.raises(UserError, match="holds a sweep of the regional genome"):
+    with pytest.raises(UserError, match="ctx64 was trained on .*regional.*, not on this sweep's genome"):
         main(ContextSweepConfig(**{**vars(cfg), "genome": "copies"}))
