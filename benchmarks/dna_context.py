@@ -5,10 +5,11 @@ tokens per step, scored on a held-out contig, beside the best any predictor can 
     python -m benchmarks.dna_context --contexts 256 1024 --tokens-per-step 2048 --steps 20 --genome-scale 0.01
 
 Two generated genomes (--genome), both from genomics.demo:
-  * regional (default): regions of 131k-1M bases, each an order-3 chain with its own table, so reading more
-    of a region pays at every base; a few thousand bits to carry, which a recurrent state can hold.
+  * regional (default): regions of 131k-1M bases, each an order-2 chain with its own table (--regions.*), so
+    reading more of a region pays at every base; a few hundred counts to carry, which a recurrent state
+    can hold (docs/seeds.md section 4b).
   * copies: diverged copies of 500-base segments 1k to 500k bases apart, which need the span's bases
-    themselves (docs/seeds.md section 4: no fixed-size state can hold them).
+    themselves (docs/seeds.md section 4a: no fixed-size state can hold them).
 Each context is one `genomics.pretrain` run in <out-dir>/runs/ctx<C> (batch = --tokens-per-step / C), so the
 models see the same bases per step and differ only in how far back they can look. Run again, the command
 skips finished contexts and resumes an interrupted one from its checkpoint. Writes <out-dir>/dna_context.json

@@ -480,9 +480,9 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
 # --- a genome of regions, each with its own chain: what a recurrent state can carry across a long context -----
 # Real genomes change composition over hundreds of kilobases (isochores, gene-dense vs gene-poor domains).
 # Here every region draws its own Markov chain, so a predictor that has read more of the region
-# estimates the region's statistics better: a dependency of a few thousand bits (the region's table), paid
-# out at every base, which a fixed-size state can hold (counts), unlike the copies above (which need the
-# whole span's bases). The curve it allows falls from 1k to 131k and is computed exactly below.
+# estimates the region's statistics better: a dependency of a few hundred numbers (the region's transition
+# counts), paid out at every base, which a fixed-size state can hold, unlike the copies above (which need the
+# whole span's bases). The best curve it allows falls from 1k to 131k and is computed exactly below.
 REGIONAL_CONTIGS = {"chr1": 32_000_000, "chr20": 1_500_000, "chr21": 1_500_000}
 # Per base of each held-out contig: the base (0..3 = ACGT) and its region's index; and the chains' order and
 # alpha (what the Bayes predictor needs).
@@ -493,7 +493,7 @@ REGIONAL_ANNOTATION = "demo.regions.npz"
 class Regions:
     """How the regional genome's regions are drawn."""
     order: int = 2                      # Markov order of each region's chain: 4**order contexts x 3 free numbers
-    alpha: float = 1.0                  # Dirichlet concentration of each region's rows (1.0: ~1.56 bits/base)
+    alpha: float = 1.0                  # Dirichlet concentration of each region's rows (1.0: ~1.5-1.6 bits/base)
     lengths: tuple[int, int] = (1 << 17, 1 << 20)   # region length ~ LogUniform over this range, in bases
 
     def __post_init__(self):
@@ -562,7 +562,7 @@ def regional_genome(root: str | os.PathLike | None = None, contigs: dict[str, in
                     contexts: tuple[int, ...] = LONG_RANGE_CONTEXTS,
                     regions: Regions = Regions()) -> Path:
     """Path of the regional genome FASTA (demo.fa in its own folder, with demo.entropy.json), generated on
-    first use (about 10 s). The entropy file has the same curves as long_range_genome's, from the Bayes
+    first use (about a minute and 1 GB of memory at the default size). The entropy file has the same curves as long_range_genome's, from the Bayes
     predictor (regional_best_bits), so benchmarks/dna_context.py reads either genome alike."""
     contigs = contigs or REGIONAL_CONTIGS
     key = [contigs, list(contexts), dataclasses.asdict(regions)]
