@@ -175,10 +175,16 @@ def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
-        trained_on = yaml.safe_load((out / "config.yaml").read_text())["fasta"]
-        if trained_on != [str(fasta)]:
-            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {trained_on[0]}, not on this "
+        # A finished run counts only if it is this sweep's: same genome, same model.
+        run = yaml.safe_load((out / "config.yaml").read_text())
+        if run["fasta"] != [str(fasta)]:
+            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {run['fasta'][0]}, not on this "
                             f"sweep's genome ({fasta}); give another --out-dir")
+        ours = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+        differ = ", ".join(f"--model.{k} {v}" for k, v in sorted(run["model"].items()) if k in ours and ours[k] != v)
+        if differ:
+            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained with another model ({differ}); "
+                            "give another --out-dir")
         if key not in metrics:        # a run finished before the breakdown existed
             metrics[key] = breakdown(cfg, fasta, out, C)
             write_json_atomic(out / "metrics.json", metrics)

@@ -64,11 +64,13 @@ copy_and_induction() {
   fi
 }
 
-# The DNA context sweep on the regional genome (docs/seeds.md section 4), granted $1 seconds. (The table of
-# the copies genome came from `--genome copies --steps 300` into dna/.)
+# The DNA context sweep on the regional genome (docs/seeds.md section 4b), granted $1 seconds, with the model
+# whose state could hold a region's counts in the CPU pilot (expand 2, d_state 16: 138k parameters; the
+# demo model's table came from the same command without the two --model flags). (The table of the copies
+# genome came from `--genome copies --steps 300 --seq-len-warmup 0` into dna/.)
 dna() { timeout "$1" $PY -m benchmarks.dna_context --device ${SEEDS_DNA_DEVICE:-gpu} --genome regional \
-    --out-dir "$S/dna_regional" --contexts 1024 4096 16384 65536 131072 --steps 1000 ${SEEDS_DNA_EXTRA:-} \
-    > "$S/dna_context.log" 2>&1; }
+    --model.expand 2 --model.d_state 16 --out-dir "$S/dna_regional" --contexts 1024 4096 16384 65536 131072 \
+    --steps 1000 ${SEEDS_DNA_EXTRA:-} > "$S/dna_context.log" 2>&1; }
 
 if [ "$PART" = 1 ]; then
   if [ -f .bench/mamba_reference.py ]; then

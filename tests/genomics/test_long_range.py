@@ -1,6 +1,7 @@
 """The context-length genomes (genomics.demo.long_range_genome: copies; regional_genome: every region its own
 chain) and the context sweep over them (benchmarks/dna_context.py) at CPU size: the code path, not the
 accuracy."""
+import dataclasses
 import json
 
 import numpy as np
@@ -130,3 +131,7 @@ def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tm
     # A sweep of the other genome in the same folder would read these runs as its own: refused.
     with pytest.raises(UserError, match="ctx64 was trained on .*regional.*, not on this sweep's genome"):
         main(ContextSweepConfig(**{**vars(cfg), "genome": "copies"}))
+    # ... and so would a sweep of another model.
+    other = dataclasses.replace(cfg.model, d_state=4)
+    with pytest.raises(UserError, match="ctx64 was trained with another model \\(--model.d_state 8\\)"):
+        main(ContextSweepConfig(**{**vars(cfg), "model": other}))
