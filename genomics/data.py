@@ -451,10 +451,10 @@ class WindowBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         L = seq_len_at(index, self.seq_len, self.warmup_steps, self.warmup_start)
-        # During the warmup a step holds as many bases as after it (more, shorter windows), as in the Mamba
-        # paper's DNA runs: the learning rate schedule and the bases seen per step stay those of the run.
-        batch = self.batch_size * (self.seq_len // L)
-        ids = self.sampler.windows(index, batch, L + 1, rank=self.rank, rc_augment=self.rc_augment)
+        # During the warmup a step holds as many bases as after it (more, shorter windows): the learning rate
+        # schedule and the bases seen per step stay those of the run.
+        n_windows = self.batch_size * (self.seq_len // L)
+        ids = self.sampler.windows(index, n_windows, L + 1, rank=self.rank, rc_augment=self.rc_augment)
         if self.objective == "mlm":
             batch = mlm_batch(ids, np.random.default_rng([self.sampler.seed, 101, index, self.rank]))
         else:
