@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genomics.demo import Regions
+from genomics.demo import LONG_RANGE_ANNOTATION, REGIONAL_ANNOTATION, Regions
 from genomics.pretrain import PretrainConfig
 from ssm_core.cli import main_entry
 from ssm_core.errors import UserError
@@ -151,7 +151,6 @@ def bits_by_offset(model_dir: Path, notes, contig: str, C: int, max_bases: int, 
     (`by_offset`: offsets 1-3, 4-15, 16-63, ...: how much of the region it has read), beside the Bayes
     predictor on the same bases (genomics.demo.regional_best_bits); "all" is every scored base. `notes` is
     the genome's demo.regions.npz."""
-
     from genomics.demo import regional_best_bits
     bases, region = notes[f"{contig}/bases"], notes[f"{contig}/region"]
     bits, pos = window_bits(model_dir, bases, C, max_bases, device)
@@ -164,8 +163,8 @@ def bits_by_offset(model_dir: Path, notes, contig: str, C: int, max_bases: int, 
 
 
 # Each genome's breakdown of the held-out bits: (key in metrics.json, function, annotation file).
-BREAKDOWNS = {"copies": ("bits_by_kind", bits_by_kind, "demo.copies.npz"),
-              "regional": ("bits_by_offset", bits_by_offset, "demo.regions.npz")}
+BREAKDOWNS = {"copies": ("bits_by_kind", bits_by_kind, LONG_RANGE_ANNOTATION),
+              "regional": ("bits_by_offset", bits_by_offset, REGIONAL_ANNOTATION)}
 
 
 def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:

@@ -397,7 +397,9 @@ LONG_RANGE_ANNOTATION = "demo.copies.npz"
 
 def _generated_folder(root, name: str, key: list, default_key: list) -> tuple[Path, Path]:
     """(folder, its demo.fa) of a generated genome: `root`, else the cache folder `name`, suffixed with a
-    hash of `key` when it is not the default (so a test's small genome never stands in for the real one)."""
+    hash of `key` when it is not the default (so a test's small genome never stands in for the real one).
+    Keys compare as JSON (a tuple equals the list it is written as)."""
+    key, default_key = json.loads(json.dumps(key)), json.loads(json.dumps(default_key))
     tag = "" if key == default_key else "-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
     folder = Path(root) if root else cache_root() / f"{name}{tag}"
     return folder, folder / "demo.fa"
@@ -442,8 +444,7 @@ def long_range_genome(root: str | os.PathLike | None = None, contigs: dict[str, 
     where a base at offset t sees only t bases back (what pretraining's validation at that --seq-len
     measures). These curves are what a model trained at each context can at best reach."""
     contigs = contigs or LONG_RANGE_CONTIGS
-    folder, fasta = _generated_folder(root, "longrange-v1", [contigs, list(contexts)],
-                                      [LONG_RANGE_CONTIGS, list(LONG_RANGE_CONTEXTS)])
+    folder, fasta = _generated_folder(root, "longrange-v1", [contigs, contexts], [LONG_RANGE_CONTIGS, LONG_RANGE_CONTEXTS])
     if all(f.is_file() for f in (fasta, folder / "demo.entropy.json", Path(str(fasta) + ".fai"),
                                  folder / LONG_RANGE_ANNOTATION)):
         return fasta
@@ -565,10 +566,8 @@ def regional_genome(root: str | os.PathLike | None = None, contigs: dict[str, in
     first use (about a minute and 1 GB of memory at the default size). The entropy file has the same curves as long_range_genome's, from the Bayes
     predictor (regional_best_bits), so benchmarks/dna_context.py reads either genome alike."""
     contigs = contigs or REGIONAL_CONTIGS
-    key = [contigs, list(contexts), dataclasses.asdict(regions)]
-    folder, fasta = _generated_folder(root, "regional-v1", json.loads(json.dumps(key)),
-                                      json.loads(json.dumps([REGIONAL_CONTIGS, list(LONG_RANGE_CONTEXTS),
-                                                             dataclasses.asdict(Regions())])))
+    folder, fasta = _generated_folder(root, "regional-v1", [contigs, contexts, dataclasses.asdict(regions)],
+                                      [REGIONAL_CONTIGS, LONG_RANGE_CONTEXTS, dataclasses.asdict(Regions())])
     if all(f.is_file() for f in (fasta, folder / "demo.entropy.json", Path(str(fasta) + ".fai"),
                                  folder / REGIONAL_ANNOTATION)):
         return fasta
