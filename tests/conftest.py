@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from .helpers import REPO
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 

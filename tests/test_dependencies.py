@@ -6,11 +6,11 @@ import importlib.metadata as md
 import re
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO
+
 PACKAGES = ("ssm_core", "kernels", "genomics", "audio", "timeseries")
 # Declared but loaded by another package rather than imported by ours; each with where it is used.
 USED_INDIRECTLY = {

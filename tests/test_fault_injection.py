@@ -24,7 +24,7 @@ import pytest
 
 from ssm_core.run_dir import MARKER
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, child_env
 
 DRIVER = textwrap.dedent("""
     import contextlib, io, json, runpy, sys, traceback, warnings
@@ -49,9 +49,7 @@ DRIVER = textwrap.dedent("""
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("SSM_DEBUG", None)
-    return env
+    return child_env(OMP_NUM_THREADS="1")
 
 
 # --- tiny inputs ------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO
+
 # Each package may import only packages of a lower layer (and itself).
 LAYERS = {"kernels": 0, "ssm_core": 1, "genomics": 2, "audio": 2, "timeseries": 2}
 

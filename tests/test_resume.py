@@ -10,7 +10,6 @@ SIGTERM at step K instead, which must save a checkpoint (mid-epoch) and end with
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, child_env
 
 DRIVER = textwrap.dedent("""
     import os, runpy, signal, sys
@@ -56,9 +55,8 @@ DRIVER = textwrap.dedent("""
 
 
 def _run(module: str, args: list[str], kill: tuple[str, int] = ("none", 0)) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("SSM_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", DRIVER, kill[0], str(kill[1]), module, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-c", DRIVER, kill[0], str(kill[1]), module, *args], cwd=REPO,
+                          env=child_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=600, check=False)
 
 

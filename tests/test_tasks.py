@@ -11,6 +11,8 @@ from ssm_core import Mamba, MambaConfig, MambaLM
 from ssm_core.tasks import BLANK, FIRST_DATA, MARKER, TaskConfig, induction_batch, main, selective_copy_batch
 from ssm_core.training import OptimConfig
 
+from .helpers import REPO
+
 
 def test_selective_copy_batches_ask_for_the_data_tokens_in_order():
     cfg = TaskConfig(seq_len=20, n_memorize=3, n_tokens=5)
@@ -80,10 +82,9 @@ def test_n_tokens_sets_the_vocabulary_and_the_lti_switch_reaches_the_model():
 
 
 def test_shipped_task_configs_parse():
-    from pathlib import Path
 
     from ssm_core.cli import parse_config
-    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/ssm_core/*.yaml")):
+    for path in sorted(REPO.glob("configs/ssm_core/*.yaml")):
         cfg = parse_config(TaskConfig, ["--config", str(path), "--steps", "3"])
         assert cfg.steps == 3 and cfg.task in ("selective-copy", "induction") and cfg.model.d_model == 32
 

@@ -16,15 +16,13 @@ from audio.stream import Detector, StreamConfig, run_stream
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import UserError, run
 
+from ..helpers import REPO, child_env
 from .audio_helpers import LABELS, noise_wave, tiny_model
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("SSM_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "audio.stream", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "audio.stream", *map(str, args)], cwd=REPO,
+                          env=child_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
 
 

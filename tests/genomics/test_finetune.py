@@ -13,6 +13,7 @@ from genomics.finetune import main as finetune_main
 from ssm_core import MambaConfig
 from ssm_core.cli import UserError, parse_config, run
 
+from ..helpers import REPO
 from .test_score_stream import save_tiny
 
 FAST = ["--max-epochs", "2", "--batch-size", "16", "--accelerator", "cpu", "--kmer-sizes", "2", "3"]
@@ -211,8 +212,7 @@ def test_finetune_grid_benchmark_means_over_seeds_and_continues_a_cut_grid(check
     code, the summary is the mean over seeds beside the baseline, and finished runs are read, not repeated."""
     import importlib.util
     import sys
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "genomics_finetune_grid.py"
+    path = REPO / "benchmarks" / "genomics_finetune_grid.py"
     spec = importlib.util.spec_from_file_location("genomics_finetune_grid", path)
     grid = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, grid)     # dataclasses look their module up there

@@ -1,7 +1,6 @@
 """End to end on CPU with tiny shapes: pretrain (loss falls), exact mid-run resume, 2-process DDP (gloo),
 bad input, and embed / evaluate / probe on the checkpoint."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ from genomics.pretrain import main as pretrain_main
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import run
 
-REPO = Path(__file__).resolve().parents[2]
+from ..helpers import REPO, child_env
+
 TINY = ["--seq-len", "64", "--batch-size", "4", "--model.d_model", "16", "--model.n_layer", "1",
         "--val-batches", "2", "--accelerator", "cpu", "--optim.lr", "0.02", "--optim.warmup_steps", "2"]
 
@@ -84,7 +84,7 @@ def test_resume_continues_the_same_stream(genome, tmp_path):
 
 
 def test_ddp_two_cpu_processes(genome, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "genomics.pretrain", "--fasta", str(genome), "--output-dir", str(out),
            "--max-steps", "3", "--val-every", "3", "--devices", "2", "--strategy", "ddp", *TINY]
@@ -131,7 +131,7 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     # An --output-dir of its own: the repository's runs/genomics may hold the README's first command's run.
     proc = subprocess.run([sys.executable, "-m", "genomics.pretrain", "--fasta", str(tmp_path / "x.fa"),
                            "--output-dir", str(tmp_path / "out")],
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          cwd=REPO, env=child_env(), capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"python -m genomics.pretrain: error: --fasta {tmp_path / 'x.fa'}: no such file"]

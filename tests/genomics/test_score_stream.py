@@ -24,6 +24,8 @@ from ssm_core import MambaConfig, MambaLM
 from ssm_core.cli import run
 from ssm_core.io import write_json_atomic
 
+from ..helpers import REPO
+
 HEADER = "##fileformat=VCFv4.2\n##contig=<ID=chr1,length=3000>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
 
 
@@ -206,14 +208,12 @@ def test_many_short_records_hold_out_whole_records(tmp_path):
 def test_stream_benchmark_runs_tiny_on_cpu(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
     argv = ["--d-model", "16", "--n-layer", "1", "--contig-mb", "0.02", "--lengths-mb", "0.005", "--chunk", "2048",
             "--score-context", "128", "--score-variants", "4", "--device", "cpu", "--precisions", "float32",
             "--workdir", str(tmp_path), "--out", str(out)]
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "genomics_stream.py"), *argv], check=True,
-                          cwd=repo, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "genomics_stream.py"), *argv], check=True,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     res = json.loads(out.read_text())
     assert [r["bases"] for r in res["stream"]] == [5000, 20000] and res["contig_bases"] == 20000
     assert all(r["tokens_per_second"] > 0 and "error" not in r for r in res["stream"])

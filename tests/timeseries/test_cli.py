@@ -17,7 +17,8 @@ from timeseries.predict import PredictConfig
 from timeseries.predict import main as predict_main
 from timeseries.train import FitConfig
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+from ..helpers import REPO
+
 TINY = ["--lookback", "24", "--horizon", "8", "--model.d_model", "8", "--model.n_layer", "1",
         "--model.d_state", "4", "--max-epochs", "2", "--batch-size", "32", "--no-progress"]
 METRIC_KEYS = {"test_mse", "test_mae", "test_mse_original", "test_mae_original"}
