@@ -122,7 +122,11 @@ def _run(kwargs: dict) -> dict:
     if kwargs["init_from"] is not None and not Path(kwargs["init_from"]).is_file():
         raise FileNotFoundError(f"--init-from-grid: {kwargs['init_from']} is missing (that run did not finish)")
     if done.is_file():   # finished in an earlier command
-        return json.loads(done.read_text())
+        metrics = json.loads(done.read_text())
+        if metrics["step"] >= kwargs["steps"]:
+            return metrics
+        # Finished at fewer steps than --steps asks now: it continues from its last checkpoint (saved at its
+        # last step), its schedule stretched to the new --steps from where it stands.
     resume = (out / "checkpoints" / "last.ckpt").is_file()
     metrics = train(TaskConfig(**kwargs, model=model, optim=optim, progress=False, resume=resume,
                                overwrite=not resume and out.exists()))

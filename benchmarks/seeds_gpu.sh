@@ -39,8 +39,11 @@ copy256() { grid "$1" --config configs/seeds/selective_copy_256.yaml --out-dir "
     --time-limit "$(tl "$1" 48)" > "$S/copy256.log" 2>&1; }
 induction() { grid "$1" --config configs/seeds/induction.yaml --out-dir "$S/induction" \
     --time-limit "$(tl "$1" 100)" > "$S/induction.log" 2>&1; }
+# SEEDS_COPY4096_STEPS: a longer stage two than the config's 1,200 steps; runs finished at fewer steps continue
+# from their checkpoints (benchmarks.mixer_tasks), over as many commands as it takes.
 copy4096() { grid "$1" --config configs/seeds/selective_copy_4096.yaml --init-from-grid "$S/copy256" \
-    --out-dir "$S/copy4096" --time-limit "$(tl "$1" 40)" > "$S/copy4096.log" 2>&1; }
+    --out-dir "$S/copy4096" --time-limit "$(tl "$1" 40)" ${SEEDS_COPY4096_STEPS:+--steps "$SEEDS_COPY4096_STEPS"} \
+    > "$S/copy4096.log" 2>&1; }
 
 copy_and_induction() {
   # Grids share the GPU (small models: each process is CPU-bound, 16 cores).

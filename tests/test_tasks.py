@@ -262,6 +262,10 @@ def test_grid_stopped_by_its_time_limit_is_finished_by_the_same_command(tmp_path
     saved = json.loads((tmp_path / "grid/mixer_tasks.json").read_text())
     assert [r["label"] for r in saved["runs"]] == ["Mamba", "Mamba-2"]
     assert (tmp_path / "grid/mixer_tasks.png").is_file() and (tmp_path / "grid/mixer_tasks_lengths.png").is_file()
+    # the same command with more --steps continues the finished runs from their checkpoints
+    longer = grid(GridConfig(**{**argv, "steps": 6}))
+    assert not longer["unfinished"] and [r["step"] for r in longer["runs"]] == [6, 6]
+    assert grid(GridConfig(**{**argv, "steps": 6}))["runs"] == longer["runs"]     # and then leaves them
     # stage two: each run starts from its namesake of the first grid
     stage2 = grid(GridConfig(**{**argv, "seq_len": 24, "out_dir": str(tmp_path / "grid2")},
                              init_from_grid=str(tmp_path / "grid")))
