@@ -54,6 +54,10 @@ class ContextSweepConfig:
     regions: Regions = field(default_factory=Regions)    # the regional genome's regions
     genome_scale: float = field(default=1.0, metadata={
         "help": "the genome's contig (and region) lengths times this (small for a CPU check of the code path)"})
+    train_scale: float = field(default=1.0, metadata={
+        "help": "the training contig (chr1) alone this many times longer: more regions, of the same lengths, to "
+                "learn from (a model that sees the same regions many times fits their tables instead of learning "
+                "to estimate a table in context); the held-out contigs keep their lengths"})
     # genomics.pretrain's demo model unless given (the same model at every context).
     model: MambaConfig = field(default_factory=lambda: PretrainConfig().model)
     device: str = field(default="auto", metadata={"help": "cpu, gpu or auto (Lightning's accelerator)"})
@@ -75,12 +79,15 @@ class ContextSweepConfig:
             raise ValueError(f"--seq-len-warmup: must be in [0, 1), got {self.seq_len_warmup}")
         if not 0 < self.genome_scale <= 1:
             raise ValueError(f"--genome-scale: must be in (0, 1], got {self.genome_scale}")
+        if not 1 <= self.train_scale <= 16:
+            raise ValueError(f"--train-scale: must be in [1, 16], got {self.train_scale}")
 
 
 def genome(cfg: ContextSweepConfig) -> tuple[Path, dict]:
     from genomics import demo
     base = demo.REGIONAL_CONTIGS if cfg.genome == "regional" else demo.LONG_RANGE_CONTIGS
-    contigs = {k: max(4 * max(cfg.contexts), int(v * cfg.genome_scale)) for k, v in base.items()}
+    contigs = {k: max(4 * max(cfg.contexts), int(v * cfg.genome_scale * (cfg.train_scale if k == "chr1" else 1)))
+               for k, v in base.items()}
     contexts = tuple(sorted(set(cfg.contexts)))
     key = [contigs, contexts]
     if cfg.genome == "regional":

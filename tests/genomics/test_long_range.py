@@ -135,3 +135,12 @@ def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tm
     other = dataclasses.replace(cfg.model, d_state=4)
     with pytest.raises(UserError, match="ctx64 was trained with another model \\(--model.d_state 8\\)"):
         main(ContextSweepConfig(**{**vars(cfg), "model": other}))
+    # A longer training contig is another genome: its own folder, the held-out contigs as long as before.
+    longer = ContextSweepConfig(**{**vars(cfg), "train_scale": 3.0, "out_dir": str(tmp_path / "longer")})
+    result = main(longer)
+    genomes = {f.parent.name: f for f in (tmp_path / "cache").glob("regional-*/**/demo.fa.fai")}
+    assert len(genomes) == 2
+    sizes = [{line.split()[0]: int(line.split()[1]) for line in f.read_text().splitlines()} for f in genomes.values()]
+    short, long_ = sorted(sizes, key=lambda d: d["chr1"])
+    assert long_["chr1"] == 3 * short["chr1"] and long_["chr20"] == short["chr20"] and long_["chr21"] == short["chr21"]
+    assert json.loads((tmp_path / "longer/dna_context.json").read_text())["config"]["train_scale"] == 3.0
