@@ -57,7 +57,7 @@ class ContextSweepConfig:
     train_scale: float = field(default=1.0, metadata={
         "help": "the training contig (chr1) alone this many times longer: more regions, of the same lengths, to "
                 "learn from (a model that sees the same regions many times fits their tables instead of learning "
-                "to estimate a table in context); the held-out contigs keep their lengths"})
+                "to estimate a table in context); the held-out contigs keep their lengths (drawn afresh)"})
     # genomics.pretrain's demo model unless given (the same model at every context).
     model: MambaConfig = field(default_factory=lambda: PretrainConfig().model)
     device: str = field(default="auto", metadata={"help": "cpu, gpu or auto (Lightning's accelerator)"})

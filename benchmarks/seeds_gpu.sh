@@ -94,5 +94,8 @@ for d in copy256 copy4096 induction; do
   [ -d "$S/$d" ] && (cd "$S" && tar cf "$OUT/$d.tar" --exclude='*.tmp' "$d")
 done
 # The DNA runs' Lightning checkpoints would pass 16 MB; a context without metrics.json is simply run again.
-[ -d "$S/dna_regional" ] && (cd "$S" && tar cf "$OUT/dna_regional.tar" --exclude='*.tmp' --exclude='*.ckpt' dna_regional)
+# Every sweep folder (dna_regional, and those SEEDS_DNA_EXTRA's --out-dir named beside it).
+for d in "$S"/dna_regional*/; do
+  d=$(basename "$d"); [ -d "$S/$d" ] && (cd "$S" && tar cf "$OUT/$d.tar" --exclude='*.tmp' --exclude='*.ckpt' "$d")
+done
 ls -la "$OUT"
