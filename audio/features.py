@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,6 @@ class FeatureConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     n_mels: int = 80
-    # An orthonormal DCT along the mel axis, truncated (KeywordSpotter.to_cepstra): the fine structure it drops
-    # (the pitch harmonics the low mels resolve) tells the synthesiser or speaker apart, not the word.
-    n_cepstra: int = field(default=0, metadata={
-        "help": "keep the first N cepstra of the normalised log-mel (MFCC-like: envelope kept, pitch harmonics "
-                "dropped); 0: the log-mel itself"})
 
     def __post_init__(self):
         # ValueError, not UserError: a saved model's config.json passes through here too, and its loader
@@ -45,8 +40,6 @@ class FeatureConfig:
                     if not getattr(self, name) >= low]          # `not >=`: NaN fails too
         if not problems and self.win_ms < self.hop_ms:
             problems.append(f"--win-ms {self.win_ms}: shorter than --hop-ms {self.hop_ms}")
-        if not problems and not 0 <= self.n_cepstra <= self.n_mels:
-            problems.append(f"--n-cepstra: expected 0 (off) to the number of mels ({self.n_mels}), got {self.n_cepstra}")
         if problems:
             raise ValueError(f"features: {problems[0]} (front-end {asdict(self)})")
 
@@ -57,11 +50,6 @@ class FeatureConfig:
     @property
     def hop_length(self) -> int:
         return int(round(self.sample_rate * self.hop_ms / 1000))
-
-    @property
-    def dim(self) -> int:
-        """Features a frame gives the encoder: the cepstra kept, or every mel."""
-        return self.n_cepstra or self.n_mels
 
     def num_frames(self, num_samples: int) -> int:
         return 0 if num_samples < self.win_length else 1 + (num_samples - self.win_length) // self.hop_length

@@ -64,10 +64,9 @@ class KWSModule(TaskModule):
         # the state another word left behind, as on a stream. (The whole clip: a word may sit anywhere
         # before its label frames, so a cut-down prefix could lose the word its label names.)
         prefix = wave.roll(1, 0)
-        # The mel-axis augmentations act on the normalised log-mel, before the model takes its cepstra.
-        mels = freq_warp(m.normalize(m.frontend(torch.cat([prefix, wave], dim=1))), c["freq_warp"])
-        mels = spec_augment(mels, c["freq_mask"], c["time_mask"])
-        logits = m.classify(m.to_cepstra(mels))
+        feats = freq_warp(m.features(torch.cat([prefix, wave], dim=1)), c["freq_warp"])
+        feats = spec_augment(feats, c["freq_mask"], c["time_mask"])
+        logits = m.classify(feats)
         k, t1 = m.config.label_frames, m.config.features.num_frames(prefix.shape[1])
         loss = 0.5 * (F.cross_entropy(logits[:, -k:].flatten(0, 1), y.repeat_interleave(k))
                       + F.cross_entropy(logits[:, t1 - k: t1].flatten(0, 1), y.roll(1, 0).repeat_interleave(k)))

@@ -1,5 +1,4 @@
-"""The keyword spotter: log-mel front-end -> fixed normalisation (-> cepstra) -> causal Mamba encoder -> per-frame
-logits.
+"""The keyword spotter: log-mel front-end -> fixed normalisation -> causal Mamba encoder -> per-frame logits.
 
 Everything is causal, so the same weights run offline over a whole clip (`forward`) or chunk by chunk on a
 live stream (`init_stream` / `stream`), and the streamed per-frame logits equal the offline ones.
@@ -15,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchaudio
 from torch import nn
 from torch.nn import functional as F
 
@@ -35,14 +33,14 @@ _FLAT_ENCODER_FIELDS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "mi
 
 def default_encoder() -> MambaConfig:
     """The keyword spotter's encoder (about 0.5M parameters with the head); d_input follows the front-end."""
-    return MambaConfig(d_model=128, n_layer=4, d_state=16, d_input=FeatureConfig().dim)
+    return MambaConfig(d_model=128, n_layer=4, d_state=16, d_input=FeatureConfig().n_mels)
 
 
 @dataclass
 class KWSConfig:
     labels: list[str]
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    # The causal backbone: any mixer that streams (all of ssm_core.MIXERS do); d_input is features.dim.
+    # The causal backbone: any mixer that streams (all of ssm_core.MIXERS do); d_input is features.n_mels.
     encoder: MambaConfig = field(default_factory=default_encoder)
     # A clip's class is read from the posteriors of its last `label_frames` frames (after the word).
     label_frames: int = 15
@@ -51,11 +49,11 @@ class KWSConfig:
         if isinstance(self.features, dict):
             self.features = FeatureConfig(**self.features)
         if isinstance(self.encoder, dict):
-            self.encoder = MambaConfig.from_dict({**self.encoder, "d_input": self.features.dim})
+            self.encoder = MambaConfig.from_dict({**self.encoder, "d_input": self.features.n_mels})
         if len(self.labels) < 2:
             raise ValueError("KWSConfig.labels: need at least two classes")
-        if self.encoder.d_input != self.features.dim or self.encoder.vocab_size is not None:
-            self.encoder = dataclasses.replace(self.encoder, d_input=self.features.dim, vocab_size=None)
+        if self.encoder.d_input != self.features.n_mels or self.encoder.vocab_size is not None:
+            self.encoder = dataclasses.replace(self.encoder, d_input=self.features.n_mels, vocab_size=None)
         if not self.encoder.streamable:
             raise ValueError("KWSConfig.encoder: must be causal to stream (no bidirectional / rc_equivariant)")
 
@@ -84,11 +82,6 @@ class KeywordSpotter(nn.Module):
         # Per-mel mean/std of the training features: a fixed affine map, so it streams exactly.
         self.register_buffer("feat_mean", torch.zeros(config.features.n_mels))
         self.register_buffer("feat_std", torch.ones(config.features.n_mels))
-        # The cepstra kept (features.n_cepstra), as a fixed (n_mels, n_cepstra) map applied after the
-        # normalisation: linear, so it streams exactly and folds into the encoder's input projection.
-        n_cepstra = config.features.n_cepstra
-        self.register_buffer("cepstra", torchaudio.functional.create_dct(n_cepstra, config.features.n_mels, "ortho")
-                             if n_cepstra else None, persistent=False)
         self.encoder = MambaModel(config.encoder)
         self.head = nn.Linear(config.encoder.d_model, len(config.labels))
 
@@ -97,20 +90,14 @@ class KeywordSpotter(nn.Module):
         return self.config.labels
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave (batch, samples) -> the encoder's input features (batch, frames, features.dim)."""
-        return self.to_cepstra(self.normalize(self.frontend(wave)))
+        """wave (batch, samples) -> normalised log-mel (batch, frames, n_mels)."""
+        return self.normalize(self.frontend(wave))
 
     def normalize(self, logmel: torch.Tensor) -> torch.Tensor:
-        """Log-mel frames -> normalised log-mel frames, per mel (training applies its mel-axis augmentations
-        to these, before `to_cepstra`)."""
         return (logmel - self.feat_mean) / self.feat_std
 
-    def to_cepstra(self, mels: torch.Tensor) -> torch.Tensor:
-        """Normalised log-mel (..., n_mels) -> its first features.n_cepstra cepstra, or itself when that is 0."""
-        return mels if self.cepstra is None else mels @ self.cepstra
-
     def classify(self, feats: torch.Tensor) -> torch.Tensor:
-        """Features (batch, frames, features.dim) -> logits (batch, frames, classes)."""
+        """Normalised features (batch, frames, n_mels) -> logits (batch, frames, classes)."""
         return self.head(self.encoder(feats)).float()
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -140,21 +127,21 @@ class KeywordSpotter(nn.Module):
             h = F.linear(frames, *self._normalized_embedding(embedding))
             h, state.encoder = encoder.stream_embedded(h, state.encoder)
         else:
-            h, state.encoder = encoder.stream(self.to_cepstra(self.normalize(frames)), state.encoder)
+            h, state.encoder = encoder.stream(self.normalize(frames), state.encoder)
         return F.linear(h, head._parameters["weight"], head._parameters["bias"]).float()
 
     def _normalized_embedding(self, emb: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W' / std, b - (W' / std) @ mean), W' = W @ cepstra^T (or W): the encoder's input Linear `emb`
-        applied to the normalised features (and their cepstra), as one Linear on the raw log-mel. Cached
-        while the tensors are unchanged (`params_key`)."""
-        mean, std, cepstra = self._buffers["feat_mean"], self._buffers["feat_std"], self._buffers["cepstra"]
+        """(W / std, b - (W / std) @ mean): the encoder's input Linear `emb` applied to normalised
+        features, as one Linear on the raw log-mel. Cached while the four tensors are unchanged
+        (`params_key`)."""
+        mean, std = self._buffers["feat_mean"], self._buffers["feat_std"]
         weight, bias = emb._parameters["weight"], emb._parameters["bias"]
-        sources = [t for t in (mean, std, cepstra, weight, bias) if t is not None]
+        sources = [t for t in (mean, std, weight, bias) if t is not None]
         key = params_key(sources)
         cache = self.__dict__.get("_embedding_cache")
         if key is None or cache is None or cache[0] != key:
             with torch.no_grad(), torch.inference_mode(False):
-                w = (weight if cepstra is None else weight @ cepstra.t()) / std
+                w = weight / std
                 shift = -(w @ mean) if bias is None else bias - w @ mean
                 # The sources are held so that no new tensor can take their addresses while cached.
                 cache = (key, (w, shift), [t.detach() for t in sources])

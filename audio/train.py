@@ -72,7 +72,7 @@ class AudioTrainConfig(TrainConfig):
         "help": "Speech Commands folders of engines never trained on (python -m audio.heldout): each one's "
                 "accuracy is reported under its engine's name"})
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    # The encoder (any streaming mixer: --model.mixer); its d_input follows --features.n_mels / n_cepstra.
+    # The encoder (any streaming mixer: --model.mixer); its d_input follows --features.n_mels.
     model: MambaConfig = field(default_factory=default_encoder)
     label_frames: int = field(default=15, metadata={"help": "a clip's class is read from its last N frames"})
     # The warm-up is at most a tenth of the run (KWSModule.warmup_steps).
@@ -99,21 +99,20 @@ class AudioTrainConfig(TrainConfig):
     time_mask: int = field(default=10, metadata={"help": "SpecAugment: widest time mask (frames)"})
     val_every: int = field(default=200, metadata={"help": "validate every N training steps"})
 
-    DERIVED = {"model.d_input": "--features.n_mels and --features.n_cepstra", "model.vocab_size": "audio input (features)",
+    DERIVED = {"model.d_input": "--features.n_mels", "model.vocab_size": "audio input (features)",
                "model.complement_map": "audio input (features)"}
 
     @classmethod
     def derive(cls, values: dict) -> dict:
-        f = values.get("features", {})
-        dim = f.get("n_cepstra", FeatureConfig().n_cepstra) or f.get("n_mels", FeatureConfig().n_mels)
-        return {"model.d_input": dim, "model.vocab_size": None, "model.complement_map": None}
+        n_mels = values.get("features", {}).get("n_mels", FeatureConfig().n_mels)
+        return {"model.d_input": n_mels, "model.vocab_size": None, "model.complement_map": None}
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("bidirectional", "rc_equivariant"):
             if getattr(self.model, name):
                 raise ValueError(f"--model.{name}: the encoder must be causal to stream")
-        self.model = self.kws_config(["a", "b"]).encoder     # d_input = the features' dim
+        self.model = self.kws_config(["a", "b"]).encoder     # d_input = --features.n_mels
         if not 0 <= self.freq_warp < 0.5:
             raise ValueError(f"--freq-warp: expected 0 <= value < 0.5, got {self.freq_warp}")
         if not 0 <= self.speed_perturb < 0.5:

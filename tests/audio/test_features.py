@@ -13,30 +13,6 @@ def test_default_frontend_is_16k_25ms_10ms_80mels():
     assert LogMel(cfg)(torch.randn(2, 16000)).shape == (2, cfg.num_frames(16000), 80) == (2, 98, 80)
 
 
-def test_cepstra_keep_the_spectral_envelope_and_drop_the_fine_structure():
-    """features.n_cepstra: a ripple along the mel axis faster than the cepstra kept (a voice's harmonics)
-    leaves the features unchanged, a slower one (an envelope, a formant) changes them; all of them kept is
-    an orthonormal map; and out-of-range values are refused."""
-    from audio.model import KeywordSpotter, KWSConfig
-    n = 80
-    model = KeywordSpotter(KWSConfig(labels=["a", "b"], features=FeatureConfig(n_cepstra=20)))
-    assert model.encoder.config.d_input == 20 and model.config.features.dim == 20
-    mels = torch.randn(3, 7, n)
-    ripple = lambda k: torch.cos(torch.pi * k * (torch.arange(n) + 0.5) / n)   # the DCT-II's k-th basis
-    base = model.to_cepstra(mels)
-    assert base.shape == (3, 7, 20)
-    for k in (20, 31, 79):
-        torch.testing.assert_close(model.to_cepstra(mels + 2 * ripple(k)), base, atol=1e-4, rtol=0)
-    for k in (0, 3, 19):
-        assert (model.to_cepstra(mels + 2 * ripple(k)) - base).abs().max() > 1.0
-    full = KeywordSpotter(KWSConfig(labels=["a", "b"], features=FeatureConfig(n_cepstra=n)))
-    torch.testing.assert_close(full.to_cepstra(mels).norm(dim=-1), mels.norm(dim=-1), atol=1e-4, rtol=1e-5)
-    assert KeywordSpotter(KWSConfig(labels=["a", "b"])).to_cepstra(mels) is mels      # 0: the log-mel itself
-    for bad in (-1, 81):
-        with pytest.raises(ValueError, match="--n-cepstra: expected 0 \\(off\\) to the number of mels \\(80\\), got "):
-            FeatureConfig(n_cepstra=bad)
-
-
 @pytest.mark.parametrize("chunks", [[1] * 50 + [3000], [37] * 200, [160] * 60, [399, 401, 1600, 7], [16000]])
 def test_streaming_frames_equal_offline_frames(chunks):
     torch.manual_seed(0)

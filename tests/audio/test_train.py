@@ -135,16 +135,14 @@ def test_empty_heldout_folder_fails_before_training(tiny_synth, tmp_path, capsys
     assert not (out / "checkpoints").exists()          # no training ran
 
 
-def test_residual_in_fp32_and_cepstra_flags_reach_the_exported_model(tiny_synth, tmp_path):
+def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
     out = tmp_path / "run"
     assert run(train.main, train.AudioTrainConfig,
                ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--output-dir", str(out),
                 "--max-steps", "1", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
-                "--val-every", "1", "--accelerator", "cpu", "--model.residual_in_fp32", "false",
-                "--features.n_cepstra", "24"], prog="audio.train") == 0
+                "--val-every", "1", "--accelerator", "cpu", "--model.residual_in_fp32", "false"], prog="audio.train") == 0
     model = load_model(out / "model")
     assert model.config.encoder.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
-    assert model.config.features.n_cepstra == 24 and model.encoder.config.d_input == 24
     # the run wrote its resolved configuration (the training engines it found named: espeak-ng here, the
     # tiny set is built without the `voices` extra), and --config of it gives the same config
     from ssm_core.cli import parse_config
@@ -154,7 +152,7 @@ def test_residual_in_fp32_and_cepstra_flags_reach_the_exported_model(tiny_synth,
                                  "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
                                  "--model.d_model", "16", "--model.n_layer", "1", "--val-every", "1",
                                  "--accelerator", "cpu", "--model.residual_in_fp32", "false",
-                                 "--features.n_cepstra", "24", "--synth-engines", "[espeak]"])
+                                 "--synth-engines", "[espeak]"])
 
 
 def test_train_config_errors(tmp_path, capsys):
