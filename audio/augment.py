@@ -26,17 +26,20 @@ def speed_perturb(wave: torch.Tensor, max_change: float, groups: int = 4) -> tor
     cut or zero-pad back to the clip length. Factors are multiples of 1/20 so the polyphase filter stays small."""
     if max_change <= 0:
         return wave
+    steps = max(1, int(max_change * 20))
+    return torch.cat([stretch(part, 20 + int(torch.randint(-steps, steps + 1, ())), 20)
+                      for part in wave.chunk(groups)])
+
+
+def stretch(wave: torch.Tensor, new: int, old: int) -> torch.Tensor:
+    """Clips (b, n) resampled from `old` to `new` samples a unit (new > old: slower and lower, as played at the
+    same rate), cut or zero-padded back to n."""
+    if new == old:
+        return wave
     import torchaudio.functional as AF
     n = wave.shape[1]
-    steps = max(1, int(max_change * 20))
-    out = []
-    for part in wave.chunk(groups):
-        new = 20 + int(torch.randint(-steps, steps + 1, ()))
-        if new != 20:
-            part = AF.resample(part, 20, new)[:, :n]
-            part = F.pad(part, (0, n - part.shape[1]))
-        out.append(part)
-    return torch.cat(out)
+    part = AF.resample(wave, old, new)[:, :n]
+    return F.pad(part, (0, n - part.shape[1]))
 
 
 def mix_noise(wave: torch.Tensor, bank: torch.Tensor, prob: float, snr_db: list[float]) -> torch.Tensor:
@@ -60,8 +63,14 @@ def freq_warp(feats: torch.Tensor, max_change: float) -> torch.Tensor:
     while leaving the timing alone. feats (b, frames, mels)."""
     if max_change <= 0:
         return feats
+    return warp_mel_axis(feats, 1 + (torch.rand(feats.shape[0], 1, device=feats.device) * 2 - 1) * max_change)
+
+
+def warp_mel_axis(feats: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """feats (b, frames, mels) with mel bin k read from bin k / alpha (alpha (b, 1) or one number; > 1 moves
+    the formants up, as a shorter vocal tract), linear between bins, the edge bin repeated."""
     b, _, m = feats.shape
-    alpha = 1 + (torch.rand(b, 1, device=feats.device) * 2 - 1) * max_change
+    alpha = torch.as_tensor(alpha, dtype=feats.dtype, device=feats.device).expand(b, 1)
     pos = (torch.arange(m, device=feats.device, dtype=feats.dtype) / alpha).clamp(0, m - 1)   # (b, mels)
     lo = pos.floor().long()
     hi = (lo + 1).clamp(max=m - 1)

@@ -34,19 +34,20 @@ class Item:
     gain: float = 1.0
 
 
-def resolve_root(data: str | Path) -> Path:
+def resolve_root(data: str | Path, flag: str = "--data") -> Path:
     """--data may be the Speech Commands folder itself or the root that torchaudio.datasets.SPEECHCOMMANDS
-    downloaded into (<root>/SpeechCommands/speech_commands_v0.02)."""
+    downloaded into (<root>/SpeechCommands/speech_commands_v0.02). `flag`: the option that named it, for the
+    error messages."""
     root = Path(data)
     if not root.is_dir():
-        raise UserError(f"--data {root}: no such folder")
+        raise UserError(f"{flag} {root}: no such folder")
     for sub in ("SpeechCommands/speech_commands_v0.02", "SpeechCommands/speech_commands_v0.01",
                 "speech_commands_v0.02"):
         if (root / sub / "testing_list.txt").is_file():
             return root / sub
     missing = [f for f in ("validation_list.txt", "testing_list.txt") if not (root / f).is_file()]
     if missing:
-        raise UserError(f"--data {root}: not in the Speech Commands layout (missing {', '.join(missing)})")
+        raise UserError(f"{flag} {root}: not in the Speech Commands layout (missing {', '.join(missing)})")
     return root
 
 

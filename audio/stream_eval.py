@@ -141,7 +141,7 @@ def rss_mb() -> float:
 @torch.inference_mode()
 def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
-    root = resolve_root(cfg.heldout)
+    root = resolve_root(cfg.heldout, "--heldout")
     model = load_model(cfg.model).to(cfg.device).eval()
     sr = model.config.features.sample_rate
     keywords = [c for c in model.labels if c not in (SILENCE, UNKNOWN)]

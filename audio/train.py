@@ -197,7 +197,7 @@ OUTPUTS = ("checkpoints", "logs", "model/config.json", "model/model.safetensors"
 
 def main(cfg: AudioTrainConfig) -> dict:
     prepare_run(cfg, "audio.train", OUTPUTS)
-    heldout = [resolve_root(h) for h in cfg.heldout]     # bad folders fail before any training
+    heldout = [resolve_root(h, "--heldout") for h in cfg.heldout]     # bad folders fail before any training
     root = dataset_root(cfg)
     labels = label_names(root, cfg.labels)
     splits = build_splits(root, labels, seed=cfg.seed)

@@ -246,3 +246,33 @@ def test_speed_perturb_and_freq_warp():
     assert ((slope >= 1 / 1.1 - 1e-5) & (slope <= 1 / 0.9 + 1e-5)).all()
     assert torch.allclose(warped[:, :, :40], slope[:, None, None] * torch.arange(40.0), atol=1e-4)
     assert (warped <= 79).all()
+    # the same warp at a fixed factor (benchmarks/audio_heldout_probe.py), and the fixed-factor resampling
+    torch.testing.assert_close(augment.warp_mel_axis(ramp, 1.25)[:, :, :60], (torch.arange(60.0) / 1.25).expand(4, 30, 60))
+    assert torch.equal(augment.stretch(wave, 20, 20), wave)
+    slower = augment.stretch(tone, 25, 20)
+    assert slower.shape == tone.shape and torch.allclose(slower[:, :1000], torch.sin(torch.arange(1000) * 0.04), atol=0.02)
+
+
+def test_heldout_probe_rows_and_errors(tiny_model_dir, tmp_path, capsys):
+    """benchmarks/audio_heldout_probe.py: its untransformed row is audio.evaluate's accuracy on the same clips,
+    smoothing to every cepstrum changes nothing, each transform is a row; a missing folder is one line."""
+    from benchmarks.audio_heldout_probe import ProbeConfig
+    from benchmarks.audio_heldout_probe import main as probe
+    root = make_speech_commands(tmp_path / "sc")
+    argv = ["--heldout", str(root), "--model", str(tiny_model_dir), "--stretches", "[0.9]", "--warps", "[1.1]",
+            "--cepstra", "[80, 13]", "--unknown-bias", "[2]", "--out", str(tmp_path / "probe.json")]
+    assert run(probe, ProbeConfig, argv, prog="probe") == 0
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    rows = {r["transform"]: r for r in saved["rows"]}
+    assert list(rows) == ["none", "stretch 0.9", "warp 1.1", "cepstra 80", "cepstra 13", "unknown bias -2"]
+    model = load_model(tiny_model_dir)
+    items = build_splits(root, model.labels, seed=0)["testing"]
+    assert rows["none"]["accuracy"] == pytest.approx(evaluate.evaluate_items(model, ClipDataset(items))["accuracy"])
+    assert rows["cepstra 80"]["accuracy"] == rows["none"]["accuracy"]
+    keywords = sum(not model.labels[it.label].startswith("_") for it in items)
+    misses = saved["misses"]
+    assert misses["keyword_clips_wrong"] == round((1 - rows["none"]["keyword_accuracy"]) * keywords)
+    assert misses["called_unknown"] <= misses["keyword_clips_wrong"] >= misses["right_word_second"]
+    assert "| unknown bias -2 |" in capsys.readouterr().out
+    assert run(probe, ProbeConfig, ["--heldout", str(tmp_path / "nope")], prog="probe") == 2
+    assert capsys.readouterr().err.strip() == f"probe: error: --heldout {tmp_path / 'nope'}: no such folder"
