@@ -9,7 +9,8 @@ Each (mixer, lr, seed) is one `ssm_core.tasks.train` run in its own worker proce
 mostly idle, so several share it) and its own run folder, <out-dir>/runs/<mixer>-lr<lr>-s<seed>. With
 --time-limit every run stops after that many minutes of training with its checkpoint saved; the same command
 again continues each unfinished run from its checkpoint and leaves finished ones as they are, so a grid
-longer than one session of a machine is finished by repeating its command. d_model is chosen per mixer to
+longer than one session of a machine is finished by repeating its command (with a larger --steps, finished
+runs continue too, from their last checkpoints). d_model is chosen per mixer to
 give about the same parameter count. Writes <out-dir>/mixer_tasks.json (every finished run's metrics, and
 the unfinished runs' steps), mixer_tasks.png (accuracy per mixer, one dot per run) and prints a markdown
 table: mean accuracy over the seeds of each mixer and learning rate. With --eval-lengths (induction) also
