@@ -3,6 +3,7 @@ tokens per step, scored on a held-out contig, beside the best any predictor can 
 
     python -m benchmarks.dna_context --device gpu --out-dir runs/dna_context        # the docs/seeds.md table
     python -m benchmarks.dna_context --contexts 256 1024 --tokens-per-step 2048 --steps 20 --genome-scale 0.01
+    python -m benchmarks.dna_context --device gpu --fasta hg38.fa --out-dir runs/dna_context_hg38   # a real genome
 
 Two generated genomes (--genome), both from genomics.demo:
   * regional (default): regions of 131k-1M bases, each an order-2 chain with its own table (--regions.*), so
@@ -10,6 +11,9 @@ Two generated genomes (--genome), both from genomics.demo:
     can hold (docs/seeds.md section 4b).
   * copies: diverged copies of 500-base segments 1k to 500k bases apart, which need the span's bases
     themselves (docs/seeds.md section 4a: no fixed-size state can hold them).
+Or a real genome (--fasta, as genomics.pretrain takes it: the paper's claim is on HG38): the same sweep, held
+out by genomics.pretrain's rule (chr20 / chr21 when present, else --val-contigs / --test-contigs or the tail
+of every contig), without the generator's columns, which only a generated genome has.
 Each context is one `genomics.pretrain` run in <out-dir>/runs/ctx<C> (batch = --tokens-per-step / C), so the
 models see the same bases per step and differ only in how far back they can look. Run again, the command
 skips finished contexts and resumes an interrupted one from its checkpoint. Writes <out-dir>/dna_context.json
@@ -48,6 +52,11 @@ class ContextSweepConfig:
     steps: int = 400
     lr: float = 0.005
     genome: str = field(default="regional", metadata={"help": "regional or copies (see the module's docstring)"})
+    fasta: list[str] | None = field(default=None, metadata={
+        "help": "a real genome's FASTA file(s) instead of a generated genome (--genome and its options unused)"})
+    val_contigs: list[str] | None = field(default=None, metadata={
+        "help": "with --fasta: held-out contigs scored (genomics.pretrain's default: chr20 when present)"})
+    test_contigs: list[str] | None = field(default=None, metadata={"help": "with --fasta: test contigs, never read"})
     seq_len_warmup: float = field(default=0.5, metadata={
         "help": "share of the steps over which a context above the smallest grows from the smallest (doubling, "
                 "equal bases per step: genomics.pretrain --seq-len-warmup-steps); 0: none"})
@@ -81,9 +90,17 @@ class ContextSweepConfig:
             raise ValueError(f"--genome-scale: must be in (0, 1], got {self.genome_scale}")
         if not 1 <= self.train_scale <= 16:
             raise ValueError(f"--train-scale: must be in [1, 16], got {self.train_scale}")
+        if (self.val_contigs or self.test_contigs) and not self.fasta:
+            raise ValueError("--val-contigs / --test-contigs: only with --fasta (a generated genome holds out chr20 / chr21)")
 
 
-def genome(cfg: ContextSweepConfig) -> tuple[Path, dict]:
+def genome(cfg: ContextSweepConfig) -> tuple[list[Path], dict | None]:
+    """The sweep's FASTA file(s) and, for a generated genome, its entropy file's curves (None for --fasta)."""
+    if cfg.fasta:
+        for f in cfg.fasta:        # before any run folder is made
+            if not Path(f).is_file():
+                raise UserError(f"--fasta {f}: no such file")
+        return [Path(f) for f in cfg.fasta], None
     from genomics import demo
     base = demo.REGIONAL_CONTIGS if cfg.genome == "regional" else demo.LONG_RANGE_CONTIGS
     contigs = {k: max(4 * max(cfg.contexts), int(v * cfg.genome_scale * (cfg.train_scale if k == "chr1" else 1)))
@@ -100,7 +117,7 @@ def genome(cfg: ContextSweepConfig) -> tuple[Path, dict]:
         root = Path(cfg.cache_dir) / (f"{cfg.genome}-" + hashlib.sha1(tag.encode()).hexdigest()[:8])
     make = demo.regional_genome if cfg.genome == "regional" else demo.long_range_genome
     fasta = make(root, *key)
-    return fasta, json.loads(fasta.with_name("demo.entropy.json").read_text())
+    return [fasta], json.loads(fasta.with_name("demo.entropy.json").read_text())
 
 
 KINDS = ("background", "copy, source in view", "copy, source out of view")
@@ -174,42 +191,44 @@ BREAKDOWNS = {"copies": ("bits_by_kind", bits_by_kind, LONG_RANGE_ANNOTATION),
               "regional": ("bits_by_offset", bits_by_offset, REGIONAL_ANNOTATION)}
 
 
-def run_context(cfg: ContextSweepConfig, fasta: Path, C: int) -> dict:
+def run_context(cfg: ContextSweepConfig, fasta: list[Path], C: int) -> dict:
     from genomics.pretrain import main as pretrain
     from ssm_core.training import OptimConfig
-    key = BREAKDOWNS[cfg.genome][0]
+    key = None if cfg.fasta else BREAKDOWNS[cfg.genome][0]      # a real genome has no generator to compare with
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
         # A finished run counts only if it is this sweep's: same genome, same model.
         run = yaml.safe_load((out / "config.yaml").read_text())
-        if run["fasta"] != [str(fasta)]:
-            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {run['fasta'][0]}, not on this "
-                            f"sweep's genome ({fasta}); give another --out-dir")
+        if run["fasta"] != [str(f) for f in fasta]:
+            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {', '.join(run['fasta'])}, not on "
+                            f"this sweep's genome ({', '.join(map(str, fasta))}); give another --out-dir")
         ours = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
         differ = ", ".join(f"--model.{k} {v}" for k, v in sorted(run["model"].items()) if k in ours and ours[k] != v)
         if differ:
             raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained with another model ({differ}); "
                             "give another --out-dir")
-        if key not in metrics:        # a run finished before the breakdown existed
-            metrics[key] = breakdown(cfg, fasta, out, C)
+        if key is not None and key not in metrics:        # a run finished before the breakdown existed
+            metrics[key] = breakdown(cfg, fasta[0], out, C)
             write_json_atomic(out / "metrics.json", metrics)
         return metrics
     resume = any(out.glob("**/last.ckpt"))
     batch = cfg.tokens_per_step // C
     val_batches = cfg.val_batches or max(1, cfg.val_tokens // cfg.tokens_per_step)
-    pcfg = PretrainConfig(fasta=[str(fasta)], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out),
+    pcfg = PretrainConfig(fasta=[str(f) for f in fasta], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out),
                           accelerator=cfg.device, precision=cfg.precision, val_every=cfg.steps,
                           val_batches=val_batches, ckpt_every=max(1, cfg.steps // 4), resume=resume,
-                          overwrite=out.exists() and not resume, keep_softmask=False, val_contigs=["chr20"],
-                          test_contigs=["chr21"], model=cfg.model,
+                          overwrite=out.exists() and not resume, keep_softmask=False,
+                          val_contigs=cfg.val_contigs if cfg.fasta else ["chr20"],
+                          test_contigs=cfg.test_contigs if cfg.fasta else ["chr21"], model=cfg.model,
                           seq_len_warmup_steps=int(cfg.seq_len_warmup * cfg.steps), seq_len_warmup_start=min(cfg.contexts),
                           optim=OptimConfig(lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95), warmup_steps=10,
                                             min_lr_ratio=0.1, grad_clip=1.0))
     t0 = time.perf_counter()
     metrics = pretrain(pcfg)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    metrics[key] = breakdown(cfg, fasta, out, C)
+    if key is not None:
+        metrics[key] = breakdown(cfg, fasta[0], out, C)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
@@ -231,32 +250,48 @@ def held_out_annotation(path: Path) -> dict:
 
 def main(cfg: ContextSweepConfig) -> dict:
     fasta, ent = genome(cfg)
-    key = BREAKDOWNS[cfg.genome][0]
-    rows = []
+    key = None if ent is None else BREAKDOWNS[cfg.genome][0]
+    rows, holdout = [], {}
     for C in cfg.contexts:
         m = run_context(cfg, fasta, C)
-        rows.append({"context": C, "batch_size": cfg.tokens_per_step // C, "val_bits_per_base": m["val_bits_per_base"],
-                     "generator_best_in_windows": ent["bits_per_base_in_windows"]["chr20"][str(C)],
-                     "generator_best_full_context": ent["bits_per_base_at_context"]["chr20"][str(C)],
-                     "train_tokens": m["train_tokens"], "tokens_per_second": m.get("tokens_per_second"),
-                     "peak_gpu_memory_gib": m.get("peak_gpu_memory_gib"), "n_params": m["n_params"],
-                     key: m[key]})
-        print(f"context {C:>7}: held-out {rows[-1]['val_bits_per_base']:.4f} bits/base "
-              f"(generator's best in windows of {C}: {rows[-1]['generator_best_in_windows']:.4f})", flush=True)
-    h = ent["bits_per_base"]["chr20"]
+        holdout = m.get("holdout", holdout)
+        row = {"context": C, "batch_size": cfg.tokens_per_step // C, "val_bits_per_base": m["val_bits_per_base"],
+               "train_tokens": m["train_tokens"], "tokens_per_second": m.get("tokens_per_second"),
+               "peak_gpu_memory_gib": m.get("peak_gpu_memory_gib"), "n_params": m["n_params"]}
+        best = ""
+        if ent is not None:
+            row.update({"generator_best_in_windows": ent["bits_per_base_in_windows"]["chr20"][str(C)],
+                        "generator_best_full_context": ent["bits_per_base_at_context"]["chr20"][str(C)], key: m[key]})
+            best = f" (generator's best in windows of {C}: {row['generator_best_in_windows']:.4f})"
+        rows.append(row)
+        print(f"context {C:>7}: held-out {row['val_bits_per_base']:.4f} bits/base{best}", flush=True)
+    h = None if ent is None else ent["bits_per_base"]["chr20"]
     out = Path(cfg.out_dir)
-    write_json_atomic(out / "dna_context.json", {"config": dataclasses.asdict(cfg), "generator_bits_per_base": h, "rows": rows,
-                                                 "genome": {k: v for k, v in ent.items() if k != "definition"}})
-    print(f"\nheld-out chr20 of the {cfg.genome} genome (generator entropy {h:.4f} bits/base), "
-          f"{cfg.tokens_per_step:,} bases per step, {cfg.steps} steps\n")
+    about = ({k: v for k, v in ent.items() if k != "definition"} if ent is not None
+             else {"fasta": [str(f) for f in fasta], "holdout": holdout})
+    write_json_atomic(out / "dna_context.json", {"config": dataclasses.asdict(cfg), "generator_bits_per_base": h,
+                                                 "rows": rows, "genome": about})
+    if ent is None:
+        name = ", ".join(f.name for f in fasta)
+        print(f"\nheld-out {', '.join(holdout.get('val_contigs') or ['tail of every contig'])} of {name}, "
+              f"{cfg.tokens_per_step:,} bases per step, {cfg.steps} steps\n")
+    else:
+        name = f"{cfg.genome} genome"
+        print(f"\nheld-out chr20 of the {name} (generator entropy {h:.4f} bits/base), "
+              f"{cfg.tokens_per_step:,} bases per step, {cfg.steps} steps\n")
     print(table(rows, h, cfg.genome))
-    plot(rows, h, out / "dna_context.png", cfg.genome)
+    plot(rows, h, out / "dna_context.png", cfg.genome, name)
     return {"rows": rows, "generator_bits_per_base": h}
 
 
-def table(rows: list[dict], h: float, genome: str) -> str:
+def table(rows: list[dict], h: float | None, genome: str) -> str:
     """The sweep as markdown: validation's figure and the gap to the generator's entropy, then the breakdown
-    (model / generator's best on the same bases)."""
+    (model / generator's best on the same bases); a real genome's (h None): the figure and the speed."""
+    if h is None:
+        lines = ["| context | batch | held-out bits/base | bases/s |", "|---|---|---|---|"]
+        lines += [f"| {r['context']:,} | {r['batch_size']} | {r['val_bits_per_base']:.4f} | "
+                  f"{r['tokens_per_second'] or 0:,.0f} |" for r in rows]
+        return "\n".join(lines)
     if genome == "copies":
         head = "background bases: model / best | copies, source in view: model / best (share of bases)"
     else:
@@ -280,21 +315,22 @@ def table(rows: list[dict], h: float, genome: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], entropy: float, path: Path, genome: str) -> None:
+def plot(rows: list[dict], entropy: float | None, path: Path, genome: str, name: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.8))
     c = [r["context"] for r in rows]
     ax.plot(c, [r["val_bits_per_base"] for r in rows], marker="o", label="Mamba, held-out")
-    ax.plot(c, [r["generator_best_in_windows"] for r in rows], ls="--", color="gray",
-            label="generator's best in windows of this context")
-    ax.axhline(entropy, color="black", lw=1, ls=":",
-               label="generator entropy (" + ("all copies in view)" if genome == "copies" else "region's table known)"))
+    if entropy is not None:
+        ax.plot(c, [r["generator_best_in_windows"] for r in rows], ls="--", color="gray",
+                label="generator's best in windows of this context")
+        ax.axhline(entropy, color="black", lw=1, ls=":", label="generator entropy ("
+                   + ("all copies in view)" if genome == "copies" else "region's table known)"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training / evaluation context (bases)")
     ax.set_ylabel("bits per base")
-    ax.set_title(f"{genome} genome: equal tokens per step at every context")
+    ax.set_title(f"{name}: equal tokens per step at every context")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path)

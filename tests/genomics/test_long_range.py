@@ -144,3 +144,31 @@ def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tm
     short, long_ = sorted(sizes, key=lambda d: d["chr1"])
     assert long_["chr1"] == 3 * short["chr1"] and long_["chr20"] == short["chr20"] and long_["chr21"] == short["chr21"]
     assert json.loads((tmp_path / "longer/dna_context.json").read_text())["config"]["train_scale"] == 3.0
+
+
+def test_the_sweep_runs_on_a_real_genome_without_the_generator_columns(tmp_path, capsys):
+    """--fasta: any FASTA (held out by genomics.pretrain's rule or --val-contigs), no generator to compare with."""
+    import numpy as np
+    import pytest
+
+    from benchmarks.dna_context import ContextSweepConfig, main
+    from genomics.demo import write_fasta
+    from ssm_core.errors import UserError
+    rng = np.random.default_rng(0)
+    fasta = tmp_path / "g.fa"
+    write_fasta(fasta, [(name, bytes(rng.choice(list(b"ACGT"), n))) for name, n in (("2L", 6000), ("2R", 1500), ("3L", 1500))])
+    cfg = ContextSweepConfig(contexts=[64, 256], tokens_per_step=512, steps=2, device="cpu", val_tokens=512,
+                             fasta=[str(fasta)], val_contigs=["2R"], test_contigs=["3L"], out_dir=str(tmp_path / "sweep"))
+    result = main(cfg)
+    assert [r["context"] for r in result["rows"]] == [64, 256] and result["generator_bits_per_base"] is None
+    assert all("generator_best_in_windows" not in r and "bits_by_offset" not in r for r in result["rows"])
+    saved = json.loads((tmp_path / "sweep/dna_context.json").read_text())
+    assert saved["genome"]["holdout"]["val_contigs"] == ["2R"] and saved["genome"]["fasta"] == [str(fasta)]
+    assert (tmp_path / "sweep/dna_context.png").is_file()
+    assert "| context | batch | held-out bits/base | bases/s |" in capsys.readouterr().out
+    assert main(cfg)["rows"] == result["rows"]                  # finished contexts are read back, not retrained
+    with pytest.raises(ValueError, match="--val-contigs / --test-contigs: only with --fasta"):
+        ContextSweepConfig(val_contigs=["2R"])
+    with pytest.raises(UserError, match=f"--fasta {tmp_path / 'nope.fa'}: no such file"):
+        main(ContextSweepConfig(**{**vars(cfg), "fasta": [str(tmp_path / "nope.fa")], "out_dir": str(tmp_path / "x")}))
+    assert not (tmp_path / "x").exists()
