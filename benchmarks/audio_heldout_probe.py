@@ -75,10 +75,13 @@ def main(cfg: ProbeConfig) -> dict:
     unknown = model.labels.index("_unknown_") if "_unknown_" in model.labels else None
     is_keyword = torch.tensor([not model.labels[i].startswith("_") for i in y.tolist()])
 
+    is_unknown = y == unknown if unknown is not None else torch.zeros_like(is_keyword)
+
     def row(transform: str, scores: torch.Tensor) -> dict:
         right = scores.argmax(1) == y
+        part = lambda mask: right[mask].float().mean().item() if mask.any() else None   # noqa: E731
         return {"transform": transform, "accuracy": right.float().mean().item(),
-                "keyword_accuracy": right[is_keyword].float().mean().item() if is_keyword.any() else None}
+                "keyword_accuracy": part(is_keyword), "unknown_accuracy": part(is_unknown)}
 
     rows = [row("none", base := clip_scores(model, wave))]
     rows += [row(f"stretch {s:g}", clip_scores(model, stretch(wave, round(20 * s), 20))) for s in cfg.stretches]
@@ -98,10 +101,10 @@ def main(cfg: ProbeConfig) -> dict:
     print(f"{len(items)} clips of {root} ({int(is_keyword.sum())} keywords), model {cfg.model or 'shipped'}; "
           f"{misses['keyword_clips_wrong']} keyword clips wrong: {misses['called_unknown']} called _unknown_, "
           f"{misses['right_word_second']} with the right word second")
-    print("| transform | accuracy | keyword clips |\n|---|---|---|")
+    print("| transform | accuracy | keyword clips | _unknown_ clips |\n|---|---|---|---|")
     for r in rows:
-        kw = "—" if r["keyword_accuracy"] is None else f"{r['keyword_accuracy']:.3f}"
-        print(f"| {r['transform']} | {r['accuracy']:.3f} | {kw} |")
+        kw, unk = ("—" if v is None else f"{v:.3f}" for v in (r["keyword_accuracy"], r["unknown_accuracy"]))
+        print(f"| {r['transform']} | {r['accuracy']:.3f} | {kw} | {unk} |")
     result = {"heldout": str(root), "model": cfg.model or "shipped", "clips": len(items), "misses": misses,
               "rows": rows}
     if cfg.out:
