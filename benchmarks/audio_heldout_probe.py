@@ -78,10 +78,12 @@ def main(cfg: ProbeConfig) -> dict:
     is_unknown = y == unknown if unknown is not None else torch.zeros_like(is_keyword)
 
     def row(transform: str, scores: torch.Tensor) -> dict:
-        right = scores.argmax(1) == y
-        part = lambda mask: right[mask].float().mean().item() if mask.any() else None   # noqa: E731
-        return {"transform": transform, "accuracy": right.float().mean().item(),
-                "keyword_accuracy": part(is_keyword), "unknown_accuracy": part(is_unknown)}
+        right = (scores.argmax(1) == y).float()
+
+        def share(mask: torch.Tensor) -> float | None:
+            return right[mask].mean().item() if mask.any() else None
+        return {"transform": transform, "accuracy": right.mean().item(),
+                "keyword_accuracy": share(is_keyword), "unknown_accuracy": share(is_unknown)}
 
     rows = [row("none", base := clip_scores(model, wave))]
     rows += [row(f"stretch {s:g}", clip_scores(model, stretch(wave, round(20 * s), 20))) for s in cfg.stretches]

@@ -97,9 +97,8 @@ class ContextSweepConfig:
 def genome(cfg: ContextSweepConfig) -> tuple[list[Path], dict | None]:
     """The sweep's FASTA file(s) and, for a generated genome, its entropy file's curves (None for --fasta)."""
     if cfg.fasta:
-        for f in cfg.fasta:        # before any run folder is made
-            if not Path(f).is_file():
-                raise UserError(f"--fasta {f}: no such file")
+        from genomics.data import Genome
+        Genome.open(cfg.fasta)     # bad files fail here, before any run folder is made (the index is cached)
         return [Path(f) for f in cfg.fasta], None
     from genomics import demo
     base = demo.REGIONAL_CONTIGS if cfg.genome == "regional" else demo.LONG_RANGE_CONTIGS
@@ -191,10 +190,15 @@ BREAKDOWNS = {"copies": ("bits_by_kind", bits_by_kind, LONG_RANGE_ANNOTATION),
               "regional": ("bits_by_offset", bits_by_offset, REGIONAL_ANNOTATION)}
 
 
+def breakdown_key(cfg: ContextSweepConfig) -> str | None:
+    """The breakdown's key in metrics.json; None for a real genome, which has no generator to compare with."""
+    return None if cfg.fasta else BREAKDOWNS[cfg.genome][0]
+
+
 def run_context(cfg: ContextSweepConfig, fasta: list[Path], C: int) -> dict:
     from genomics.pretrain import main as pretrain
     from ssm_core.training import OptimConfig
-    key = None if cfg.fasta else BREAKDOWNS[cfg.genome][0]      # a real genome has no generator to compare with
+    key = breakdown_key(cfg)
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
@@ -250,7 +254,7 @@ def held_out_annotation(path: Path) -> dict:
 
 def main(cfg: ContextSweepConfig) -> dict:
     fasta, ent = genome(cfg)
-    key = None if ent is None else BREAKDOWNS[cfg.genome][0]
+    key = breakdown_key(cfg)
     rows, holdout = [], {}
     for C in cfg.contexts:
         m = run_context(cfg, fasta, C)

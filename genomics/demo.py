@@ -563,8 +563,9 @@ def regional_genome(root: str | os.PathLike | None = None, contigs: dict[str, in
                     contexts: tuple[int, ...] = LONG_RANGE_CONTEXTS,
                     regions: Regions = Regions()) -> Path:
     """Path of the regional genome FASTA (demo.fa in its own folder, with demo.entropy.json), generated on
-    first use (about a minute and 1 GB of memory at the default size). The entropy file has the same curves as long_range_genome's, from the Bayes
-    predictor (regional_best_bits), so benchmarks/dna_context.py reads either genome alike."""
+    first use (about a minute and 1 GB of memory at the default size). The entropy file has the same curves
+    as long_range_genome's, from the Bayes predictor (regional_best_bits), so benchmarks/dna_context.py reads
+    either genome alike."""
     contigs = contigs or REGIONAL_CONTIGS
     folder, fasta = _generated_folder(root, "regional-v1", [contigs, contexts, dataclasses.asdict(regions)],
                                       [REGIONAL_CONTIGS, LONG_RANGE_CONTEXTS, dataclasses.asdict(Regions())])

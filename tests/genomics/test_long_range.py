@@ -172,3 +172,7 @@ def test_the_sweep_runs_on_a_real_genome_without_the_generator_columns(tmp_path,
     with pytest.raises(UserError, match=f"--fasta {tmp_path / 'nope.fa'}: no such file"):
         main(ContextSweepConfig(**{**vars(cfg), "fasta": [str(tmp_path / "nope.fa")], "out_dir": str(tmp_path / "x")}))
     assert not (tmp_path / "x").exists()
+    (tmp_path / "notes.txt").write_text("not a genome\n")
+    with pytest.raises(UserError, match="notes.txt: not a FASTA"):
+        main(ContextSweepConfig(**{**vars(cfg), "fasta": [str(tmp_path / "notes.txt")], "out_dir": str(tmp_path / "x")}))
+    assert not (tmp_path / "x").exists()
