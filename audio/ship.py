@@ -21,6 +21,7 @@ from ssm_core.cli import UserError, main_entry
 from ssm_core.io import atomic_folder, write_json_atomic, write_text_atomic
 from ssm_core.validation import writable_folder
 
+from .engines import ENGINE_NOTES
 from .model import DETECTOR_FILE, SHIPPED_MODEL, export_model, load_model
 from .train import AUGMENT_FIELDS
 
@@ -57,9 +58,9 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         f"Causal Mamba over log-mel frames, {parameters:,} parameters, classes: {', '.join(metrics['labels'])}.",
         "Used by `python -m audio.stream --wav FILE` / `--mic` when `--model` is not given.",
         "",
-        "**It never heard a human recording.** Training speech is synthetic only: espeak-ng voices "
-        f"(engines: {', '.join(run_config.get('synth_engines') or ['espeak'])}; `piper` is the CC0 "
-        "`en_US-joe-medium` Piper voice), one-second clips with noise, rooms and channels simulated.",
+        "**It never heard a human recording.** Training speech is synthetic only: "
+        + "; ".join(ENGINE_NOTES.get(e, e) for e in run_config.get("synth_engines") or ["espeak"])
+        + "; one-second clips with noise, rooms and channels simulated.",
         "",
         f"Training: {metrics.get('steps')} steps, batch {run_config.get('batch_size')}, seed "
         f"{run_config.get('seed')}; `python -m audio.train --config training_config.yaml --output-dir runs/kws` "

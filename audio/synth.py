@@ -37,7 +37,7 @@ from ssm_core.io import write_json_atomic
 from ssm_core.validation import cache_folder, finite, in_range, output_file
 
 from .data import KEYWORDS
-from .engines import piper_available, say, split_voice
+from .engines import PICO_PITCH, PICO_VOICES, pico_available, piper_available, say, split_voice
 from .features import resample, save_audio
 
 OTHER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "bed", "bird",
@@ -67,7 +67,12 @@ ESPEAK_TRAIN_VOICES = [
     "en-us-nyc+norbert", "en+shelby", "en-gb-x-rp+zac", "en-us+aunty", "en+benjamin", "en-gb-scotland+rob"]
 # The Piper voice (extra `voices`) with six settings of its sampling noise: about a tenth of the training set.
 PIPER_TRAIN_VOICES = [f"piper:joe/{k}" for k in range(6)]
-TRAIN_ENGINES = ("espeak", "piper")
+# SVOX Pico's two English voices at three pitches each: as many training voices as Piper's.
+PICO_TRAIN_VOICES = [f"pico:{v}/{k}" for v in PICO_VOICES for k in range(len(PICO_PITCH))]
+TRAIN_ENGINES = ("espeak", "pico", "piper")
+# What each optional engine needs, for the one-line errors when it is asked for and absent.
+ENGINE_INSTALL = {"pico": "py-nanotts (pip install py-nanotts)",
+                  "piper": "the `voices` extra (pip install 'long-ssm[voices]')"}
 
 
 @dataclass
@@ -95,20 +100,23 @@ def synth_config(size: str, seed: int, engines: list[str] | tuple[str, ...] = ("
     smoke runs (the first voice of each engine). Validation and test voices are espeak-ng's held-out ones."""
     unknown = sorted(set(engines) - set(TRAIN_ENGINES))
     if unknown or "espeak" not in engines:
-        raise UserError(f"--synth-engines: expected espeak and optionally piper, got {list(engines)}")
-    voices = ESPEAK_TRAIN_VOICES + (PIPER_TRAIN_VOICES if "piper" in engines else [])
+        raise UserError(f"--synth-engines: expected espeak and optionally pico and piper, got {list(engines)}")
+    voices = (ESPEAK_TRAIN_VOICES + (PICO_TRAIN_VOICES if "pico" in engines else [])
+              + (PIPER_TRAIN_VOICES if "piper" in engines else []))
     if size == "full":
         return SynthConfig(train_voices=voices, seed=seed)
-    tiny = ["en-us+m1", "en+f2"] + (PIPER_TRAIN_VOICES[:1] if "piper" in engines else [])
+    tiny = (["en-us+m1", "en+f2"] + (PICO_TRAIN_VOICES[:1] if "pico" in engines else [])
+            + (PIPER_TRAIN_VOICES[:1] if "piper" in engines else []))
     return SynthConfig(words=KEYWORDS + ["cat"], train_voices=tiny, val_voices=["en-us+m7"],
                        test_voices=["en-us+f5"], rates=[160], pitches=[50], noise_seconds=3.0, seed=seed)
 
 
 def available_engines(cache_dir: str | Path | None = None) -> list[str]:
-    """The training engines this installation can speak with: espeak-ng always, Piper with the `voices`
-    extra or when its words are in the word cache (a machine without the extra, given the cache)."""
-    piper_cached = any(word_cache_dir(cache_dir).glob("piper~joe_*/*.flac"))
-    return ["espeak"] + (["piper"] if piper_available() or piper_cached else [])
+    """The training engines this installation can speak with: espeak-ng always, Pico and Piper when their
+    packages are installed or their words are in the word cache (a machine without them, given the cache)."""
+    words = word_cache_dir(cache_dir)
+    installed = {"pico": pico_available, "piper": piper_available}
+    return ["espeak"] + [e for e in ("pico", "piper") if installed[e]() or any(words.glob(f"{e}~*/*.flac"))]
 
 
 # --- words ---------------------------------------------------------------------------------------------
@@ -194,7 +202,7 @@ def babble(rng: np.random.Generator, n: int, voices: list[str], words: list[str]
     out = np.zeros(n, np.float32)
     if not voices:
         return out
-    voices = [v for v in voices if split_voice(v)[0] != "piper"] or voices   # no word-cache misses
+    voices = [v for v in voices if split_voice(v)[0] == "espeak"] or voices   # no word-cache misses
     for _ in range(int(n / SAMPLE_RATE * 6)):
         w = speak(str(rng.choice(words)), str(rng.choice(voices)), 175, int(rng.integers(20, 80)))
         start = int(rng.integers(0, max(1, n - w.size)))

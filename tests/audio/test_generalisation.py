@@ -21,16 +21,43 @@ LABELS12 = KEYWORDS + ["_silence_", "_unknown_"]
 def test_voices_name_their_engine_and_clips_keep_it():
     assert engines.split_voice("en-us+m1") == ("espeak", "en-us+m1")
     assert engines.split_voice("piper:joe/2") == ("piper", "joe/2")
+    assert engines.split_voice("pico:en-GB/1") == ("pico", "en-GB/1")
     with pytest.raises(UserError, match="unknown engine 'festival'"):
         engines.split_voice("festival:kal")
-    for voice in ("en-us+m1", "piper:joe/2", "flite:slt"):
+    for voice in ("en-us+m1", "piper:joe/2", "flite:slt", "pico:en-US/2"):
         assert synth.clip_engine(f"yes/{synth.clip_name(voice, 160, 50)}") == engines.engine_of(voice)
     # the full set's training engines: espeak-ng always, Piper only when asked; tests and validation voices
     # are espeak-ng's held-out ones either way
     assert synth.synth_config("full", 0).engines() == ["espeak"]
     assert synth.synth_config("full", 0, ["espeak", "piper"]).engines() == ["espeak", "piper"]
+    full = synth.synth_config("full", 0, ["espeak", "pico", "piper"])
+    assert full.engines() == ["espeak", "pico", "piper"]
+    assert sum(engines.engine_of(v) == "pico" for v in full.train_voices) == 6     # 2 voices x 3 pitches
     with pytest.raises(UserError, match="--synth-engines"):
         synth.synth_config("full", 0, ["piper"])
+
+
+def f0_hz(wave: np.ndarray, rate: int) -> float:
+    """The pitch of the loudest 64 ms of a voiced sound, by autocorrelation (60-400 Hz)."""
+    n = int(0.064 * rate)
+    loud = np.argmax(np.convolve(wave ** 2, np.ones(n), "valid"))
+    x = wave[loud: loud + n] - wave[loud: loud + n].mean()
+    ac = np.correlate(x, x, "full")[n - 1:]
+    lo, hi = rate // 400, rate // 60
+    return rate / (lo + int(np.argmax(ac[lo:hi])))
+
+
+def test_pico_speaks_at_its_rates_and_pitches():
+    """SVOX Pico (py-nanotts): slower rates are longer, the voice instances are other pitches, nothing clips."""
+    slow, sr = engines.pico_say("seven", "en-US", 115, 50)
+    fast, _ = engines.pico_say("seven", "en-US", 220, 50)
+    assert sr == 16000 and slow.dtype == np.float32 and slow.size > 1.4 * fast.size
+    assert np.abs(slow).max() < 0.999                                      # volume 0.5: no clipped samples
+    base, low, high = (f0_hz(engines.pico_say("four", f"en-GB/{k}", 160, 50)[0], sr) for k in range(3))
+    assert low < 0.8 * base and high > 1.2 * base
+    for bad in ("en-AU", "en-US/3", "en-US/x"):
+        with pytest.raises(UserError, match=f"pico: unknown voice '{bad}'"):
+            engines.pico_say("yes", bad, 160, 50)
 
 
 def test_word_cache_serves_engines_that_are_not_installed(tmp_path, monkeypatch):
@@ -41,6 +68,7 @@ def test_word_cache_serves_engines_that_are_not_installed(tmp_path, monkeypatch)
     sf.write(str(folder / "yes_160_50.flac"), word, 16000, format="FLAC", subtype="PCM_16")
     monkeypatch.setattr(synth, "say", lambda *a: pytest.fail("the cached word must not be synthesised"))
     assert np.allclose(synth.speak("yes", "piper:joe/3", 160, 50, tmp_path), word, atol=1e-4)
+    monkeypatch.setattr(synth, "pico_available", lambda: False)
     assert synth.available_engines(tmp_path) == ["espeak", "piper"]
     assert "piper" not in synth.available_engines(tmp_path / "empty") or engines.piper_available()
 
@@ -50,7 +78,7 @@ def test_training_engines_resolve_to_what_is_installed(tmp_path, monkeypatch, ca
     monkeypatch.setattr(synth, "piper_available", lambda: False)
     monkeypatch.setattr(train, "ensure_dataset", lambda cfg, cache: cfg)      # the set's config, not the set
     cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), output_dir=str(tmp_path / "run"))
-    assert train.dataset_root(cfg).engines() == ["espeak"] and cfg.synth_engines == ["espeak"]
+    assert train.dataset_root(cfg).engines() == ["espeak", "pico"] and cfg.synth_engines == ["espeak", "pico"]
     assert "pip install 'long-ssm[voices]'" in capsys.readouterr().out
     cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), synth_engines=["espeak", "piper"])
     with pytest.raises(UserError, match="--synth-engines piper: needs the `voices` extra"):
@@ -58,6 +86,10 @@ def test_training_engines_resolve_to_what_is_installed(tmp_path, monkeypatch, ca
     (synth.word_cache_dir(tmp_path) / "piper~joe_0").mkdir(parents=True)
     (synth.word_cache_dir(tmp_path) / "piper~joe_0" / "yes_160_50.flac").write_bytes(b"")
     assert train.dataset_root(cfg).engines() == ["espeak", "piper"]
+    monkeypatch.setattr(synth, "pico_available", lambda: False)
+    cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), synth_engines=["espeak", "pico"])
+    with pytest.raises(UserError, match=r"--synth-engines pico: needs py-nanotts \(pip install py-nanotts\)"):
+        train.dataset_root(cfg)
 
 
 def test_heldout_folder_is_one_engine_in_the_testing_split(tmp_path):
@@ -291,7 +323,8 @@ def test_engine_balance_flag(tmp_path, monkeypatch, capsys):
     assert run(train.main, train.AudioTrainConfig,
                ["--synth-size", "tiny", "--synth-cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run"),
                 "--max-steps", "1", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
-                "--val-every", "1", "--accelerator", "cpu", "--engine-balance", "1"], prog="audio.train") == 0
+                "--val-every", "1", "--accelerator", "cpu", "--engine-balance", "1",
+                "--synth-engines", "[espeak, piper]"], prog="audio.train") == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "shares of an epoch" in x)
     # 30 keyword clips + 3 `_unknown_` ones (2 espeak-ng voices, 1 Piper) and 4 of silence
     assert line == ("audio.train: shares of an epoch (--engine-balance 1): espeak 0.446 (22 clips), "

@@ -143,8 +143,8 @@ def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
                 "--val-every", "1", "--accelerator", "cpu", "--model.residual_in_fp32", "false"], prog="audio.train") == 0
     model = load_model(out / "model")
     assert model.config.encoder.residual_in_fp32 is False and model.encoder.config.residual_in_fp32 is False
-    # the run wrote its resolved configuration (the training engines it found named: espeak-ng here, the
-    # tiny set is built without the `voices` extra), and --config of it gives the same config
+    # the run wrote its resolved configuration (the training engines it found named: espeak-ng and Pico, and
+    # Piper where the `voices` extra is installed), and --config of it gives the same config
     from ssm_core.cli import parse_config
     again = parse_config(train.AudioTrainConfig, ["--config", str(out / "config.yaml")])
     assert again.model.residual_in_fp32 is False and again.model.d_model == 16 and again.optim.lr == 2e-3
@@ -152,7 +152,8 @@ def test_residual_in_fp32_flag_reaches_the_exported_model(tiny_synth, tmp_path):
                                  "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
                                  "--model.d_model", "16", "--model.n_layer", "1", "--val-every", "1",
                                  "--accelerator", "cpu", "--model.residual_in_fp32", "false",
-                                 "--synth-engines", "[espeak]"])
+                                 "--synth-engines", f"[{', '.join(synth.available_engines(tiny_synth[0]))}]"])
+    assert again.synth_engines[:2] == ["espeak", "pico"]
 
 
 def test_train_config_errors(tmp_path, capsys):
