@@ -113,11 +113,31 @@ def fit_length(wave: torch.Tensor, n: int) -> torch.Tensor:
     return wave[:n] if wave.numel() >= n else torch.nn.functional.pad(wave, (0, n - wave.numel()))
 
 
-class ClipDataset(Dataset):
-    """(wave (clip_samples,), label) per item; clips are read lazily (Speech Commands is ~100k files)."""
+def clip_word(item: Item) -> str | None:
+    """The word a clip speaks (its folder's name); None for a `_silence_` cut of a noise file."""
+    return None if item.offset >= 0 else Path(item.path).parent.name
 
-    def __init__(self, items: list[Item], sample_rate: int = 16000, clip_samples: int = 16000):
+
+def phone_targets(items: list[Item]) -> tuple[list[str], dict[str, list[int]]]:
+    """The phone inventory of the items' words (espeak-ng's, audio.engines.word_phones) and each word's phones
+    as ids 1.. (0 is CTC's blank)."""
+    from .engines import word_phones
+    phones = {w: word_phones(w) for w in sorted({clip_word(it) for it in items} - {None})}
+    inventory = sorted({p for ps in phones.values() for p in ps})
+    ids = {p: i + 1 for i, p in enumerate(inventory)}
+    return inventory, {w: [ids[p] for p in ps] for w, ps in phones.items()}
+
+
+class ClipDataset(Dataset):
+    """(wave (clip_samples,), label) per item; clips are read lazily (Speech Commands is ~100k files). With
+    `phones` (word -> phone ids, phone_targets) also the clip's phone ids, zero-padded to the longest word's,
+    and their number (none for `_silence_`)."""
+
+    def __init__(self, items: list[Item], sample_rate: int = 16000, clip_samples: int = 16000,
+                 phones: dict[str, list[int]] | None = None):
         self.items, self.sample_rate, self.clip_samples = items, sample_rate, clip_samples
+        self.phones = phones
+        self.max_phones = max((len(p) for p in phones.values()), default=0) if phones else 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -132,7 +152,12 @@ class ClipDataset(Dataset):
             wave = resample(torch.from_numpy(data.mean(axis=1)), sr, self.sample_rate, it.path) * it.gain
         else:
             wave = load_audio(it.path, self.sample_rate)
-        return fit_length(wave, self.clip_samples), it.label
+        if self.phones is None:
+            return fit_length(wave, self.clip_samples), it.label
+        ids = self.phones[clip_word(it)] if it.offset < 0 else []
+        targets = torch.zeros(self.max_phones, dtype=torch.long)
+        targets[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return fit_length(wave, self.clip_samples), it.label, targets, len(ids)
 
 
 def load_noise_bank(root: Path, sample_rate: int) -> torch.Tensor:

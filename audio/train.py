@@ -39,7 +39,7 @@ from ssm_core.training import (
     save_run_config,
 )
 
-from .data import ClipDataset, Item, build_splits, label_names, load_noise_bank, resolve_root
+from .data import ClipDataset, Item, build_splits, label_names, load_noise_bank, phone_targets, resolve_root
 from .engines import engine_of
 from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
@@ -63,8 +63,8 @@ class AudioTrainConfig(TrainConfig):
     synth_size: Literal["full", "tiny"] = field(default="full", metadata={"help": "size of the embedded set"})
     synth_cache: str | None = field(default=None, metadata={"help": "cache folder of the embedded set"})
     synth_engines: list[str] | None = field(default=None, metadata={
-        "help": "engines of the embedded set's training voices, espeak and optionally piper (the `voices` "
-                "extra, or its words in the cache); default: every one this installation has"})
+        "help": "engines of the embedded set's training voices: espeak, and optionally pico (py-nanotts) and "
+                "piper (the `voices` extra), or their words in the cache; default: every one installed"})
     engine_balance: float = field(default=0.0, metadata={
         "help": "embedded set: each engine's share of an epoch's spoken clips goes as n^(1-b) of its n clips: "
                 "0 in proportion to its clips, 1 equal shares (the minority engine's clips drawn repeatedly)"})
@@ -98,6 +98,9 @@ class AudioTrainConfig(TrainConfig):
     freq_mask: int = field(default=10, metadata={"help": "SpecAugment: widest frequency mask (mel bins)"})
     time_mask: int = field(default=10, metadata={"help": "SpecAugment: widest time mask (frames)"})
     val_every: int = field(default=200, metadata={"help": "validate every N training steps"})
+    phone_loss: float = field(default=0.0, metadata={
+        "help": "weight of an auxiliary CTC loss on espeak-ng's phones of each clip's word (a training-only "
+                "head: the exported model is the same); 0: off"})
 
     DERIVED = {"model.d_input": "--features.n_mels", "model.vocab_size": "audio input (features)",
                "model.complement_map": "audio input (features)"}
@@ -125,6 +128,8 @@ class AudioTrainConfig(TrainConfig):
             low_high = getattr(self, name)
             if len(low_high) != 2 or not low_high[0] <= low_high[1]:
                 raise ValueError(f"--{name.replace('_', '-')}: expected two values LOW HIGH, got {low_high}")
+        if not 0 <= self.phone_loss <= 10:
+            raise ValueError(f"--phone-loss: expected 0 to 10, got {self.phone_loss}")
         if self.engine_balance and self.data:
             raise ValueError("--engine-balance: only for the embedded synthetic set (--data clips name no engine)")
 
@@ -215,9 +220,13 @@ def main(cfg: AudioTrainConfig) -> dict:
         heldout_items[heldout_name(h)] = (h, items)
     kws = cfg.kws_config(labels)
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
-    module = KWSModule(kws.to_dict(), {k: getattr(cfg, k) for k in AUGMENT_FIELDS}, asdict(cfg.optim))
+    inventory, phones = phone_targets(splits["train"]) if cfg.phone_loss else ([], None)
+    module = KWSModule(kws.to_dict(), {k: getattr(cfg, k) for k in AUGMENT_FIELDS}, asdict(cfg.optim),
+                       phone_loss=cfg.phone_loss, n_phones=len(inventory))
     sr = kws.features.sample_rate
-    train_ds, val_ds = ClipDataset(splits["train"], sr), ClipDataset(splits["validation"], sr)
+    train_ds, val_ds = ClipDataset(splits["train"], sr, phones=phones), ClipDataset(splits["validation"], sr)
+    if inventory:
+        print(f"audio.train: phone loss {cfg.phone_loss:g} over {len(inventory)} phones of {len(phones)} words")
     mean, std = feature_stats(train_ds, module.model)
     module.model.feat_mean.copy_(mean)
     module.model.feat_std.copy_(std)

@@ -7,6 +7,7 @@ ssm_core.training (AdamW parameter groups, warm-up + cosine or per-epoch decay).
 from __future__ import annotations
 
 import lightning as L
+from torch import nn
 
 from .training import OptimConfig, lightning_optimizers
 
@@ -27,6 +28,11 @@ class TaskModule(L.LightningModule):
         """Learning-rate multipliers of `self.model`'s submodules by name (default: none, one lr)."""
         return None
 
+    def optimized_module(self) -> nn.Module:
+        """What the optimiser trains: `self.model`, or more where a subclass has training-only parts."""
+        return self.model
+
     def configure_optimizers(self):
         total = self.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        return lightning_optimizers(self.model, self.optim, total, self.warmup_steps(total), self.lr_scale())
+        return lightning_optimizers(self.optimized_module(), self.optim, total, self.warmup_steps(total),
+                                    self.lr_scale())

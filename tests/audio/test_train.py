@@ -277,3 +277,60 @@ def test_heldout_probe_rows_and_errors(tiny_model_dir, tmp_path, capsys):
     assert "| unknown bias -2 |" in capsys.readouterr().out
     assert run(probe, ProbeConfig, ["--heldout", str(tmp_path / "nope")], prog="probe") == 2
     assert capsys.readouterr().err.strip() == f"probe: error: --heldout {tmp_path / 'nope'}: no such folder"
+
+
+def test_phone_loss_trains_a_head_that_the_export_leaves_out(tiny_synth, tmp_path, capsys):
+    """--phone-loss: espeak-ng's phones of each clip's word as CTC targets of a training-only head."""
+    from torch.utils.data import default_collate
+
+    from audio.data import phone_targets
+    from audio.engines import word_phones
+    from audio.lightning_module import KWSModule
+    from audio.model import KWSConfig
+    assert word_phones("stop") == ["s", "t", "ɑː", "p"]             # the length mark stays with its vowel
+    root = tiny_synth[1]
+    items = build_splits(root, label_names(root, "12"))["train"]
+    inventory, phones = phone_targets(items)
+    assert set(phones) == {"cat", *synth.KEYWORDS} and min(min(p) for p in phones.values()) == 1
+    ds = ClipDataset(items, phones=phones)
+    lengths = {it.label: ds[i][3] for i, it in enumerate(items)}
+    assert lengths[label_names(root, "12").index(SILENCE)] == 0 and lengths[0] == len(word_phones("yes"))
+    wave, label, targets, n = ds[0]
+    assert targets.shape == (ds.max_phones,) and targets[n:].eq(0).all() and targets[:n].gt(0).all()
+
+    # the CTC term is added to the class loss and reaches the encoder; the optimiser trains the head too
+    kws = KWSConfig(labels=label_names(root, "12"), encoder=MambaConfig(d_model=16, n_layer=1, d_input=80))
+    augment = {k: 0.0 for k in train.AUGMENT_FIELDS} | {"snr_db": [0.0, 20.0], "freq_mask": 0, "time_mask": 0}
+    batch = default_collate([ds[i] for i in range(6)])
+    losses = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        module = KWSModule(kws.to_dict(), augment, {"lr": 1e-3}, phone_loss=weight, n_phones=len(inventory))
+        module.log = lambda *a, **k: None
+        torch.manual_seed(1)
+        losses[weight] = module.training_step(batch if weight else batch[:2], 0)
+    torch.manual_seed(1)
+    ctc = module.phone_ctc(module.model.encoder(module.model.features(torch.cat([batch[0].roll(1, 0), batch[0]], 1))),
+                           batch[2], batch[3])
+    assert torch.isfinite(ctc) and ctc > 0
+    assert torch.allclose(losses[0.5], losses[0.0] + 0.5 * ctc, rtol=1e-4)
+    losses[0.5].backward()
+    assert module.phone_head.weight.grad.abs().sum() > 0
+    assert module.model.encoder.layers[0].mixer.in_proj.weight.grad.abs().sum() > 0
+    trained = {id(p) for p in module.optimized_module().parameters()}
+    assert {id(p) for p in module.phone_head.parameters()} <= trained
+    assert {id(p) for p in module.model.parameters()} <= trained
+
+    # a run: the checkpoint's optimiser holds the head's state, the exported model has no head
+    out = tmp_path / "run"
+    assert run(train.main, train.AudioTrainConfig,
+               ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--output-dir", str(out),
+                "--max-steps", "2", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
+                "--val-every", "2", "--accelerator", "cpu", "--phone-loss", "0.5"], prog="audio.train") == 0
+    assert f"phone loss 0.5 over {len(inventory)} phones of {len(phones)} words" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    exported = load_model(out / "model")
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(list(exported.parameters())) + 2    # + head's 2
+    assert not any("phone" in k for k in exported.state_dict())
+    assert run(train.main, train.AudioTrainConfig, ["--phone-loss", "-1"], prog="audio.train") == 2
+    assert "--phone-loss: expected 0 to 10, got -1.0" in capsys.readouterr().err
