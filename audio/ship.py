@@ -77,7 +77,7 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         op = stream["operating_point"]
         lines += [f"Streaming ({stream['hours']:.2f} h of {Path(stream['heldout']).name} keywords among other "
                   f"words, silence and noise; {stream['keywords_spoken']} keywords): at threshold "
-                  f"{op['threshold']:.2f} (smoothing {stream['smooth_ms']:g} ms, refractory "
+                  f"{op['threshold']:g} (smoothing {stream['smooth_ms']:g} ms, refractory "
                   f"{stream['refractory_ms']:g} ms) miss rate {op['miss_rate']:.3f} at "
                   f"{op['false_alarms_per_hour']:.2f} false alarms per hour. These are the defaults of "
                   "`audio.stream` with this model (detector.json).", ""]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Keyword spotting across engines (docs/audio.md, "Generalisation"), on one GPU in under 9 minutes:
-# the multi-engine recipe for seeds 0 1 2 and two ablations of seed 0, all training at once on the GPU;
+# the multi-engine recipe for seeds 0 1 2 (ENGINES) and two ablations of seed 0, all training at once on the GPU;
 # accuracy per engine (espeak-ng's held-out voices, and Flite: an engine never trained on); the hour-long
 # streaming evaluation on Flite of the seed with the best validation accuracy, made into the shipped folder
 # (audio.ship).
@@ -29,9 +29,10 @@ read -r -a recipe <<< "${RECIPE:-}"
 RECIPE_CONFIG=${RECIPE_CONFIG:-configs/audio/kws_synth.yaml}
 # ENGINES: the recipe's training engines (the ablations keep theirs: espeak-ng with and without Piper).
 # COMPARE: another list of engines trained beside it for the same three seeds (runs compare_s0..2), so that
-# a change of engines is measured side by side in one command.
+# a change of engines is measured side by side in one command; COMPARE_RECIPE: their flags (default RECIPE's).
 ENGINES=${ENGINES:-espeak, pico, piper}
 COMPARE=${COMPARE:-}
+read -r -a compare_recipe <<< "${COMPARE_RECIPE-${RECIPE:-}}"
 RUNS=${RUNS:-/tmp/kws_runs}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
@@ -52,13 +53,13 @@ build() { $py -c "from audio.synth import ensure_dataset, synth_config
 ensure_dataset(synth_config('$SIZE', $1, [e.strip() for e in '$2'.split(',')]), progress=False)"; }
 for s in 0 1 2; do build $s "$ENGINES" & [ -z "$COMPARE" ] || build $s "$COMPARE" & done
 [ "${ABLATIONS:-1}" = 0 ] || build 0 "espeak, piper" &
-build 0 espeak &
+[ "${BASELINE:-1}" = 0 ] || build 0 espeak &
 wait
 stamp "data sets built"
 
-# 2. six trainings at once on the GPU: the recipe (3 seeds), without the Piper voice, without the channel
-#    augmentations (rooms, channels, hiss), and without both (espeak-ng and the augmentations of before, the
-#    baseline of this harness; its mel warp at the old +-10%)
+# 2. the trainings at once on the GPU: the recipe (3 seeds), COMPARE's 3 seeds if given, without the Piper
+#    voice, without the channel augmentations (rooms, channels, hiss), and without both (espeak-ng and the
+#    augmentations of before, the baseline of this harness; its mel warp at the old +-10%)
 common=(--synth-size "$SIZE" --accelerator "$ACCEL" --num-workers 2 --max-steps "$STEPS" --heldout "[$H]" "${extra[@]}")
 # train NAME CONFIG FLAGS...
 train() { name=$1 config=$2; shift 2
@@ -66,13 +67,14 @@ train() { name=$1 config=$2; shift 2
 base=configs/audio/kws_synth.yaml
 for s in 0 1 2; do train "multi_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines "[$ENGINES]" "${recipe[@]}" & done
 for s in 0 1 2; do
-  [ -z "$COMPARE" ] || train "compare_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines "[$COMPARE]" "${recipe[@]}" &
+  [ -z "$COMPARE" ] || train "compare_s$s" "$RECIPE_CONFIG" --seed $s --synth-engines "[$COMPARE]" "${compare_recipe[@]}" &
 done
-# ABLATIONS=0 keeps only the baseline beside the recipe (a shorter device command).
+# ABLATIONS=0 keeps only the baseline beside the recipe (a shorter device command); BASELINE=0 drops that too
+# (where COMPARE is the reference).
 [ "${ABLATIONS:-1}" = 0 ] || train espeak_only_s0 "$base" --seed 0 --synth-engines '[espeak]' &
 no_channel=(--reverb-prob 0 --channel-prob 0 --mic-noise-prob 0)
 [ "${ABLATIONS:-1}" = 0 ] || train no_channel_s0 "$base" --seed 0 --synth-engines '[espeak, piper]' "${no_channel[@]}" &
-train baseline_s0 "$base" --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
+[ "${BASELINE:-1}" = 0 ] || train baseline_s0 "$base" --seed 0 --synth-engines '[espeak]' "${no_channel[@]}" --freq-warp 0.1 &
 wait || true
 stamp "training done"
 grep -h "audio.train: accuracy\|error" "$RUNS"/*.log || true

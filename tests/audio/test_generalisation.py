@@ -162,6 +162,13 @@ def test_scorer_counts_hits_misses_and_false_alarms_per_threshold():
     assert list(sc.hits) == [1, 1] and list(sc.misses) == [1, 1] and list(sc.false_alarms) == [2, 1]
 
 
+def test_threshold_sweep_is_increasing_and_reaches_past_0_99():
+    """Each threshold once (arange's float steps had repeated 0.9), and fine steps near 1, where a confident
+    model's operating point at a few false alarms an hour lies."""
+    t = stream_eval.THRESHOLDS
+    assert np.all(np.diff(t) > 0) and t[0] == 0.3 and {0.9, 0.99, 0.995, 0.999} <= set(t.tolist())
+
+
 def test_streaming_evaluation_writes_curve_and_operating_point(tmp_path):
     root = heldout.build_heldout(heldout.HeldoutConfig(
         output_dir=str(tmp_path / "h"), voices=["en-us+f5"], words=["yes", "no", "cat"], rates=[160],
