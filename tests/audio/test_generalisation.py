@@ -79,7 +79,7 @@ def test_training_engines_resolve_to_what_is_installed(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train, "ensure_dataset", lambda cfg, cache: cfg)      # the set's config, not the set
     cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), output_dir=str(tmp_path / "run"))
     assert train.dataset_root(cfg).engines() == ["espeak", "pico"] and cfg.synth_engines == ["espeak", "pico"]
-    assert "pip install 'long-ssm[voices]'" in capsys.readouterr().out
+    assert "from espeak and pico only; pip install 'long-ssm[voices]'" in capsys.readouterr().out
     cfg = train.AudioTrainConfig(synth_cache=str(tmp_path), synth_engines=["espeak", "piper"])
     with pytest.raises(UserError, match="--synth-engines piper: needs the `voices` extra"):
         train.dataset_root(cfg)
