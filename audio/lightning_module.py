@@ -19,16 +19,18 @@ from .augment import (
     speed_perturb,
     time_shift,
 )
+from .data import SILENCE, UNKNOWN
 from .model import KeywordSpotter, KWSConfig
 
 
 class KWSModule(TaskModule):
     def __init__(self, kws: dict, augment: dict, optim: dict, total_steps: int | None = None,
-                 phone_loss: float = 0.0, n_phones: int = 0):
+                 phone_loss: float = 0.0, n_phones: int = 0, non_keyword_frames: float = 0.0):
         """kws: KWSConfig as a dict (load_model reads it back from the checkpoint); augment: the training
         config's augmentation options (audio.train.AUGMENT_FIELDS; a checkpoint of before the channel
         augmentations has none of them: they are off); optim: OptimConfig as a dict; phone_loss: the weight
-        of the auxiliary phone CTC loss over `n_phones` phones (0: none)."""
+        of the auxiliary phone CTC loss over `n_phones` phones (0: none); non_keyword_frames: the weight of
+        the loss on every frame of the clips that hold no keyword (0: none)."""
         super().__init__(optim, total_steps)
         self.save_hyperparameters()
         self.model = KeywordSpotter(KWSConfig.from_dict(kws))
@@ -37,6 +39,9 @@ class KWSModule(TaskModule):
         # rather than what one engine's rendering of a whole word sounds like.
         self.phone_loss = phone_loss
         self.phone_head = nn.Linear(self.model.config.encoder.d_model, n_phones + 1) if phone_loss > 0 else None
+        self.non_keyword_frames = non_keyword_frames
+        self.register_buffer("non_keyword", torch.tensor(
+            [label in (SILENCE, UNKNOWN) for label in self.model.labels]), persistent=False)
         self.augment = augment
         n = len(self.model.labels)
         self.val_acc = MulticlassAccuracy(n, average="micro")
@@ -85,11 +90,28 @@ class KWSModule(TaskModule):
         loss = 0.5 * (F.cross_entropy(logits[:, -k:].flatten(0, 1), y.repeat_interleave(k))
                       + F.cross_entropy(logits[:, t1 - k: t1].flatten(0, 1), y.roll(1, 0).repeat_interleave(k)))
         self.log("train_loss", loss, prog_bar=True)
+        if self.non_keyword_frames:
+            loss = loss + self.non_keyword_frames * self.non_keyword_loss(logits, y, t1)
         if self.phone_head is not None:
             ctc = self.phone_ctc(hidden, *batch[2:])
             self.log("phone_loss", ctc)
             loss = loss + self.phone_loss * ctc
         return loss
+
+    def non_keyword_loss(self, logits: torch.Tensor, y: torch.Tensor, t1: int) -> torch.Tensor:
+        """Cross-entropy of every frame of the clips that hold no keyword (`_unknown_` words, `_silence_`)
+        against their class, beyond the label frames: nothing in such a clip is a keyword at any moment, so a
+        keyword's posterior rising in the middle of "yet" (a false alarm "yes" on a stream) is an error there.
+        A keyword clip's frames before its label frames stay free (its word is not over). The first
+        label_frames of the second clip are left free too: the prefix's keyword may still be decided there."""
+        k = self.model.config.label_frames
+        target = torch.full(logits.shape[:2], -1, dtype=torch.long, device=logits.device)
+        first, second = y.roll(1, 0), y
+        target[:, :t1] = torch.where(self.non_keyword[first], first, -1)[:, None]
+        target[:, t1 + k:] = torch.where(self.non_keyword[second], second, -1)[:, None]
+        valid = (target >= 0).flatten()
+        ce = F.cross_entropy(logits.flatten(0, 1), target.clamp_min(0).flatten(), reduction="none")
+        return (ce * valid).sum() / valid.sum().clamp_min(1)      # 0, not NaN, in a batch of keywords only
 
     def phone_ctc(self, hidden: torch.Tensor, phones: torch.Tensor, n_phones: torch.Tensor) -> torch.Tensor:
         """CTC of the two-clip sequence's frames against the prefix clip's phones, then the clip's."""

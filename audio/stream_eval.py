@@ -88,27 +88,43 @@ class StreamMaker:
         start = int(self.rng.integers(0, max(1, noise.size - n)))
         return np.resize(noise[start:start + n], n) * self.rng.choice([0.0, 0.05, 0.2, 0.6])
 
-    def segment(self) -> tuple[np.ndarray, str | None]:
+    def segment(self) -> tuple[np.ndarray, str | None, str]:
+        """(audio, the keyword it speaks or None, what it is: its word, or NOISE_SEGMENT)."""
         kind = self.rng.random()
         if kind < 0.35:
             path = self.keyword_clips[self.rng.integers(len(self.keyword_clips))]
-            return self._clip(path), path.parent.name
+            return self._clip(path), path.parent.name, path.parent.name
         if kind < 0.7 and self.other_clips:
-            return self._clip(self.other_clips[self.rng.integers(len(self.other_clips))]), None
-        return self._noise(self.rng.uniform(0.5, 4.0)), None
+            path = self.other_clips[self.rng.integers(len(self.other_clips))]
+            return self._clip(path), None, path.parent.name
+        return self._noise(self.rng.uniform(0.5, 4.0)), None, NOISE_SEGMENT
+
+
+NOISE_SEGMENT = "(silence or noise)"
 
 
 class Scorer:
     """Hits, misses and false alarms per threshold, online: a keyword event is kept only until no detection
-    can match it any more, so memory does not grow with the stream."""
+    can match it any more, so memory does not grow with the stream. Each false alarm is also counted by its
+    cause, "<what was playing when it started> -> <keyword detected>", from the segments `spoken` names."""
 
     def __init__(self, n_thresholds: int, tolerance: float):
         self.tolerance = tolerance
         self.pending: collections.deque = collections.deque()   # (word, start, end, found per threshold)
+        self.recent: collections.deque = collections.deque()    # (what, start, end) of the last seconds
         self.hits, self.misses, self.false_alarms = (np.zeros(n_thresholds, int) for _ in range(3))
+        self.causes: dict[str, np.ndarray] = {}
 
     def keyword(self, word: str, start: float, end: float) -> None:
         self.pending.append((word, start, end, np.zeros(self.hits.size, bool)))
+
+    def spoken(self, what: str, start: float, end: float) -> None:
+        """Any segment of the stream (a keyword too): what a false alarm starting in it is blamed on."""
+        self.recent.append((what, start, end))
+
+    def _cause(self, d) -> str:
+        what = next((w for w, start, end in reversed(self.recent) if start <= d.start), "?")
+        return f"{what} -> {d.keyword}"
 
     def detections(self, found: list, now: float) -> None:
         """found: (threshold index, Detection); `now`: seconds streamed so far (no detection can start
@@ -121,10 +137,13 @@ class Scorer:
                     break
             else:
                 self.false_alarms[i] += 1
+                self.causes.setdefault(self._cause(d), np.zeros(self.hits.size, int))[i] += 1
         # An event is closed once a detection of it could no longer be reported: its window has passed
         # and the detector's smoothing and hold (bounded by a few seconds) are over.
         while self.pending and self.pending[0][2] + self.tolerance + 5.0 < now:
             self.misses += ~self.pending.popleft()[3]
+        while len(self.recent) > 1 and self.recent[1][1] + self.tolerance + 5.0 < now:
+            self.recent.popleft()
 
     def close(self, end_of_stream: float) -> None:
         """Keywords whose clip the end of the stream cut were never fully spoken: not counted."""
@@ -158,9 +177,10 @@ def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
     bar = tqdm(total=int(cfg.hours * 3600), unit="s audio", desc="streaming evaluation", disable=not progress)
     while sent < total:
         while buf.size < chunk:
-            seg, word = maker.segment()
+            seg, word, what = maker.segment()
             if word is not None:
                 scorer.keyword(word, made / sr, (made + seg.size) / sr)
+            scorer.spoken(what, made / sr, (made + seg.size) / sr)
             buf = np.concatenate([buf, seg.astype(np.float32)])
             made += seg.size
         piece, buf = buf[:chunk], buf[chunk:]
@@ -190,6 +210,9 @@ def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
             "operating_point": {"threshold": float(THRESHOLDS[op]), "miss_rate": float(miss_rate[op]),
                                 "false_alarms_per_hour": float(fa_per_hour[op]),
                                 "max_fa_per_hour": cfg.max_fa_per_hour, "met_budget": bool(ok.size)},
+            # per threshold, most frequent first: "yet -> yes" is the word "yet" detected as "yes"
+            "false_alarms_by_cause": {c: n.tolist() for c, n in sorted(scorer.causes.items(),
+                                                                        key=lambda kv: -kv[1].sum())},
             "resident_memory": rss}
 
 
@@ -224,6 +247,12 @@ def main(cfg: StreamEvalConfig) -> dict:
     print(f"audio.stream_eval: {result['hours']:.2f} h, {result['keywords_spoken']} keywords; operating point "
           f"threshold {op['threshold']:g}: miss rate {op['miss_rate']:.3f} at {op['false_alarms_per_hour']:.2f} "
           f"false alarms per hour; resident memory {result['resident_memory']} MB; in {out}")
+    # Where the false alarms come from, at a threshold that has some (0.9): the detector's hardest words.
+    at = result["thresholds"].index(0.9)
+    top = sorted(((n[at], c) for c, n in result["false_alarms_by_cause"].items() if n[at]), reverse=True)[:5]
+    if top:
+        print("audio.stream_eval: most false alarms at threshold 0.9: "
+              + ", ".join(f"{c} ({n / result['hours']:.0f}/h)" for n, c in top))
     return result
 
 

@@ -98,6 +98,9 @@ class AudioTrainConfig(TrainConfig):
     freq_mask: int = field(default=10, metadata={"help": "SpecAugment: widest frequency mask (mel bins)"})
     time_mask: int = field(default=10, metadata={"help": "SpecAugment: widest time mask (frames)"})
     val_every: int = field(default=200, metadata={"help": "validate every N training steps"})
+    non_keyword_frames: float = field(default=0.0, metadata={
+        "help": "weight of a loss on every frame of the clips with no keyword (_unknown_, _silence_), not only "
+                "their last label frames: against keyword posteriors rising mid-word on a stream; 0: off"})
     phone_loss: float = field(default=0.0, metadata={
         "help": "weight of an auxiliary CTC loss on espeak-ng's phones of each clip's word (a training-only "
                 "head: the exported model is the same); 0: off"})
@@ -128,8 +131,9 @@ class AudioTrainConfig(TrainConfig):
             low_high = getattr(self, name)
             if len(low_high) != 2 or not low_high[0] <= low_high[1]:
                 raise ValueError(f"--{name.replace('_', '-')}: expected two values LOW HIGH, got {low_high}")
-        if not 0 <= self.phone_loss <= 10:
-            raise ValueError(f"--phone-loss: expected 0 to 10, got {self.phone_loss}")
+        for name in ("phone_loss", "non_keyword_frames"):
+            if not 0 <= getattr(self, name) <= 10:
+                raise ValueError(f"--{name.replace('_', '-')}: expected 0 to 10, got {getattr(self, name)}")
         if self.engine_balance and self.data:
             raise ValueError("--engine-balance: only for the embedded synthetic set (--data clips name no engine)")
 
@@ -222,7 +226,7 @@ def main(cfg: AudioTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)                    # the initial weights are a function of --seed
     inventory, phones = phone_targets(splits["train"]) if cfg.phone_loss else ([], None)
     module = KWSModule(kws.to_dict(), {k: getattr(cfg, k) for k in AUGMENT_FIELDS}, asdict(cfg.optim),
-                       phone_loss=cfg.phone_loss, n_phones=len(inventory))
+                       phone_loss=cfg.phone_loss, n_phones=len(inventory), non_keyword_frames=cfg.non_keyword_frames)
     sr = kws.features.sample_rate
     train_ds, val_ds = ClipDataset(splits["train"], sr, phones=phones), ClipDataset(splits["validation"], sr)
     if inventory:

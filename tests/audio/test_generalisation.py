@@ -149,11 +149,17 @@ def test_scorer_counts_hits_misses_and_false_alarms_per_threshold():
     sc = stream_eval.Scorer(2, tolerance=1.0)
     sc.keyword("yes", 1.0, 2.0)
     sc.keyword("no", 5.0, 6.0)
+    noise = stream_eval.NOISE_SEGMENT
+    for what, start, end in (("yes", 1.0, 2.0), ("yet", 2.0, 2.8), (noise, 2.8, 5.0), ("no", 5.0, 6.0)):
+        sc.spoken(what, start, end)
     sc.detections([(0, D("yes", 2.5, 2.9, 0.9)),       # inside the tolerance after its clip: a hit
                    (0, D("yes", 2.7, 2.9, 0.9)),       # the same word again: a false alarm
                    (1, D("yes", 3.5, 3.9, 0.9)),       # too late: a false alarm, and "yes" is missed
                    (0, D("no", 3.0, 3.1, 0.9))], now=4.0)   # before "no" was spoken: a false alarm
     assert list(sc.hits) == [1, 0] and list(sc.false_alarms) == [2, 1] and list(sc.misses) == [0, 0]
+    # each false alarm blamed on what was playing when it started
+    assert {c: n.tolist() for c, n in sc.causes.items()} == {
+        "yet -> yes": [1, 0], f"{noise} -> yes": [0, 1], f"{noise} -> no": [1, 0]}
     sc.detections([(1, D("no", 5.5, 6.2, 0.8))], now=20.0)  # "yes" closed long ago, "no" now too
     assert list(sc.hits) == [1, 1] and list(sc.misses) == [1, 1]
     sc.keyword("go", 19.5, 20.5)                       # cut by the end of the stream: not counted
@@ -188,6 +194,10 @@ def test_streaming_evaluation_writes_curve_and_operating_point(tmp_path):
     op = result["operating_point"]
     assert op["threshold"] in result["thresholds"]
     assert set(result["resident_memory"]) == {"after_1_min_mb", "at_end_mb"}
+    # the causes add up to the false alarms at every threshold, and name a stream segment and a keyword
+    causes = result["false_alarms_by_cause"]
+    assert np.allclose(np.sum(list(causes.values()) or [[0] * fa.size], 0), fa * result["hours"])
+    assert all(c.split(" -> ")[0] in {"yes", "no", "cat", stream_eval.NOISE_SEGMENT} for c in causes)
 
 
 def fake_run(tmp_path):

@@ -334,3 +334,28 @@ def test_phone_loss_trains_a_head_that_the_export_leaves_out(tiny_synth, tmp_pat
     assert not any("phone" in k for k in exported.state_dict())
     assert run(train.main, train.AudioTrainConfig, ["--phone-loss", "-1"], prog="audio.train") == 2
     assert "--phone-loss: expected 0 to 10, got -1.0" in capsys.readouterr().err
+
+
+def test_non_keyword_frames_loss_covers_every_frame_of_clips_without_a_keyword():
+    """--non-keyword-frames: a keyword posterior anywhere in an `_unknown_` clip costs; a keyword clip's frames
+    before its label frames, and the second clip's first label_frames, are free."""
+    from audio.lightning_module import KWSModule
+    from audio.model import KWSConfig
+    labels = ["yes", "no", SILENCE, UNKNOWN]
+    kws = KWSConfig(labels=labels, encoder=MambaConfig(d_model=8, n_layer=1, d_input=80), label_frames=3)
+    module = KWSModule(kws.to_dict(), {}, {"lr": 1e-3}, non_keyword_frames=1.0)
+    t1, frames = 10, 20
+    y = torch.tensor([3, 0])                   # clip 0: `_unknown_` (its prefix: clip 1, "yes"); clip 1: "yes"
+    right = torch.full((2, frames, 4), -5.0)
+    right[0, :, 3] = 5.0                       # the `_unknown_` clip says `_unknown_` wherever it is scored
+    right[1, :t1, 3] = 5.0                     # (sequence 1's prefix is clip 0)
+    assert module.non_keyword_loss(right, y, t1) < 1e-3
+    wrong = right.clone()
+    wrong[0, t1 + 5, :] = torch.tensor([5.0, -5, -5, -5])         # "yes" in the middle of the `_unknown_` word
+    assert module.non_keyword_loss(wrong, y, t1) > 0.5
+    free = right.clone()
+    free[1, t1:frames - 3] = torch.tensor([-5.0, 5, -5, -5])     # the keyword clip's frames before its label
+    free[0, t1: t1 + 3] = torch.tensor([5.0, -5, -5, -5])        # the grace frames after the prefix "yes"
+    assert module.non_keyword_loss(free, y, t1) < 1e-3
+    only_keywords = torch.tensor([0, 1])
+    assert module.non_keyword_loss(right, only_keywords, t1) == 0            # nothing to score: 0, not NaN
