@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ssm_core.cli import UserError
 
+from .engines import word_phones
 from .features import load_audio, resample
 
 KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
@@ -121,7 +122,6 @@ def clip_word(item: Item) -> str | None:
 def phone_targets(items: list[Item]) -> tuple[list[str], dict[str, list[int]]]:
     """The phone inventory of the items' words (espeak-ng's, audio.engines.word_phones) and each word's phones
     as ids 1.. (0 is CTC's blank)."""
-    from .engines import word_phones
     phones = {w: word_phones(w) for w in sorted({clip_word(it) for it in items} - {None})}
     inventory = sorted({p for ps in phones.values() for p in ps})
     ids = {p: i + 1 for i, p in enumerate(inventory)}

