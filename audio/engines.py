@@ -19,12 +19,16 @@ resamples and normalises them the same way for all.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +62,14 @@ def engine_of(voice: str) -> str:
 
 
 class Espeak:
-    """Synchronous espeak-ng; one instance per process (the library keeps global state)."""
+    """Synchronous espeak-ng; one instance per process (the library keeps global state).
+
+    That state carries over from one utterance to the next (the pitch flutter's position and other statics of
+    its wave generator, which espeak_Terminate does not reset), and its noise sources (breathy voices) draw
+    from a generator seeded with the time at initialisation, some variants from the C library's rand() too. So a word came out differently after other words
+    and in another second: a data set built in a process pool depended on which worker spoke what, and when.
+    `say` therefore speaks every word from a freshly loaded library (about 3 ms more a word) with the noise
+    seeded from the word, voice, rate and pitch: the same samples in any process, in any order, at any time."""
     _instance: Espeak | None = None
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _RATE, _PITCH = 1, 3   # espeak_PARAMETER values
@@ -66,9 +77,23 @@ class Espeak:
     def __init__(self):
         try:
             import espeakng_loader
-            lib = ctypes.CDLL(espeakng_loader.get_library_path())
-            data = espeakng_loader.get_data_path()
+            self._path, self._data = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
         except (ImportError, OSError, RuntimeError) as e:
+            raise UserError(f"espeak-ng is not available ({e}); install espeakng-loader or pass --data") from None
+        self._chunks: list[np.ndarray] = []
+        self._cb = self._CALLBACK(self._collect)   # keep a reference: the library calls it later
+        self.lib = None
+        self._spoke = False
+        self._load()
+
+    def _load(self) -> None:
+        """Load (or unload and load again: a fresh state) and initialise the library."""
+        if self.lib is not None:
+            self.lib.espeak_Terminate()
+            _unload_library(self.lib)
+        try:
+            lib = ctypes.CDLL(self._path)
+        except OSError as e:
             raise UserError(f"espeak-ng is not available ({e}); install espeakng-loader or pass --data") from None
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
@@ -76,13 +101,12 @@ class Espeak:
                                      ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
-        self.sample_rate = lib.espeak_Initialize(2, 0, data.encode(), 0)  # 2: AUDIO_OUTPUT_SYNCHRONOUS
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        self.sample_rate = lib.espeak_Initialize(2, 0, self._data.encode(), 0)  # 2: AUDIO_OUTPUT_SYNCHRONOUS
         if self.sample_rate <= 0:
-            raise UserError(f"espeak-ng failed to initialise with data at {data}")
-        self._chunks: list[np.ndarray] = []
-        self._cb = self._CALLBACK(self._collect)   # keep a reference: the library calls it later
+            raise UserError(f"espeak-ng failed to initialise with data at {self._data}")
         lib.espeak_SetSynthCallback(self._cb)
-        self.lib = lib
+        self.lib, self._spoke = lib, False
 
     @classmethod
     def get(cls) -> Espeak:
@@ -100,7 +124,13 @@ class Espeak:
             raise UserError(f"espeak-ng: unknown voice {voice!r}")
 
     def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """-> float32 samples at self.sample_rate."""
+        """-> float32 samples at self.sample_rate, the same whatever was spoken before (class docstring)."""
+        if self._spoke:
+            self._load()
+        self._spoke = True
+        seed = zlib.crc32(f"{text}|{voice}|{rate}|{pitch}".encode()) & 0x7FFFFFFF
+        self.lib.espeak_ng_SetRandSeed(seed)
+        _seed_libc_rand(seed)   # some voice variants (en-us+caleb) draw from the C library's rand() too
         self._voice(voice)
         self.lib.espeak_SetParameter(self._RATE, int(rate), 0)
         self.lib.espeak_SetParameter(self._PITCH, int(pitch), 0)
@@ -119,6 +149,38 @@ class Espeak:
             # textmode 1: UTF-8; phonememode 2: IPA
             out.append(self.lib.espeak_TextToPhonemes(ctypes.byref(buf), 1, 2).decode())
         return " ".join(out)
+
+
+@contextlib.contextmanager
+def _filled_allocations():
+    """Pico reads a little of the memory block it is given before writing it (a word then differs by a few
+    16-bit steps near its start, depending on what the block held before). glibc's M_PERTURB fills every
+    allocation with one byte while this block runs, so that memory always holds the same; the setting the
+    process had (MALLOC_PERTURB_) is put back after. Elsewhere (not glibc) this does nothing."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:
+        yield
+        return
+    m_perturb = -6
+    mallopt(m_perturb, 0x5A)
+    try:
+        yield
+    finally:
+        mallopt(m_perturb, int(os.environ.get("MALLOC_PERTURB_", "0") or 0) & 0xFF)
+
+
+def _seed_libc_rand(seed: int) -> None:
+    """srand of the C library the process (and so espeak-ng) uses; POSIX only (on Windows the library's own
+    C runtime is not reachable from here, and such voices stay history-dependent)."""
+    if os.name == "posix":
+        ctypes.CDLL(None).srand(ctypes.c_uint(seed))
+
+
+def _unload_library(lib: ctypes.CDLL) -> None:
+    """dlclose (FreeLibrary on Windows): the next CDLL of the path maps it afresh, its statics reset."""
+    import _ctypes
+    close = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary
+    close(lib._handle)
 
 
 def word_phones(word: str) -> list[str]:
@@ -220,7 +282,8 @@ def pico_say(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, 
     # speed > 1 is faster; pitch multiplies F0 (espeak's 0-100 scale: +-15% around the instance's pitch);
     # volume 0.5, because at its default Pico clips the loudest samples of most words.
     factor = PICO_PITCH[int(instance)] * 2 ** ((pitch - 50) / 150)
-    pcm = py_nanotts.NanoTTS().speak(text, voice=name, speed=rate / NEUTRAL_RATE, pitch=factor, volume=0.5)
+    with _filled_allocations():
+        pcm = py_nanotts.NanoTTS().speak(text, voice=name, speed=rate / NEUTRAL_RATE, pitch=factor, volume=0.5)
     return np.frombuffer(pcm, np.int16).astype(np.float32) / 32768.0, 16000
 
 

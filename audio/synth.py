@@ -12,9 +12,11 @@ The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation
 `testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
 configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
 (words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so every build has the
-same clips in the same splits; but espeak-ng's own samples are not bit-reproducible between runs, and a
-word's random offset depends on its trimmed length, so two builds are alike, not bit-equal: the folder is
-cached rather than rebuilt. The synthesis itself runs in a process pool on every CPU.
+same clips in the same splits. espeak-ng and Pico speak a word the same whatever they spoke before
+(audio.engines: espeak-ng from a fresh, seeded state each word; Pico's memory filled before it reads it);
+Piper's sampling noise cannot be seeded, so its words come from the word cache once made. Two builds with
+the same Piper words are bit-equal, on any number of CPUs. The synthesis itself runs in a process pool on
+every CPU.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
 """
@@ -84,6 +86,9 @@ class SynthConfig:
     reverb_prob: float = 0.3
     noise_seconds: float = 60.0  # length of each background-noise file
     seed: int = 0
+    # Part of the cache key, so that a set built by older code is not reused: 2 speaks every espeak-ng word
+    # from a fresh engine state (audio.engines.Espeak), which makes a build bit-reproducible.
+    version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -142,6 +147,8 @@ def speak(word: str, voice: str, rate: int, pitch: int, cache_dir: str | Path | 
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:
             sf.write(str(tmp), wave, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        # What a later build reads (16-bit), not the float it came from: the first build equals the next.
+        return sf.read(str(cached), dtype="float32")[0]
     return wave
 
 

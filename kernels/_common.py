@@ -26,3 +26,17 @@ def group_strides(X: torch.Tensor, ungrouped_dims: int) -> tuple[int, ...]:
     if X.dim() == ungrouped_dims:
         return (X.stride(0), 0, *X.stride()[1:])
     return tuple(X.stride())
+
+
+def partial_slots(writers: int) -> int:
+    """Copies of a backward sum that many programs add into (dB and dC of the scan, the conv's dw): one,
+    added by fp32 atomics, whose arrival order varies between runs and with it the last bits of the sum (a
+    training re-run then drifts like another seed); or, under `torch.use_deterministic_algorithms(True)`
+    (Lightning's `Trainer(deterministic=...)`), one per writer, each written by one program and added on the
+    host in a fixed order, for bit-identical re-runs at the cost of that memory and one reduction."""
+    return writers if torch.are_deterministic_algorithms_enabled() else 1
+
+
+def slots_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a backward sum's copies (leading axis: partial_slots); one copy is itself, not copied."""
+    return x.sum(0) if x.shape[0] > 1 else x[0]

@@ -10,7 +10,8 @@ the conv costs K FMAs per output and no unaligned or repeated loads.
 
 Backward: dpre_i = dout_i silu'(pre_i) (pre recomputed), dx_q = sum_k w_{K-1-k} dpre_{q+k} reads the
 next 8 steps' dpre too (computed again from an aligned load); dw and dbias are summed in registers over
-the span and added with one atomic per (channel, tap) and program.
+the span and added with one atomic per (channel, tap) and program (under torch.use_deterministic_algorithms
+into the program's own copy, summed in a fixed order: see partial_slots).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _row
+from ._common import _row, partial_slots, slots_sum
 
 
 @triton.jit
@@ -109,7 +110,8 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, out_ptr, L, DIM, span,
 def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dinit_ptr, dw_ptr, dbias_ptr, L, DIM, span,
                      s_xb, s_xd, s_ib, s_id, s_il, s_ob, s_od, s_gb, s_gd,
                      K: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     LANES_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                     LANES_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DETERMINISTIC: tl.constexpr):
     pid_b, offs_d, mask_d, d3, mask_d3, offs_i, steps, ws, bias = _program(w_ptr, b_ptr, DIM, K, HAS_BIAS,
                                                                            LANES_T, BLOCK_T, BLOCK_D)
     x_ptr += pid_b * s_xb
@@ -146,6 +148,10 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dinit_ptr,
             new = new + (dws[j] + tl.sum(xg, axis=1, keep_dims=True),)
         dws = new
         dbias += tl.sum(g, axis=1, keep_dims=True)
+    if DETERMINISTIC:   # this program's own copy of dw and dbias (partial_slots), summed on the host
+        slot = pid_b * tl.num_programs(2) + tl.program_id(2)
+        dw_ptr += slot.to(tl.int64) * DIM * K
+        dbias_ptr += slot.to(tl.int64) * DIM
     for j in tl.static_range(K):
         tl.atomic_add(dw_ptr + offs_d * K + j, tl.sum(tl.sum(dws[j], axis=1), axis=0), mask=mask_d, sem="relaxed")
     if HAS_BIAS:
@@ -192,13 +198,14 @@ def conv_bwd(x, weight, bias, init, silu: bool, dout, dx=None):
     dout = _unit_l(dout)
     dx = torch.empty(b, dim, L, device=x.device, dtype=x.dtype) if dx is None else dx
     dinit = torch.empty(b, dim, K - 1, device=x.device, dtype=init.dtype) if init is not None else None
-    dw = torch.zeros(dim, K, device=x.device, dtype=torch.float32)
-    dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
     grid, strides, meta = _launch(x, init, weight, bias, silu, BWD_SPAN)
+    slots = partial_slots(grid[0] * grid[2])   # programs that add into one channel's dw
+    dw = torch.zeros(slots, dim, K, device=x.device, dtype=torch.float32)
+    dbias = torch.zeros(slots, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     _conv_bwd_kernel[grid](x, init if init is not None else x, weight, bias, dout, dx,
                            dinit if dinit is not None else dx, dw, dbias, L, dim, BWD_SPAN, *strides,
-                           dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), **meta)
-    return dx, dinit, dw, dbias
+                           dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), DETERMINISTIC=slots > 1, **meta)
+    return dx, dinit, slots_sum(dw), slots_sum(dbias) if dbias is not None else None
 
 
 class _CausalConv1dFn(torch.autograd.Function):

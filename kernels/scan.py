@@ -19,7 +19,8 @@ Backward. Walks the checkpoint spans in reverse: re-runs the forward over a span
 start state in a per-program scratch (L2 resident), then walks the span's chunks backwards: recomputes
 h_t for the chunk (kept in registers), and runs the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} step by step,
 accumulating du, ddelta, dz, dA, dD, d(delta_bias) in the thread; dB and dC are sums over channels
-(a butterfly over the lanes, then fp32 atomics across programs).
+(a butterfly over the lanes, then fp32 atomics across programs; under torch.use_deterministic_algorithms
+each program's sums go to its own copy, added in a fixed order: bit-identical re-runs).
 
 Long sequences at small batch. B * dim / BLOCK_D programs cannot fill the GPU at batch 1, so the
 sequence is cut into segments run in parallel: a summary pass gives each segment's end state from zero
@@ -39,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _row, _softplus, group_strides
+from ._common import _row, _softplus, group_strides, partial_slots, slots_sum
 
 LOG2E = 1.4426950408889634
 # The CPU interpreter runs no PTX: there the lane exchange of _add_channel_sums is a tl.gather (which on the GPU
@@ -401,7 +402,7 @@ def _adjoint_summary_kernel(
 def _scan_bwd_kernel(
         u_ptr, dl_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, ck_ptr, dy_ptr, kin_ptr,
         scr_ptr, du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, kout_ptr,
-        L, DIM, N, G, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn, s_scr,
+        L, DIM, N, G, CH_PER_GROUP, n_chunks, seg_chunks, n_seg, seg_base, n_ckpt, s_sn, s_scr, s_slot,
         s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
         s_bb, s_bg, s_bn, s_bl, s_cb, s_cg, s_cn, s_cl, s_ob, s_od, s_ol,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -419,8 +420,11 @@ def _scan_bwd_kernel(
     du_ptr += pid_b * s_ob
     ddl_ptr += pid_b * s_ob
     dz_ptr += pid_b * s_ob
-    dB_ptr += (pid_b * G + grp) * N * L
-    dC_ptr += (pid_b * G + grp) * N * L
+    # s_slot > 0 (deterministic mode): each block of channels adds into its own copy of dB / dC, summed on the
+    # host in a fixed order; 0: every block adds into one copy (fp32 atomics, summed in arrival order).
+    slot = tl.program_id(1).to(tl.int64) * s_slot
+    dB_ptr += slot + (pid_b * G + grp) * N * L
+    dC_ptr += slot + (pid_b * G + grp) * N * L
     # Per-program scratch: the chunk-start states of one checkpoint span.
     scr_ptr += ((pid_b * n_seg + seg) * tl.num_programs(1) + tl.program_id(1)) * SPAN_CHUNKS * LANES * SPT * BLOCK_D
     # Channels contiguous (s_scr = BLOCK_D, unspecialised): a thread's 8 fp32 states contiguous would be two
@@ -770,19 +774,21 @@ def _scan_bwd(u, delta, A2t, B, C, D, z, delta_bias, softplus, reset, ck, dts, d
     else:
         kin = dhTt
     scratch = torch.empty(b * n_seg * n_db * span * bn * bd, **f32)
-    dB = torch.zeros(b, G, N, L, **f32)
-    dC = torch.zeros(b, G, N, L, **f32)
+    slots = partial_slots(n_db)
+    dB = torch.zeros(slots, b, G, N, L, **f32)
+    dC = torch.zeros(slots, b, G, N, L, **f32)
     kout = torch.empty(b, n_seg, N, dim, **f32)
     dA = torch.empty(b, n_seg, N, dim, **f32)
     dD = torch.empty(b, n_seg, dim, **f32)
     dbias = torch.empty(b, n_seg, dim, **f32)
     args = (u, delta, A2t, B, C, D, zz, delta_bias, reset, ck, dy, kin, scratch,
             du, ddelta, dz if dz is not None else du, dA, dB, dC, dD, dbias, kout,
-            L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd,
+            L, dim, N, G, dim // G, n_chunks, seg_chunks, n_seg, 0, ck.shape[1], dim, bd, dB[0].numel() if slots > 1 else 0,
             *u.stride(), *delta.stride(), *zz.stride(), *group_strides(B, 3), *group_strides(C, 3), *du.stride())
     kw = dict(HAS_KIN=kin is not None, SPAN_CHUNKS=span, **common, **_flags(D, z, delta_bias, softplus, reset))
     grid = (b, n_db, n_seg)
     _scan_bwd_kernel[grid](*args, LANE_EXCHANGE=_lane_exchange(args, kw, grid, bd), **kw)
+    dB, dC = slots_sum(dB), slots_sum(dC)
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (du, ddelta, dA.sum((0, 1)).t(), dB, dC, dD.sum((0, 1)), dz if z is not None else None,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _softplus
+from ._common import _softplus, partial_slots, slots_sum
 
 
 @triton.jit
@@ -251,7 +251,7 @@ def _bwd_tile(L, H, G, P, N, Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr
 
 @triton.jit
 def _bwd_dx(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, DDT_ptr, DCS_ptr, DD_ptr,
-            L, H, G, Lp, nc, P, N,
+            L, H, G, Lp, nc, P, N, s_slot,
             HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
             Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """Key tile j of a chunk, one head: dx_j, ddt_j (direct part) and the key part of d(cs_j) (stored; the
@@ -289,6 +289,8 @@ def _bwd_dx(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, DS_ptr, D_ptr, DX_ptr, 
         # D skip: dx += D dy here, and dD = sum(dy * x) reduced in-kernel (one atomic per program).
         dyj = tl.load(DY_ptr + xoff, mask=mj[:, None] & mp[None, :], other=0.).to(tl.float32)
         dD = tl.sum(dyj * xj.to(tl.float32), axis=0)                 # (BP,)
+        # s_slot > 0 (deterministic mode): one copy of dD per (key tile, batch row), summed on the host.
+        DD_ptr += (tl.program_id(0) * (tl.num_programs(1) // H) + b).to(tl.int64) * s_slot
         if D_HDIM:
             dx += dyj * tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.)[None, :]
             tl.atomic_add(DD_ptr + h * P + offs_p, dD, mask=mp)
@@ -311,13 +313,14 @@ def _pair_rows(X_ptr, DY_ptr, DT_ptr, CS_ptr, b, h, H, Lp, P, offs_p, mp, ti, mi
 
 
 @triton.jit
-def _bwd_db(X_ptr, DY_ptr, DT_ptr, CS_ptr, C_ptr, DS_ptr, DB_ptr, L, H, G, Lp, nc, P, N,
+def _bwd_db(X_ptr, DY_ptr, DT_ptr, CS_ptr, C_ptr, DS_ptr, DB_ptr, L, H, G, Lp, nc, P, N, s_slot,
             Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr):
     """Key tile j of a chunk, HPP heads of group g: dB_j = sum_i M_ji C_i with M = sum over the heads of
     (x_j . dy_i) L_ij dt_j. The heads are summed into M before the product with C (one N-wide matmul per tile
     pair, not one per head); the chunk-end state's part is added per head. Added to DB (fp32 atomics)."""
     c, j0, b, g, hpg, split, offs_p, offs_n, mp, mn, tj, mj, rowj = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
     h_lo, h_hi = g * hpg + split * HPP, g * hpg + tl.minimum(split * HPP + HPP, hpg)
+    DB_ptr += split.to(tl.int64) * s_slot   # deterministic mode: each split's own copy of dB
     dB = tl.zeros((BM, BN), dtype=tl.float32)
     for i0 in range(j0, Q, BM):
         ti = c * Q + i0 + tl.arange(0, BM)
@@ -346,7 +349,7 @@ def _bwd_db(X_ptr, DY_ptr, DT_ptr, CS_ptr, C_ptr, DS_ptr, DB_ptr, L, H, G, Lp, n
 
 
 @triton.jit
-def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr, L, H, G, Lp, nc, P, N,
+def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr, L, H, G, Lp, nc, P, N, s_slot,
             Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HPP: tl.constexpr,
             HPP2: tl.constexpr):
     """Query tile i of a chunk, HPP heads of group g: dC_i = sum_j M_ij B_j with M = sum over the heads of
@@ -355,6 +358,7 @@ def _bwd_dc(X_ptr, DY_ptr, DT_ptr, CS_ptr, B_ptr, C_ptr, S_ptr, DC_ptr, DCS_ptr,
     C_i . B_j, the same for every head, so computed once per tile pair. HPP2: HPP rounded up to a power of 2."""
     c, i0, b, g, hpg, split, offs_p, offs_n, mp, mn, ti, mi, rowi = _bwd_tile(L, H, G, P, N, Q, BM, BP, BN, HPP)
     h_lo, h_hi = g * hpg + split * HPP, g * hpg + tl.minimum(split * HPP + HPP, hpg)
+    DC_ptr += split.to(tl.int64) * s_slot   # deterministic mode: each split's own copy of dC
     Ci = tl.load(C_ptr + (rowi * G + g)[:, None] * N + offs_n[None, :], mask=mi[:, None] & mn[None, :], other=0.)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
     slot = tl.arange(0, HPP2)[:, None]
@@ -480,7 +484,12 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
         dz = (dy.float() * y_pre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
         dy = (dy.float() * zf * sig).to(x.dtype)
     dy = dy.contiguous()
-    dD = torch.zeros_like(D, dtype=torch.float32) if D is not None else None  # summed by _bwd_keys' atomics
+    hpp = min(cfg.heads_per_program, H // G)
+    BM = min(Q, cfg.block_m_bwd)
+    # Copies of dD (added by _bwd_dx: one per key tile and batch row) and of dB / dC (by _bwd_db / _bwd_dc:
+    # one per split of a group's heads): one, by fp32 atomics, unless deterministic (partial_slots).
+    dd_slots, split_slots = partial_slots(nc * (Q // BM) * b), partial_slots(triton.cdiv(H // G, hpp))
+    dD = torch.zeros(dd_slots, *D.shape, device=x.device, dtype=torch.float32) if D is not None else None
     DS = torch.empty(b, H, nc, P, N, device=x.device, dtype=torch.float32)
     BNo = min(BN, 64)
     _chunk_outer[(b * nc * H * triton.cdiv(N, BNo),)](dy, C, DT, CS, DS, L, H, G, Lp, nc, P, N, MODE=1, Q=Q,
@@ -495,20 +504,20 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
                                BLOCK=SB, CPG=cfg.chunks_per_group)
     ddec = ddec.sum(2)
     dx = torch.empty_like(x)
-    dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)  # accumulated by atomics over head splits
-    dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
+    dB = torch.zeros(split_slots, *B.shape, device=x.device, dtype=torch.float32)
+    dC = torch.zeros(split_slots, *C.shape, device=x.device, dtype=torch.float32)
     DDT = torch.empty_like(DT)
     DCS = torch.empty_like(DT)
-    hpp = min(cfg.heads_per_program, H // G)
-    BM = min(Q, cfg.block_m_bwd)
     del DS
     _bwd_dx[(nc * (Q // BM), b * H)](x, dy, DT, CS, B, C, DSx, D, dx, DDT, DCS, dD, L, H, G, Lp, nc, P, N,
+                                     D.numel() if D is not None and dd_slots > 1 else 0,
                                      HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=Q, BM=BM, BP=BP,
                                      BN=BN, num_warps=cfg.warps_bwd_dx)
     grid = (nc * (Q // BM), b * G * triton.cdiv(H // G, hpp))
-    _bwd_db[grid](x, dy, DT, CS, C, DSx, dB, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+    s_split = B.numel() if split_slots > 1 else 0
+    _bwd_db[grid](x, dy, DT, CS, C, DSx, dB, L, H, G, Lp, nc, P, N, s_split, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
                   num_warps=cfg.warps_bwd_db)
-    _bwd_dc[grid](x, dy, DT, CS, B, C, Sx, dC, DCS, L, H, G, Lp, nc, P, N, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
+    _bwd_dc[grid](x, dy, DT, CS, B, C, Sx, dC, DCS, L, H, G, Lp, nc, P, N, s_split, Q=Q, BM=BM, BP=BP, BN=BN, HPP=hpp,
                   HPP2=triton.next_power_of_2(hpp), num_warps=cfg.warps_bwd_dc)
     # d(cs) -> d(dt * A): cs is a cumsum within each chunk, so its adjoint is the reverse cumsum.
     dcs = DCS.view(b, H, nc, Q)
@@ -526,8 +535,9 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, h0, Q, softplus, y_pre,
             ddt = ddt * torch.sigmoid(raw)
     ddt_bias = ddt.sum(dim=(0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
     ddt = ddt.permute(0, 2, 1).to(dt.dtype)
-    dD = dD.to(D.dtype) if D is not None else None
-    return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddt_bias, dh0 if h0 is not None else None
+    dD = slots_sum(dD).to(D.dtype) if D is not None else None
+    dB, dC = slots_sum(dB).to(B.dtype), slots_sum(dC).to(C.dtype)
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0 if h0 is not None else None
 
 
 class _SSDFn(torch.autograd.Function):

@@ -4,7 +4,7 @@ checkpoints, and a Trainer built from them.
 
 A package's config dataclass subclasses `TrainConfig` (so every training CLI has the same `--output-dir`,
 `--max-steps`, `--max-epochs`, `--batch-size`, `--accelerator`, `--devices`, `--num-nodes`, `--strategy`,
-`--precision`, `--seed`, `--resume`) and holds an `optim: OptimConfig` (`--optim.lr`, ...); its
+`--precision`, `--seed`, `--resume`, `--deterministic`) and holds an `optim: OptimConfig` (`--optim.lr`, ...); its
 LightningModule subclasses `TaskModule`, whose `configure_optimizers` is the recipe (`make_optimizer`).
 """
 from __future__ import annotations
@@ -40,6 +40,12 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace the earlier run in --output-dir (only its own files are removed)"})
+    # On a GPU two runs of one seed otherwise drift apart like two seeds: the kernels' backward adds some sums
+    # with fp32 atomics, in an order that varies (kernels._common.partial_slots).
+    deterministic: bool = field(default=False, metadata={
+        "help": "bit-identical re-runs on the same GPU and software: torch's deterministic algorithms and the "
+                "kernels' backward sums in a fixed order (a little more memory and time; an op with no "
+                "deterministic version warns)"})
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -357,6 +363,7 @@ def make_trainer(cfg: TrainConfig, *, monitor: str | None = None, mode: str = "m
         plugins=[atomic_checkpoint_io()],
         log_every_n_steps=10,
         gradient_clip_val=(optim.grad_clip or None) if (optim := getattr(cfg, "optim", None)) else None,
+        deterministic="warn" if cfg.deterministic else None,
     )
     kwargs.update(trainer_kwargs)
     from lightning.fabric.utilities.exceptions import MisconfigurationException

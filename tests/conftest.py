@@ -37,3 +37,18 @@ def mamba_ssm_cpu(shared_dir):
         return mamba_reference.load_cpu()
     finally:
         sys.path.remove(str(bench))
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_algorithms():
+    """A Lightning Trainer(deterministic=...) built in-process sets torch's global flag for good: put it back
+    after each test so that it cannot change the code path of the tests after it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test (restored by the fixture above)."""
+    torch.use_deterministic_algorithms(True)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -359,3 +360,22 @@ def test_non_keyword_frames_loss_covers_every_frame_of_clips_without_a_keyword()
     assert module.non_keyword_loss(free, y, t1) < 1e-3
     only_keywords = torch.tensor([0, 1])
     assert module.non_keyword_loss(right, only_keywords, t1) == 0            # nothing to score: 0, not NaN
+
+
+def test_deterministic_runs_are_bit_identical(tiny_synth, tmp_path, monkeypatch):
+    """--deterministic (the GPU recipe's setting): torch's deterministic algorithms, warn-only, for the run
+    (its kernels' backward then sums in a fixed order: tests/kernels/test_deterministic.py); two runs of one
+    seed export the same bytes. torch fills fresh memory with NaN in this mode, so a read of memory nothing
+    wrote would show here too."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)   # Lightning sets it; restored after the test
+    models = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert run(train.main, train.AudioTrainConfig,
+                   ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--output-dir", str(out),
+                    "--max-steps", "3", "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1",
+                    "--val-every", "3", "--accelerator", "cpu", "--deterministic", "true"], prog="audio.train") == 0
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        models.append((out / "model" / "model.safetensors").read_bytes())
+    assert models[0] == models[1]
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"   # cuBLAS's reproducible workspace
