@@ -47,7 +47,7 @@ def main() -> None:
         miss, fa = [], []
         for i in range(len(res["thresholds"])):
             used, hits, alarms = np.zeros(len(keywords), bool), 0, 0
-            for start, word, end in sorted((s, k, e) for j, k, s, e in found if j == i and e - s >= hold - 1e-9):
+            for start, word in sorted((s, k) for j, k, s, e in found if j == i and e - s >= hold - 1e-9):
                 m = next((m for m, (w, a, b) in enumerate(keywords)
                           if not used[m] and w == word and a <= start <= b + tol), None)
                 if m is None:
