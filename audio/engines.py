@@ -66,10 +66,11 @@ class Espeak:
 
     That state carries over from one utterance to the next (the pitch flutter's position and other statics of
     its wave generator, which espeak_Terminate does not reset), and its noise sources (breathy voices) draw
-    from a generator seeded with the time at initialisation, some variants from the C library's rand() too. So a word came out differently after other words
-    and in another second: a data set built in a process pool depended on which worker spoke what, and when.
-    `say` therefore speaks every word from a freshly loaded library (about 3 ms more a word) with the noise
-    seeded from the word, voice, rate and pitch: the same samples in any process, in any order, at any time."""
+    from a generator seeded with the time at initialisation, some variants from the C library's rand() too.
+    So a word came out differently after other words and in another second: a data set built in a process
+    pool depended on which worker spoke what, and when. `say` therefore speaks every word from a freshly
+    loaded library (about 3 ms more a word) with both generators seeded from the word, voice, rate and pitch:
+    the same samples in any process, in any order, at any time."""
     _instance: Espeak | None = None
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
     _RATE, _PITCH = 1, 3   # espeak_PARAMETER values

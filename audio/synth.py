@@ -87,7 +87,8 @@ class SynthConfig:
     noise_seconds: float = 60.0  # length of each background-noise file
     seed: int = 0
     # Part of the cache key, so that a set built by older code is not reused: 2 speaks every espeak-ng word
-    # from a fresh engine state (audio.engines.Espeak), which makes a build bit-reproducible.
+    # from a fresh, seeded engine state and fills Pico's memory first (audio.engines), which makes a build
+    # bit-reproducible.
     version: int = 2
 
     def key(self) -> str:

@@ -4,8 +4,9 @@ checkpoints, and a Trainer built from them.
 
 A package's config dataclass subclasses `TrainConfig` (so every training CLI has the same `--output-dir`,
 `--max-steps`, `--max-epochs`, `--batch-size`, `--accelerator`, `--devices`, `--num-nodes`, `--strategy`,
-`--precision`, `--seed`, `--resume`, `--deterministic`) and holds an `optim: OptimConfig` (`--optim.lr`, ...); its
-LightningModule subclasses `TaskModule`, whose `configure_optimizers` is the recipe (`make_optimizer`).
+`--precision`, `--seed`, `--resume`, `--deterministic`) and holds an `optim: OptimConfig` (`--optim.lr`,
+...); its LightningModule subclasses `TaskModule`, whose `configure_optimizers` is the recipe
+(`make_optimizer`).
 """
 from __future__ import annotations
 
