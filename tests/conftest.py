@@ -49,6 +49,8 @@ def _restore_deterministic_algorithms():
 
 
 @pytest.fixture
-def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True) for one test (restored by the fixture above)."""
+def deterministic_algorithms(monkeypatch):
+    """torch.use_deterministic_algorithms(True) for one test (restored by the fixture above), with cuBLAS's
+    reproducible workspace, without which torch refuses a CUDA matmul in this mode."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
