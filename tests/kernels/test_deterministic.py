@@ -75,7 +75,7 @@ def test_ssd_gradients_from_per_split_copies_cpu(monkeypatch, deterministic_algo
 def backward_twice(dev: str, small: bool) -> None:
     """Scan, conv, SSD and the fused Mamba block: the same backward twice, every gradient bit-identical. On
     the device at sizes where many programs add into each sum (the scan's 256 channels in blocks, the conv's 4
-    x 16 programs along L, SSD's heads one per program and 8 key tiles a chunk adding into dD); `small` runs
+    x 16 programs along L, SSD's heads one per program and its 2 x 32 key tiles adding into dD); `small` runs
     the same code at interpreter sizes."""
     b, d, L, d_model = (2, 8, 24, 8) if small else (4, 256, 2048, 128)
 
