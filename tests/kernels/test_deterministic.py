@@ -77,7 +77,7 @@ def backward_twice(dev: str, small: bool) -> None:
     the device at sizes where many programs add into each sum (the scan's 256 channels in blocks, the conv's 4
     x 16 programs along L, SSD's heads one per program and its 2 x 32 key tiles adding into dD); `small` runs
     the same code at interpreter sizes."""
-    b, d, L, d_model = (2, 8, 24, 8) if small else (4, 256, 2048, 128)
+    b, d, L, d_model = (1, 8, 16, 8) if small else (4, 256, 2048, 128)
 
     def grads(fn, inputs):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
