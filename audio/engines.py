@@ -152,13 +152,19 @@ class Espeak:
         return " ".join(out)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library this process (and so espeak-ng and Pico) uses; None off POSIX."""
+    return ctypes.CDLL(None) if os.name == "posix" else None
+
+
 @contextlib.contextmanager
 def _filled_allocations():
     """Pico reads a little of the memory block it is given before writing it (a word then differs by a few
     16-bit steps near its start, depending on what the block held before). glibc's M_PERTURB fills every
     allocation with one byte while this block runs, so that memory always holds the same; the setting the
     process had (MALLOC_PERTURB_) is put back after. Elsewhere (not glibc) this does nothing."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    mallopt = getattr(_libc(), "mallopt", None) if sys.platform.startswith("linux") else None
     if mallopt is None:
         yield
         return
@@ -173,8 +179,8 @@ def _filled_allocations():
 def _seed_libc_rand(seed: int) -> None:
     """srand of the C library the process (and so espeak-ng) uses; POSIX only (on Windows the library's own
     C runtime is not reachable from here, and such voices stay history-dependent)."""
-    if os.name == "posix":
-        ctypes.CDLL(None).srand(ctypes.c_uint(seed))
+    if _libc() is not None:
+        _libc().srand(ctypes.c_uint(seed))
 
 
 def _unload_library(lib: ctypes.CDLL) -> None:

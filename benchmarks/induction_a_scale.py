@@ -9,14 +9,15 @@ models of docs/seeds.md section 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import torch
 
-from ssm_core import Mamba, MambaConfig, MambaLM
-from ssm_core.tasks import BATCHES, TaskConfig, last_logits
+from ssm_core import Mamba
+from ssm_core.tasks import evaluate_lengths, load_run
 
 
 def main() -> None:
@@ -28,14 +29,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    run = Path(args.run)
-    saved = json.loads((run / "metrics.json").read_text())["config"]
-    model_cfg = MambaConfig.from_dict({**saved["model"], **{k.removeprefix("model."): v for k, v in
-                                                           TaskConfig.derive(saved).items()}})
-    task = TaskConfig(**{k: v for k, v in saved.items() if k not in ("model", "optim", "device")},
-                      model=model_cfg, device="cpu")
-    weights = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["model"]
-    model = MambaLM(model_cfg).eval()
+    model, task = load_run(args.run)
+    # ssm_core.tasks' own evaluation at the test lengths, streamed (8,192-token chunks, state carried over)
+    task = dataclasses.replace(task, eval_lengths=args.lengths, eval_mode=["stream"], stream_chunk=8192,
+                               eval_length_examples=args.examples, eval_tokens_per_batch=1 << 18, progress=False)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for s in args.scales:
         model.load_state_dict(weights)
@@ -43,22 +41,12 @@ def main() -> None:
         with torch.no_grad():
             for i in args.layers if args.layers is not None else range(len(mambas)):
                 mambas[i].A_log.add_(math.log(s))      # A = -exp(A_log): |A| times s
-        acc = []
-        for L in args.lengths:
-            gen = torch.Generator().manual_seed(4321 + L)   # the examples of ssm_core.tasks' evaluation
-            correct = done = 0
-            while done < args.examples:
-                b = min(args.examples - done, max(1, (1 << 18) // L))
-                x, y = BATCHES[task.task](task, b, gen, seq_len=L)
-                with torch.no_grad():
-                    correct += (last_logits(model, x, "stream", 8192).argmax(-1) == y[:, -1:]).sum().item()
-                done += b
-            acc.append(correct / done)
+        acc = [row["accuracy"] for row in evaluate_lengths(model, task)]
         rows.append({"scale": s, "accuracy": dict(zip(map(str, args.lengths), acc))})
         print(f"A x {s:g} (layers {args.layers if args.layers is not None else 'all'}): "
               + ", ".join(f"{L}: {a:.3f}" for L, a in zip(args.lengths, acc)), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"run": str(run), "layers": args.layers, "examples": args.examples,
+        Path(args.out).write_text(json.dumps({"run": args.run, "layers": args.layers, "examples": args.examples,
                                               "rows": rows}, indent=1))
 
 

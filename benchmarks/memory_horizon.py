@@ -18,7 +18,6 @@ writes <run>/memory_horizon.json (or --out).
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_core.cli import UserError, main_entry
+from ssm_core.cli import main_entry
 from ssm_core.io import write_json_atomic
 
 
@@ -69,21 +68,10 @@ def layer_time_constants(mixer, h, filler):
 def main(cfg: HorizonConfig) -> dict:
     import torch
 
-    from ssm_core import Mamba, MambaConfig, MambaLM
-    from ssm_core.tasks import BATCHES, TaskConfig
+    from ssm_core import Mamba
+    from ssm_core.tasks import BATCHES, load_run
     run = Path(cfg.run)
-    metrics, ckpt = run / "metrics.json", run / "checkpoints" / "last.ckpt"
-    for f in (metrics, ckpt):
-        if not f.is_file():
-            raise UserError(f"--run {run}: {f.name} is missing (not a finished ssm_core.tasks run)")
-    saved = json.loads(metrics.read_text())["config"]     # as config_dict wrote it: derived fields left out
-    model_cfg = MambaConfig.from_dict({**saved["model"], **{k.removeprefix("model."): v for k, v in
-                                                           TaskConfig.derive(saved).items()}})
-    task = TaskConfig(**{k: v for k, v in saved.items() if k not in ("model", "optim", "device")},
-                      model=model_cfg, device="cpu")
-    model = MambaLM(model_cfg)
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
-    model.eval()
+    model, task = load_run(run)
     x, _ = BATCHES[task.task](task, cfg.examples, torch.Generator().manual_seed(cfg.seed), seq_len=cfg.length)
     inputs: dict[int, torch.Tensor] = {}
     blocks = [b for b in model.modules() if hasattr(b, "mixer") and isinstance(b.mixer, Mamba)]

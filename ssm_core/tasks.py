@@ -25,6 +25,7 @@ Token ids: 0 blank, 1 marker/trigger, 2.. data tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -162,6 +163,24 @@ BATCHES = {"selective-copy": selective_copy_batch, "induction": induction_batch}
 
 def build_model(cfg: TaskConfig) -> MambaLM:
     return MambaLM(cfg.model)
+
+
+def load_run(run: str | Path) -> tuple[MambaLM, TaskConfig]:
+    """A finished run's trained model (on the CPU, in eval mode) and its configuration, from <run>/metrics.json
+    and checkpoints/last.ckpt: what the benchmarks that study a trained model start from."""
+    run = Path(run)
+    metrics, ckpt = run / "metrics.json", run / "checkpoints" / "last.ckpt"
+    for f in (metrics, ckpt):
+        if not f.is_file():
+            raise UserError(f"--run {run}: {f.name} is missing (not a finished ssm_core.tasks run)")
+    saved = json.loads(metrics.read_text())["config"]     # as config_dict wrote it: derived fields left out
+    model_cfg = MambaConfig.from_dict({**saved["model"], **{k.removeprefix("model."): v for k, v in
+                                                           TaskConfig.derive(saved).items()}})
+    task = TaskConfig(**{k: v for k, v in saved.items() if k not in ("model", "optim", "device")},
+                      model=model_cfg, device="cpu")
+    model = MambaLM(model_cfg)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    return model.eval(), task
 
 
 @torch.no_grad()

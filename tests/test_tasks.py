@@ -338,7 +338,8 @@ def test_memory_horizon_time_constants_and_report(tmp_path):
     assert all(r["slowest_tau_tokens"][0] >= r["median_tau_tokens"] > 0 for r in out["layers"])
     saved = json.loads((tmp_path / "run/memory_horizon.json").read_text())["layers"][1]
     assert saved["slowest_keeps"]["2^12"] == pytest.approx(math.exp(-4096 / saved["slowest_tau_tokens"][0]))
-    with pytest.raises(memory_horizon.UserError, match="metrics.json is missing"):
+    from ssm_core.cli import UserError
+    with pytest.raises(UserError, match="metrics.json is missing"):
         memory_horizon.main(memory_horizon.HorizonConfig(run=str(tmp_path / "nothing")))
 
 
