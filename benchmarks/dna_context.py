@@ -51,6 +51,7 @@ class ContextSweepConfig:
     tokens_per_step: int = field(default=1 << 17, metadata={"help": "bases per optimizer step at every context"})
     steps: int = 400
     lr: float = 0.005
+    seed: int = field(default=0, metadata={"help": "every context's --seed (initial weights, window order)"})
     genome: str = field(default="regional", metadata={"help": "regional or copies (see the module's docstring)"})
     fasta: list[str] | None = field(default=None, metadata={
         "help": "a real genome's FASTA file(s) instead of a generated genome (--genome and its options unused)"})
@@ -202,15 +203,17 @@ def run_context(cfg: ContextSweepConfig, fasta: list[Path], C: int) -> dict:
     out = Path(cfg.out_dir) / "runs" / f"ctx{C}"
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
-        # A finished run counts only if it is this sweep's: same genome, same model.
+        # A finished run counts only if it is this sweep's: same genome, same model, same seed.
         run = yaml.safe_load((out / "config.yaml").read_text())
         if run["fasta"] != [str(f) for f in fasta]:
             raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained on {', '.join(run['fasta'])}, not on "
                             f"this sweep's genome ({', '.join(map(str, fasta))}); give another --out-dir")
         ours = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
         differ = ", ".join(f"--model.{k} {v}" for k, v in sorted(run["model"].items()) if k in ours and ours[k] != v)
+        if run.get("seed", 0) != cfg.seed:
+            differ = ", ".join(filter(None, [differ, f"--seed {run.get('seed', 0)}"]))
         if differ:
-            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained with another model ({differ}); "
+            raise UserError(f"--out-dir {cfg.out_dir}: {out.name} was trained with other settings ({differ}); "
                             "give another --out-dir")
         if key is not None and key not in metrics:        # a run finished before the breakdown existed
             metrics[key] = breakdown(cfg, fasta[0], out, C)
@@ -219,7 +222,7 @@ def run_context(cfg: ContextSweepConfig, fasta: list[Path], C: int) -> dict:
     resume = any(out.glob("**/last.ckpt"))
     batch = cfg.tokens_per_step // C
     val_batches = cfg.val_batches or max(1, cfg.val_tokens // cfg.tokens_per_step)
-    pcfg = PretrainConfig(fasta=[str(f) for f in fasta], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out),
+    pcfg = PretrainConfig(fasta=[str(f) for f in fasta], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out), seed=cfg.seed,
                           accelerator=cfg.device, precision=cfg.precision, val_every=cfg.steps,
                           val_batches=val_batches, ckpt_every=max(1, cfg.steps // 4), resume=resume,
                           overwrite=out.exists() and not resume, keep_softmask=False,

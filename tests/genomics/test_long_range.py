@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import numpy as np
+import yaml
 
 from genomics import demo
 
@@ -133,8 +134,12 @@ def test_the_regional_sweep_splits_the_bits_by_offset_and_keeps_genomes_apart(tm
         main(ContextSweepConfig(**{**vars(cfg), "genome": "copies"}))
     # ... and so would a sweep of another model.
     other = dataclasses.replace(cfg.model, d_state=4)
-    with pytest.raises(UserError, match="ctx64 was trained with another model \\(--model.d_state 8\\)"):
+    with pytest.raises(UserError, match="ctx64 was trained with other settings \\(--model.d_state 8\\)"):
         main(ContextSweepConfig(**{**vars(cfg), "model": other}))
+    # ... or of another seed (a second seed's sweep goes in its own folder, each run trained with that seed).
+    with pytest.raises(UserError, match="ctx64 was trained with other settings \\(--seed 0\\)"):
+        main(ContextSweepConfig(**{**vars(cfg), "seed": 1}))
+    assert yaml.safe_load((tmp_path / "sweep/runs/ctx64/config.yaml").read_text())["seed"] == 0
     # A longer training contig is another genome: its own folder, the held-out contigs as long as before.
     longer = ContextSweepConfig(**{**vars(cfg), "train_scale": 3.0, "out_dir": str(tmp_path / "longer")})
     result = main(longer)
