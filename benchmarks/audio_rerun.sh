@@ -3,7 +3,7 @@
 # command run twice with one seed, side by side on one GPU, each building its own copy of the embedded set
 # (run b in a cache folder of its own, with a copy of the word cache's Piper words), then the two exported
 # models compared byte for byte and both scored on the held-out engine. Prints a table; writes
-# $OUT/audio_rerun.json.
+# $OUT/audio_rerun.json and $OUT/audio_rerun_a.tar (run a without its checkpoints: what audio.ship needs).
 #
 #   OUT=/tmp/out bash benchmarks/audio_rerun.sh      # SEED (0), ENGINES, HELDOUT (.heldout/flite)
 #
@@ -59,3 +59,4 @@ if len(sets) == 2:   # the two copies of the embedded set, file by file
 out.write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))
 PY
+tar -C "$RUNS" --exclude='a/checkpoints' -cf "$OUT/audio_rerun_a.tar" a
