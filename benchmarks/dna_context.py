@@ -222,8 +222,8 @@ def run_context(cfg: ContextSweepConfig, fasta: list[Path], C: int) -> dict:
     resume = any(out.glob("**/last.ckpt"))
     batch = cfg.tokens_per_step // C
     val_batches = cfg.val_batches or max(1, cfg.val_tokens // cfg.tokens_per_step)
-    pcfg = PretrainConfig(fasta=[str(f) for f in fasta], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out), seed=cfg.seed,
-                          accelerator=cfg.device, precision=cfg.precision, val_every=cfg.steps,
+    pcfg = PretrainConfig(fasta=[str(f) for f in fasta], seq_len=C, batch_size=batch, max_steps=cfg.steps, output_dir=str(out),
+                          seed=cfg.seed, accelerator=cfg.device, precision=cfg.precision, val_every=cfg.steps,
                           val_batches=val_batches, ckpt_every=max(1, cfg.steps // 4), resume=resume,
                           overwrite=out.exists() and not resume, keep_softmask=False,
                           val_contigs=cfg.val_contigs if cfg.fasta else ["chr20"],
