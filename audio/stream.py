@@ -372,6 +372,13 @@ def main(cfg: StreamConfig, open_stream: Callable[..., Any] | None = None) -> Su
         print(json.dumps({"type": "summary", **asdict(summary), "rtf": summary.rtf}), flush=True)
     else:
         print(summary.line(), flush=True)
+    if not cfg.model and cfg.threshold is None and "threshold" in saved:
+        # A first run with the shipped model should not read as "it hears nothing": its saved threshold is an
+        # operating point for few false alarms, and the user should know it is a dial (after the run, so an
+        # input error stays the one line on stderr).
+        print(f"audio.stream: note: threshold {threshold:g} is the shipped model's operating point, chosen for "
+              f"few false alarms: it misses many keywords in speech unlike its training (see {path}/MODEL_CARD.md); "
+              "a lower --threshold detects more, with more false alarms", file=sys.stderr)
     return summary
 
 

@@ -263,6 +263,10 @@ def test_ship_writes_model_card_and_operating_point_that_stream_uses(tmp_path, m
     assert seen == {"threshold": 0.85, "refractory": 100}
     assert "down-mixed from 2 channels to mono and resampled from 44100 Hz to 16000 Hz" in captured.err
     assert "summary: audio 1.00 s" in captured.out
+    assert "note: threshold 0.85 is the shipped model's operating point" in captured.err
+    # A threshold the user gave is theirs: no note about it.
+    assert run(stream.main, stream.StreamConfig, ["--wav", str(wav), "--threshold", "0.5"], prog="audio.stream") == 0
+    assert "operating point" not in capsys.readouterr().err
     monkeypatch.setattr(model_mod, "SHIPPED_MODEL", tmp_path / "nothing")
     assert run(stream.main, stream.StreamConfig, ["--wav", str(wav)], prog="audio.stream") == 2
     assert "no shipped model" in capsys.readouterr().err
