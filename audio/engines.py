@@ -19,6 +19,7 @@ resamples and normalises them the same way for all.
 """
 from __future__ import annotations
 
+import _ctypes
 import contextlib
 import ctypes
 import functools
@@ -179,13 +180,12 @@ def _filled_allocations():
 def _seed_libc_rand(seed: int) -> None:
     """srand of the C library the process (and so espeak-ng) uses; POSIX only (on Windows the library's own
     C runtime is not reachable from here, and such voices stay history-dependent)."""
-    if _libc() is not None:
-        _libc().srand(ctypes.c_uint(seed))
+    if (libc := _libc()) is not None:
+        libc.srand(ctypes.c_uint(seed))
 
 
 def _unload_library(lib: ctypes.CDLL) -> None:
     """dlclose (FreeLibrary on Windows): the next CDLL of the path maps it afresh, its statics reset."""
-    import _ctypes
     close = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary
     close(lib._handle)
 
