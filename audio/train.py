@@ -45,7 +45,7 @@ from .evaluate import evaluate_items, write_report
 from .features import FeatureConfig
 from .lightning_module import KWSModule
 from .model import KeywordSpotter, KWSConfig, default_encoder, export_model, load_model
-from .synth import available_engines, clip_engine, ensure_dataset, synth_config
+from .synth import available_engines, clip_engine, ensure_dataset, synth_config, word_cache_dir
 
 AUGMENT_FIELDS = ("speed_perturb", "time_shift_ms", "gain_db", "noise_prob", "snr_db", "freq_warp", "freq_mask",
                   "time_mask", "reverb_prob", "channel_prob", "telephone_prob", "mic_noise_prob", "mic_snr_db")
@@ -186,7 +186,7 @@ def dataset_root(cfg: AudioTrainConfig) -> Path:
     for engine in cfg.synth_engines:
         if engine in ENGINE_INSTALL and engine not in have:
             raise UserError(f"--synth-engines {engine}: needs {ENGINE_INSTALL[engine]} or its words in the "
-                            f"cache (<cache>/audio/words/{engine}~*)")
+                            f"cache ({word_cache_dir(cfg.synth_cache)}/{engine}~*)")
     return ensure_dataset(synth_config(cfg.synth_size, cfg.seed, cfg.synth_engines), cfg.synth_cache)
 
 

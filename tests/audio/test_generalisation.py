@@ -42,11 +42,14 @@ def test_a_word_sounds_the_same_whatever_was_spoken_before(tmp_path):
     and seeds its noise from the clock, and Pico reads some memory before writing it: each espeak-ng word now
     comes from a fresh, seeded engine and Pico's memory is filled first. (What that buys: a set built by a pool
     of workers is byte-equal to one built in one process, test_synthesis_in_worker_processes_makes_the_same_set.)"""
-    # (en-us+caleb: a variant that draws from the C library's rand() as well as espeak-ng's own generator)
-    for word, voice in (("yes", "en-us"), ("backward", "en-us+caleb"), ("left", "pico:en-US/1")):
+    # (en-us+caleb: a variant that draws from the C library's rand() as well as espeak-ng's own generator;
+    # Piper, whose sampling noise comes from a generator seeded per session, where the `voices` extra is)
+    cases = [("yes", "en-us"), ("backward", "en-us+caleb"), ("left", "pico:en-US/1")]
+    for word, voice in cases + ([("no", "piper:joe/2")] if engines.piper_available() else []):
         first = engines.say(word, voice, 115, 20)[0]
         engines.say("marvin", "en-us+m7", 160, 50)
         engines.say("seven", "pico:en-GB/2", 220, 80)
+        engines.say("cat", voice, 160, 50)   # the same voice, another word: the state a session would carry
         np.random.rand(300_000)   # (freed memory of another size: what a block Pico reads held before)
         assert np.array_equal(engines.say(word, voice, 115, 20)[0], first), voice
     # a word the cache did not hold is returned as the cache will give it later (16-bit FLAC)
