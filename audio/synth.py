@@ -12,12 +12,11 @@ The folder is written in the Speech Commands layout (`<word>/*.wav`, `validation
 `testing_list.txt`, `_background_noise_/*.wav`) under a cache directory keyed by a hash of the
 configuration, built in a temporary folder and renamed into place, built once and reused. Every choice
 (words, voices, offsets, gains, noises, SNRs, rooms) comes from a seeded generator, so every build has the
-same clips in the same splits. espeak-ng and Pico speak a word the same whatever they spoke before
-(audio.engines: espeak-ng from a fresh, seeded state each word; Pico's memory filled before it reads it;
-Piper from a fresh session seeded from the word).
-Two builds are bit-equal, on any number of CPUs; words of engines other than espeak-ng are also kept in a word
-cache, so that a machine without an engine's package (a GPU host without the Piper extra) builds the same set. The synthesis itself runs in a process pool on
-every CPU.
+same clips in the same splits. Every engine speaks a word the same whatever it spoke before (audio.engines:
+espeak-ng from a fresh, seeded state each word; Pico's memory filled before it reads it; Piper from a fresh
+session seeded from the word), so two builds are bit-equal, on any number of CPUs. Words of engines other
+than espeak-ng are also kept in a word cache, from which a machine without an engine's package (a GPU host
+without the Piper extra) builds the same set. The synthesis itself runs in a process pool on every CPU.
 
     python -m audio.synth --output-wav demo.wav --seconds 60     # a long test stream with keywords
 """
