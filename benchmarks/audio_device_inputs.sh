@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the audio GPU commands (audio_generalisation.sh, audio_rerun.sh) carry to a machine that has neither
-# network nor these packages, made on a development machine that has both. About 10 minutes on 2 cores.
+# network nor these packages, made on a development machine that has both. About 7 minutes on 2 cores.
 #
 #   bash benchmarks/audio_device_inputs.sh       # then carry .whl_audio and .heldout (about 52 MB together)
 #
