@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -304,15 +305,21 @@ def generate(cfg: SynthConfig, out: Path, progress: bool, cache_dir: Path | None
     lists: dict[str, list[str]] = {"validation": [], "testing": []}
     jobs = [(split, v, w, r, p) for split, vs in split_voices for v in vs for w in cfg.words
             for r in cfg.rates for p in cfg.pitches]
-    with _speech_pool(len(jobs)) as pool:
-        words = pool.map(_speak_job, [(w, v, r, p, cache_dir) for _, v, w, r, p in jobs], chunksize=32)
-        for (split, voice, word, rate, pitch), wave in tqdm(zip(jobs, words), total=len(jobs), unit="clip",
-                                                            desc="synthesising speech commands",
-                                                            disable=not progress):
-            _store_clip(out, lists, split, voice, word, rate, pitch, degrade(wave, rng, cfg, noise_list))
+    waves = speak_all([(w, v, r, p) for _, v, w, r, p in jobs], cache_dir)
+    for (split, voice, word, rate, pitch), wave in tqdm(zip(jobs, waves), total=len(jobs), unit="clip",
+                                                        desc="synthesising speech commands", disable=not progress):
+        _store_clip(out, lists, split, voice, word, rate, pitch, degrade(wave, rng, cfg, noise_list))
     for split, rels in lists.items():
         (out / f"{split}_list.txt").write_text("".join(r + "\n" for r in rels))
     write_json_atomic(out / "synth_config.json", asdict(cfg))
+
+
+def speak_all(words: list[tuple[str, str, int, int]],
+              cache_dir: str | Path | None = None) -> Iterator[np.ndarray]:
+    """`speak` of each (word, voice, rate, pitch), in order, spread over the machine's CPUs (_speech_pool);
+    words of cached engines land in the word cache as they are made."""
+    with _speech_pool(len(words)) as pool:
+        yield from pool.map(_speak_job, [(*w, cache_dir) for w in words], chunksize=32)
 
 
 def _speak_job(args: tuple) -> np.ndarray:

@@ -31,22 +31,20 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 command -v flite > /dev/null || { echo "audio_device_inputs: no flite here (apt-get install flite)"; exit 2; }
 [ -f .heldout/flite/testing_list.txt ] || $py -m audio.heldout --output-dir .heldout/flite
 
-# 3. the full set's Piper words, in the word cache the GPU commands read (LONG_SSM_CACHE=.heldout/cache)
-$py - <<'PY'
-import os
-from concurrent.futures import ProcessPoolExecutor
-
+# 3. the full set's Piper words, in the word cache the GPU commands read (LONG_SSM_CACHE=.heldout/cache);
+#    through -c, not stdin: the synthesis pool's spawned workers re-read a main script, which stdin is not
+words_py=$(cat <<'PY'
 from audio.engines import piper_available
-from audio.synth import PIPER_TRAIN_VOICES, SynthConfig, speak
+from audio.synth import PIPER_TRAIN_VOICES, SynthConfig, speak_all
 
 if not piper_available():
     raise SystemExit("audio_device_inputs: the Piper voice needs the `voices` extra: pip install '.[voices]'")
 cfg = SynthConfig()
-jobs = [(w, v, r, p, ".heldout/cache/audio") for v in PIPER_TRAIN_VOICES for w in cfg.words
-        for r in cfg.rates for p in cfg.pitches]
-with ProcessPoolExecutor(os.cpu_count()) as pool:
-    for i, _ in enumerate(pool.map(speak, *zip(*jobs), chunksize=16), 1):
-        if i % 243 == 0 or i == len(jobs):
-            print(f"audio_device_inputs: {i} / {len(jobs)} Piper words", flush=True)
+words = [(w, v, r, p) for v in PIPER_TRAIN_VOICES for w in cfg.words for r in cfg.rates for p in cfg.pitches]
+for i, _ in enumerate(speak_all(words, ".heldout/cache/audio"), 1):
+    if i % 243 == 0 or i == len(words):
+        print(f"audio_device_inputs: {i} / {len(words)} Piper words", flush=True)
 PY
+)
+$py -c "$words_py"
 du -sh .whl_audio .heldout
