@@ -89,11 +89,11 @@ def _signal_name(code: int) -> str:
 
 
 def _is_sigterm_exit(exc: BaseException) -> bool:
-    try:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-    except ImportError:
-        return False
-    return isinstance(exc, SIGTERMException)
+    # Only a running Lightning Trainer raises SIGTERMException, so its module is loaded by then; importing
+    # Lightning to ask (5 s on a 2-core machine) would slow every one-line error of a command that never
+    # trained.
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.SIGTERMException)
 
 
 def _hint(exc: BaseException) -> str:

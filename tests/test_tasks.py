@@ -150,8 +150,10 @@ def test_state_passing_trains_through_the_kernels_that_save_the_state_for_backwa
     # The kernels run here in Triton's CPU interpreter (conftest), as on a GPU.
     from ssm_core.tasks import train
     monkeypatch.setenv("SSM_CORE_BACKEND", "triton")
-    cfg = _tiny(tmp_path / mixer, steps=2, batch_size=4, initial_state="passed", model=MambaConfig(
-        d_model=16, n_layer=1, vocab_size=6, mixer=mixer, mixer_options={"mamba2": {"headdim": 8}}))
+    # As small as the kernels allow (each program a batch row's channel block; the interpreter runs them one by
+    # one): two steps, so that the second starts from the state the first carried over.
+    cfg = _tiny(tmp_path / mixer, steps=2, batch_size=2, eval_examples=2, initial_state="passed", model=MambaConfig(
+        d_model=8, n_layer=1, vocab_size=6, mixer=mixer, mixer_options={"mamba2": {"headdim": 8}}))
     assert train(cfg)["step"] == 2
 
 

@@ -17,6 +17,10 @@ import pytest
 from ..helpers import child_env
 
 SCRIPT = r'''
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -26,28 +30,31 @@ import kernels.scan as scan
 import kernels.ssd as ssd
 
 
-def build(fn, consts, warps, stages=3):
-    """fn for sm_90 with these constexprs; every pointer fp32, every other argument i32."""
+def build(i):
+    """jobs[i]'s fn for sm_90 with its constexprs; every pointer fp32, every other argument i32."""
+    fn, consts, warps = jobs[i]
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32" for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                           "num_stages": stages}).asm["cubin"]
-    print("ok", fn.__name__, consts)
+                                                                           "num_stages": 3}).asm["cubin"]
+    return f"ok {fn.__name__} {consts}"
 
 
-for det in (False, True):
-    build(conv._conv_bwd_kernel, dict(K=4, HAS_INIT=False, HAS_BIAS=True, SILU=True, LANES_T=4, BLOCK_T=8,
-                                      BLOCK_D=32, DETERMINISTIC=det), 4)
-for exchange in (False, True):   # N = 16 in blocks of 16 channels: 2 lanes a channel, 8 states each
-    build(scan._scan_bwd_kernel, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_RESET=False,
+jobs = [(conv._conv_bwd_kernel, dict(K=4, HAS_INIT=False, HAS_BIAS=True, SILU=True, LANES_T=4, BLOCK_T=8,
+                                     BLOCK_D=32, DETERMINISTIC=det), 4) for det in (False, True)]
+jobs += [(scan._scan_bwd_kernel, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_RESET=False,
                                       HAS_KIN=False, LANE_EXCHANGE=exchange, BLOCK_D=16, BLOCK_T=4, LANES=2,
                                       SPT=8, SPAN_CHUNKS=16), 1)
+         for exchange in (False, True)]   # N = 16 in blocks of 16 channels: 2 lanes a channel, 8 states each
 tiles = dict(Q=256, BM=64, BP=64, BN=64)      # SSDConfig's defaults at head dim 64, d_state 64
-for d_hdim in (False, True):
-    build(ssd._bwd_dx, dict(HAS_D=True, D_HDIM=d_hdim, **tiles), 4)
-build(ssd._bwd_db, dict(HPP=8, **tiles), 4)
-build(ssd._bwd_dc, dict(HPP=8, HPP2=8, **tiles), 8)
+jobs += [(ssd._bwd_dx, dict(HAS_D=True, D_HDIM=d_hdim, **tiles), 4) for d_hdim in (False, True)]
+jobs += [(ssd._bwd_db, dict(HPP=8, **tiles), 4), (ssd._bwd_dc, dict(HPP=8, HPP2=8, **tiles), 8)]
+# One compile per CPU at a time (each is single-threaded); forked workers inherit `jobs` (a jitted function
+# does not pickle) and need no importable main.
+with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+    for line in pool.map(build, range(len(jobs))):
+        print(line)
 '''
 
 
