@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -54,10 +55,28 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _run(module: str, args: list[str], kill: tuple[str, int] = ("none", 0)) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", DRIVER, kill[0], str(kill[1]), module, *args], cwd=REPO,
-                          env=child_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=600, check=False)
+def _start(module: str, args: list[str], kill: tuple[str, int] = ("none", 0)) -> tuple:
+    """(the process, its stdout file, its stderr file). Files, not pipes: of two runs side by side, the one
+    not being read would block on a full pipe."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, kill[0], str(kill[1]), module, *args], cwd=REPO,
+                            env=child_env(OMP_NUM_THREADS="1"), stdout=out, stderr=err, text=True)
+    return proc, out, err
+
+
+def _finish(started: tuple) -> subprocess.CompletedProcess:
+    proc, *files = started
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    texts = []
+    for f in files:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
 
 
 def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tuple[str, int],
@@ -65,9 +84,10 @@ def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tup
     """(the uninterrupted run's folder, the killed-and-resumed run's folder). `trained_in`: the subfolder of
     the output folder where the killed training writes its checkpoints."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    done = _run(module, [*args, "--output-dir", str(full)])
+    # The uninterrupted run and the one to be killed are independent: side by side (one thread each).
+    running = _start(module, [*args, "--output-dir", str(full)]), _start(module, [*args, "--output-dir", str(cut)], kill)
+    done, killed = (_finish(p) for p in running)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _run(module, [*args, "--output-dir", str(cut)], kill)
     if kill[0] == "term":
         assert killed.returncode == 128 + signal.SIGTERM, (kill, killed.returncode, killed.stderr[-3000:])
         line = killed.stderr.strip().splitlines()[-1]
@@ -75,7 +95,7 @@ def _killed_then_resumed(tmp_path: Path, module: str, args: list[str], kill: tup
     else:
         assert killed.returncode == -signal.SIGKILL, (kill, killed.returncode, killed.stderr[-3000:])
     assert (cut / trained_in / "checkpoints" / "last.ckpt").is_file(), kill
-    resumed = _run(module, [*args, "--output-dir", str(cut), "--resume"])
+    resumed = _finish(_start(module, [*args, "--output-dir", str(cut), "--resume"]))
     assert resumed.returncode == 0, (kill, resumed.stderr[-3000:])
     assert not [p for p in cut.rglob("*.tmp")], "a stale temporary file of the killed write is left"
     return full, cut
@@ -141,8 +161,11 @@ def synth_cache(tmp_path_factory):
 
 
 def test_audio_resume_is_exact(tmp_path, synth_cache):
+    # With the weights' moving average too (--ema-decay): the checkpoint holds the average and the raw weights,
+    # and training continues from the raw ones.
     args = ["--synth-size", "tiny", "--synth-cache", str(synth_cache), "--max-steps", "9", "--val-every", "3",
-            "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1", "--accelerator", "cpu"]
+            "--batch-size", "8", "--model.d_model", "16", "--model.n_layer", "1", "--accelerator", "cpu",
+            "--ema-decay", "0.9"]
     kill = ("step", random.randrange(4, 9))
     full, cut = _killed_then_resumed(tmp_path, "audio.train", args, kill)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, cut))

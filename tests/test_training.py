@@ -14,7 +14,8 @@ import torch
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.callbacks import step_seed
 from ssm_core.cli import UserError, dump_config, parse_config, run
-from ssm_core.training import EpochBatches, OptimConfig, make_optimizer, parameter_groups, warmup_cosine
+from ssm_core.training import (EpochBatches, OptimConfig, ema_with_warmup, make_optimizer, parameter_groups,
+                               warmup_cosine)
 
 
 def test_no_weight_decay_on_a_log_d_norms_and_biases():
@@ -252,3 +253,30 @@ def test_epoch_batches_weights_are_checked():
                            ([0.0] * 5, "not all 0"), ([1.0, math.nan, 1, 1, 1], "finite")):
         with pytest.raises(ValueError, match=match):
             _at(5, 2, weights=weights)
+
+
+def test_ema_with_warmup_follows_its_decay_rule():
+    """AveragedModel with ema_with_warmup: each update lerps by 1 - min(decay, (1 + n) / (10 + n)), n the updates so
+    far (float64 recurrence beside it); an integer buffer takes the current value."""
+    from torch.optim.swa_utils import AveragedModel
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("count", torch.zeros((), dtype=torch.long))
+    average = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.95), use_buffers=True)
+    torch.manual_seed(0)
+    want = None
+    for n in range(200):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3) + n / 10)
+            model.count.fill_(n)
+        average.update_parameters(model)
+        w = model.weight.double()
+        want = w.clone() if want is None else want + (w - want) * (1 - min(0.95, (1 + n) / (10 + n)))
+    assert torch.allclose(average.module.weight.double(), want, rtol=1e-5, atol=1e-5)
+    assert int(average.module.count) == 199
+    # the warm-up: 20 updates on, the first weights' share is under 1e-4 (a fixed 0.95 would keep 0.95^19 = 38%)
+    average = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.95), use_buffers=True)
+    for n in range(20):
+        with torch.no_grad():
+            model.weight.fill_(float(n == 0))
+        average.update_parameters(model)
+    assert 0 < average.module.weight.max() < 1e-4

@@ -377,3 +377,30 @@ def test_deterministic_runs_are_bit_identical(tiny_synth, tmp_path, monkeypatch)
         models.append((out / "model" / "model.safetensors").read_bytes())
     assert models[0] == models[1]
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"   # cuBLAS's reproducible workspace
+
+
+def test_ema_weights_are_validated_and_exported(tiny_synth, tmp_path):
+    """--ema-decay: the checkpoints' state_dict and the exported model are the moving average, which differs
+    from the raw weights kept beside it (from which --resume continues: tests/test_resume.py)."""
+    out = tmp_path / "run"
+    assert run(train.main, train.AudioTrainConfig,
+               ["--synth-size", "tiny", "--synth-cache", str(tiny_synth[0]), "--batch-size", "8", "--max-steps", "4",
+                "--model.d_model", "8", "--model.n_layer", "1", "--val-every", "2", "--accelerator", "cpu",
+                "--ema-decay", "0.5", "--output-dir", str(out)], prog="audio.train") == 0
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    average, raw = last["state_dict"], last["current_model_state"]
+    assert average.keys() == raw.keys() and not torch.equal(average["model.head.weight"], raw["model.head.weight"])
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+    exported = load_model(out / "model").state_dict()
+    assert all(torch.equal(exported[k], best["model." + k]) for k in exported)
+    assert run(train.main, train.AudioTrainConfig, ["--ema-decay", "1"], prog="audio.train") == 2
+    # benchmarks/audio_ema_pair.py: both sets of weights of last.ckpt on the run's test voices
+    from benchmarks.audio_ema_pair import PairConfig
+    from benchmarks.audio_ema_pair import main as pair
+    assert run(pair, PairConfig, ["--run", str(out), "--threads", "1", "--out", str(tmp_path / "pair.json")],
+               prog="pair") == 0
+    accuracy = json.loads((tmp_path / "pair.json").read_text())["accuracy"]["espeak (held-out voices)"]
+    items = build_splits(tiny_synth[1], load_model(out / "model").labels, seed=0)["testing"]
+    assert accuracy["average"] == evaluate.evaluate_items(load_model(out / "checkpoints" / "last.ckpt"),
+                                                          ClipDataset(items))["accuracy"]
+    assert run(pair, PairConfig, ["--run", str(tmp_path)], prog="pair") == 2
