@@ -5,7 +5,7 @@ seeds' spread does not blur it.
     python benchmarks/audio_ema_pair.py --run runs/kws --heldout '[.heldout/flite]' --out pair.json
 
 Both come from the run's last checkpoint (`state_dict` is the average, `current_model_state` the raw weights,
-as Lightning's EMAWeightAveraging writes them), so they are the same step's; the exported model is the
+as Lightning's WeightAveraging writes them), so they are the same step's; the exported model is the
 average at the best validation, which may be an earlier step.
 """
 from __future__ import annotations

@@ -334,10 +334,10 @@ def atomic_checkpoint_io():
 def ema_with_warmup(decay: float):
     """The update of an exponential moving average of weights whose decay grows with the number of updates n
     so far, min(decay, (1 + n) / (10 + n)) (as TensorFlow's ExponentialMovingAverage with num_updates), in the
-    form of torch's AveragedModel(multi_avg_fn=...). A fixed 0.999 would still hold 9% of the first step's
-    weights after 2,400 steps, and an average of weights that far apart is no model at all (validation
-    accuracy at chance in a CPU run); with the warm-up the average spans about the last tenth of the steps
-    taken, until that is more than 1 / (1 - decay)."""
+    form of torch's AveragedModel(multi_avg_fn=...). With a fixed 0.999 the average still holds 55% of the
+    first step's weights after 600 steps (9% after 2,400), and an average of weights that far apart is no
+    model at all (a CPU run's validated at chance); with the warm-up it spans about the last tenth of the
+    steps taken, until that is more than 1 / (1 - decay)."""
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         n = int(n_averaged)            # updates so far, the first (a copy) included; one host sync per step

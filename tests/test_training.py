@@ -14,8 +14,14 @@ import torch
 from ssm_core import MambaConfig, MambaLM
 from ssm_core.callbacks import step_seed
 from ssm_core.cli import UserError, dump_config, parse_config, run
-from ssm_core.training import (EpochBatches, OptimConfig, ema_with_warmup, make_optimizer, parameter_groups,
-                               warmup_cosine)
+from ssm_core.training import (
+    EpochBatches,
+    OptimConfig,
+    ema_with_warmup,
+    make_optimizer,
+    parameter_groups,
+    warmup_cosine,
+)
 
 
 def test_no_weight_decay_on_a_log_d_norms_and_biases():
