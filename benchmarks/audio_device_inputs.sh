@@ -18,7 +18,7 @@ grep -qx '/.whl_audio/' .git/info/exclude 2>/dev/null || echo '/.whl_audio/' >> 
 
 # 1. wheels: the lock's pins of the packages the GPU image does not have
 pins=()
-for name in cffi espeakng-loader py-nanotts pycparser pyfaidx soundfile; do
+for name in cffi espeakng-loader jsonargparse py-nanotts pycparser pyfaidx soundfile; do
   pins+=("$(grep -oiE "^$name==[^ ]+" "$lock")") || { echo "audio_device_inputs: $name is not in $lock"; exit 2; }
 done
 platforms=()
