@@ -89,6 +89,22 @@ def test_synthesis_in_worker_processes_makes_the_same_set(tiny_synth, tmp_path, 
     assert all((root / f).read_bytes() == (pooled / f).read_bytes() for f in files)
 
 
+def test_clip_writer_writes_what_one_by_one_writes_and_raises_a_failed_write(tmp_path):
+    """The set's clips are written on threads (synth._ClipWriter): the files must be those of writing them one
+    by one, with more clips than may wait at once, and a write that fails must fail the build."""
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(-1.2, 1.2, 1600).astype(np.float32) for _ in range(40)]
+    with synth._ClipWriter(threads=3, pending=4) as writer:
+        for i, clip in enumerate(clips):
+            writer.write(tmp_path / "threaded" / f"w{i % 3}" / f"{i}.wav", clip)
+    for i, clip in enumerate(clips):
+        sf.write(str(tmp_path / "direct.wav"), clip, synth.SAMPLE_RATE, subtype="PCM_16")
+        assert (tmp_path / "threaded" / f"w{i % 3}" / f"{i}.wav").read_bytes() == (tmp_path / "direct.wav").read_bytes()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError), synth._ClipWriter() as writer:
+        writer.write(tmp_path / "a_file" / "x.wav", clips[0])       # its folder is a file
+
+
 def test_train_then_evaluate_then_stream_a_long_file(tiny_synth, tmp_path, capsys):
     cache, out = tiny_synth[0], tmp_path / "run"
     common = ["--synth-size", "tiny", "--synth-cache", str(cache)]
