@@ -51,7 +51,8 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 # 1. the embedded sets (one per seed and list of engines), built side by side on the CPUs
 build() { $py -c "from audio.synth import ensure_dataset, synth_config
 ensure_dataset(synth_config('$SIZE', $1, [e.strip() for e in '$2'.split(',')]), progress=False)"; }
-for s in 0 1 2; do build $s "$ENGINES" & [ -z "$COMPARE" ] || build $s "$COMPARE" & done
+# (COMPARE may list the same engines with other flags: one set then, not two builds racing for it)
+for s in 0 1 2; do build $s "$ENGINES" & [ -z "$COMPARE" ] || [ "$COMPARE" = "$ENGINES" ] || build $s "$COMPARE" & done
 [ "${ABLATIONS:-1}" = 0 ] || build 0 "espeak, piper" &
 [ "${BASELINE:-1}" = 0 ] || build 0 espeak &
 wait
