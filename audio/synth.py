@@ -384,9 +384,9 @@ class _ClipWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *_):
         try:
-            while self.futures:
+            while self.futures and exc_type is None:     # after an error, only stop: that error is the news
                 self.futures.popleft().result()
         finally:
             self.pool.shutdown(cancel_futures=True)
