@@ -215,11 +215,15 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ke
         return _build(meta["config"], sd, f"--model {path}")
     if not path.is_file():
         raise UserError(f"--model {path}: no such file or folder")
+    return checkpoint_model(read_checkpoint(path, f"--model {path}", map_location), f"--model {path}")
+
+
+def read_checkpoint(path: str | Path, source: str, map_location: str | torch.device = "cpu") -> dict:
+    """A torch checkpoint file's contents (tensors and plain types only); a file that is none: UserError."""
     try:
-        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+        return torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 (pickle, zip, EOF... errors of a file that is no torch checkpoint)
-        raise UserError(f"--model {path}: not a readable checkpoint ({type(e).__name__})") from None
-    return checkpoint_model(ckpt, f"--model {path}")
+        raise UserError(f"{source}: not a readable checkpoint ({type(e).__name__})") from None
 
 
 def checkpoint_model(ckpt: dict, source: str, weights: str = "state_dict") -> KeywordSpotter:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audio.data import ClipDataset, build_splits, resolve_root
 from audio.evaluate import evaluate_items
-from audio.model import checkpoint_model
+from audio.model import checkpoint_model, read_checkpoint
 from audio.train import AudioTrainConfig, dataset_root, heldout_name
 from ssm_core.cli import UserError, main_entry, parse_config
 from ssm_core.io import write_json_atomic
@@ -40,7 +40,7 @@ def main(cfg: PairConfig) -> dict:
     ckpt_file = run / "checkpoints" / "last.ckpt"
     if not ckpt_file.is_file():
         raise UserError(f"--run {run}: no checkpoints/last.ckpt")
-    ckpt = torch.load(str(ckpt_file), map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_file, f"--run {ckpt_file}")
     if "current_model_state" not in ckpt:
         raise UserError(f"--run {run}: not trained with --ema-decay (its checkpoint holds one set of weights)")
     models = {name: checkpoint_model(ckpt, f"--run {ckpt_file}", weights)
